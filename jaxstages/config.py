@@ -1,0 +1,78 @@
+"""Config loading and validation shared by every part of jaxstages.
+
+Configs are data (ml_collections `ConfigDict`s written in `configs/*.py`, each file with a `get_config(arg)`).
+Code turns a config into a typed, frozen dataclass with `from_config`, which rejects unknown keys with the
+nearest valid names, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import ml_collections
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A config that cannot be used as written; the message says which key and what would be valid."""
+
+
+def check_keys(given: Iterable[str], allowed: Iterable[str], where: str) -> None:
+  """Raises `ConfigError` naming every key of `given` not in `allowed`, with the closest valid names."""
+  allowed = sorted(allowed)
+  unknown = [k for k in given if k not in allowed]
+  if not unknown:
+    return
+  lines = []
+  for key in unknown:
+    close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "no close match"
+    lines.append(f"unknown key {key!r} in {where} ({hint})")
+  raise ConfigError("; ".join(lines) + f". Valid keys: {', '.join(allowed)}")
+
+
+def to_dict(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
+  if isinstance(config, ml_collections.ConfigDict):
+    return config.to_dict()
+  return dict(config)
+
+
+def from_config(cls: type[T], config: Mapping[str, Any] | ml_collections.ConfigDict | None = None,
+                where: str | None = None, **overrides: Any) -> T:
+  """Builds the dataclass `cls` from a config mapping, rejecting unknown keys."""
+  values = to_dict(config or {})
+  values.update(overrides)
+  names = [f.name for f in dataclasses.fields(cls)]
+  check_keys(values.keys(), names, where or cls.__name__)
+  return cls(**values)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py[:arg]` and returns its `get_config(arg)`.
+
+  Paths are tried as given and then relative to the repository's `configs/` folder, so
+  `load_config("models.py:toy")` and `load_config("configs/models.py:toy")` are the same config.
+  """
+  path_str, _, arg = spec.partition(":")
+  path = Path(path_str)
+  if not path.exists():
+    candidate = CONFIGS_DIR / path_str
+    if not candidate.exists() and (CONFIGS_DIR / path_str.removeprefix("configs/")).exists():
+      candidate = CONFIGS_DIR / path_str.removeprefix("configs/")
+    path = candidate
+  if not path.exists():
+    raise ConfigError(f"config file {path_str!r} not found (looked as given and under {CONFIGS_DIR})")
+  module_spec = importlib.util.spec_from_file_location(f"jaxstages_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} has no get_config() function")
+  return module.get_config(arg) if arg else module.get_config()

@@ -1,0 +1,94 @@
+"""The model's hyper-parameters: one frozen dataclass for the Qwen2/Qwen2.5 and Llama families."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxstages.config import ConfigError, from_config, load_config
+
+ROPE_SCALING_TYPES = ("linear", "llama3")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder shape and numerics.
+
+  `head_dim` defaults to `hidden_size // num_heads` (set it explicitly where a checkpoint differs).
+  `rope_scaling` is `None` or a tuple of `(key, value)` pairs, e.g. Llama 3.1's
+  `(("rope_type", "llama3"), ("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+  ("original_max_position_embeddings", 8192))`; a tuple keeps the config hashable (it is a static jit argument).
+  """
+
+  vocab_size: int = 256
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None
+  intermediate_size: int = 256
+  rope_theta: float = 10_000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = True
+  tie_embeddings: bool = True
+  max_position_embeddings: int = 2048
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: bool = False  # rematerialise each layer's activations in the backward pass
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                          "set head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    if self.rope_scaling is not None:
+      kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
+      if kind not in ROPE_SCALING_TYPES:
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: {ROPE_SCALING_TYPES}")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return from_config(ModelConfig, dataclasses.asdict(self), **changes)
+
+
+def model_config(spec: str | Mapping[str, Any], **overrides: Any) -> ModelConfig:
+  """A `ModelConfig` from a named size in `configs/models.py` (e.g. `"toy"`, `"qwen2.5-0.5b"`) or a mapping."""
+  if isinstance(spec, str):
+    spec = load_config(f"models.py:{spec}")
+  return from_config(ModelConfig, spec, where="model config", **overrides)
+
+
+def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
+  """Number of parameters, by formula (tested against the initialised model and HF)."""
+  e, h, kv, d, m = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  attn = e * h * d + 2 * e * kv * d + h * d * e
+  if cfg.qkv_bias:
+    attn += h * d + 2 * kv * d
+  per_layer = attn + 3 * e * m + 2 * e  # + two RMSNorm scales
+  total = cfg.num_layers * per_layer + e  # + final norm
+  if include_embeddings:
+    total += cfg.vocab_size * e * (1 if cfg.tie_embeddings else 2)
+  elif not cfg.tie_embeddings:
+    total += cfg.vocab_size * e  # the untied output head is a matmul, not a lookup
+  return total

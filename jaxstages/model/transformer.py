@@ -1,0 +1,269 @@
+"""The decoder: one `flax.nnx` model for the Qwen2/Qwen2.5 and Llama families.
+
+RMSNorm -> grouped-query attention with RoPE (optional QKV bias) -> RMSNorm -> SwiGLU MLP, pre-norm residual blocks,
+tied or untied embeddings. Every parameter carries `logical_axes` metadata that `jaxstages.sharding` maps to the mesh.
+
+Inputs are `tokens [batch, seq]`, `positions [batch, seq]` (RoPE positions) and `segment_ids [batch, seq]`:
+tokens attend only to earlier tokens of the *same* segment, so packed documents never see each other, and segment 0
+marks padding (it attends to nothing and nothing attends to it).
+
+KV cache layout (`KVCache`), batch-first everywhere so that one `jax.tree.map` can slice, repeat or shard it:
+  k, v        per layer, `[batch, cache_len, num_kv_heads, head_dim]`
+  segment_ids `[batch, cache_len]`, 0 for empty slots
+  index       `[batch]`, the next slot each row writes to
+A forward with a cache writes its `seq` new keys/values at `index` (per row), then attends over the whole cache:
+slot `j` is visible to the query in slot `i` when `j <= i` and their segment ids are equal and non-zero. Slot order is
+time order for every row, so left- and right-padded batches, ragged prompts and one-token decoding all use the same
+rule; positions are only used for RoPE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxstages.model.config import ModelConfig
+from jaxstages.sharding import constrain
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  k: tuple[Array, ...]
+  v: tuple[Array, ...]
+  segment_ids: Array
+  index: Array
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) -> "KVCache":
+    """An empty cache; `dtype` defaults to the model's compute dtype (bf16 halves decode memory traffic)."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+               segment_ids=jnp.zeros((batch, cache_len), jnp.int32), index=jnp.zeros((batch,), jnp.int32))
+
+  @staticmethod
+  def logical_axes() -> "KVCache":
+    """Logical axis names of each field (a tree like the cache), for `jaxstages.sharding`."""
+    kv = ("batch", "cache_seq", "act_kv_heads", "head_dim")
+    return KVCache(k=kv, v=kv, segment_ids=("batch", "cache_seq"), index=("batch",))
+
+
+def _param(rngs: nnx.Rngs, init, shape, cfg: ModelConfig, logical_axes: tuple[str, ...]) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, cfg.weight_dtype), logical_axes=logical_axes)
+
+
+def _normal(cfg: ModelConfig):
+  return jax.nn.initializers.normal(cfg.init_std)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / rms(x) * scale, computed in float32 and cast back (as HF does, so bf16 runs match)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.eps = cfg.rms_norm_eps
+    self.scale = _param(rngs, jax.nn.initializers.ones, (cfg.hidden_size,), cfg, ("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> Array:
+  """Inverse frequencies `[head_dim // 2]`, with Llama-3 or linear scaling when configured."""
+  d = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_scaling is None:
+    return inv_freq
+  s = dict(cfg.rope_scaling)
+  kind = s.get("rope_type", s.get("type"))
+  if kind == "linear":
+    return inv_freq / s["factor"]
+  # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated smoothly.
+  factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  old_len = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotary embedding, rotate-half convention (HF Qwen2/Llama). x `[batch, seq, heads, head_dim]`, positions
+  `[batch, seq]`."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_slots: Array, q_segments: Array, kv_slots: Array, kv_segments: Array) -> Array:
+  """`[batch, q, kv]` bool: causal in slot order, within one non-padding segment."""
+  causal = kv_slots[:, None, :] <= q_slots[:, :, None]
+  same = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)
+  return causal & same
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = _normal(cfg)
+    self.q = _param(rngs, init, (e, h, d), cfg, ("embed", "heads", "head_dim"))
+    self.k = _param(rngs, init, (e, kv, d), cfg, ("embed", "kv_heads", "head_dim"))
+    self.v = _param(rngs, init, (e, kv, d), cfg, ("embed", "kv_heads", "head_dim"))
+    self.o = _param(rngs, init, (h, d, e), cfg, ("heads", "head_dim", "embed"))
+    if cfg.qkv_bias:
+      zeros = jax.nn.initializers.zeros
+      self.q_bias = _param(rngs, zeros, (h, d), cfg, ("heads", "head_dim"))
+      self.k_bias = _param(rngs, zeros, (kv, d), cfg, ("kv_heads", "head_dim"))
+      self.v_bias = _param(rngs, zeros, (kv, d), cfg, ("kv_heads", "head_dim"))
+
+  def _project(self, x: Array, name: str) -> Array:
+    dtype = self.cfg.compute_dtype
+    y = jnp.einsum("bte,ehd->bthd", x, getattr(self, name)[...].astype(dtype))
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
+    return y
+
+  def __call__(self, x: Array, positions: Array, segment_ids: Array, inv_freq: Array,
+               cache: tuple[Array, Array, Array, Array] | None = None):
+    """x `[batch, seq, embed]`; cache `(k, v, segment_ids, index)` of this layer or None. Returns (y, new k, new v)."""
+    cfg = self.cfg
+    b, t, _ = x.shape
+    q = apply_rope(self._project(x, "q"), positions, inv_freq)
+    k = apply_rope(self._project(x, "k"), positions, inv_freq)
+    v = self._project(x, "v")
+    q = constrain(q, ("batch", "seq", "act_heads", None))
+    q_slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is None:
+      kv_slots, kv_segments, new_k, new_v = q_slots, segment_ids, None, None
+    else:
+      cache_k, cache_v, kv_segments, index = cache
+      write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
+      new_k = write(cache_k, k.astype(cache_k.dtype), index)
+      new_v = write(cache_v, v.astype(cache_v.dtype), index)
+      k, v = new_k.astype(x.dtype), new_v.astype(x.dtype)
+      q_slots = q_slots + index[:, None]
+      kv_slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
+    mask = attention_mask(q_slots, segment_ids, kv_slots, kv_segments)
+
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(cfg.head_dim)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    out = constrain(out, ("batch", "seq", "act_heads", None))
+    y = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(x.dtype))
+    return y, new_k, new_v
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    e, m = cfg.hidden_size, cfg.intermediate_size
+    init = _normal(cfg)
+    self.gate = _param(rngs, init, (e, m), cfg, ("embed", "mlp"))
+    self.up = _param(rngs, init, (e, m), cfg, ("embed", "mlp"))
+    self.down = _param(rngs, init, (m, e), cfg, ("mlp", "embed"))
+
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    h = jax.nn.silu(x @ self.gate[...].astype(dtype)) * (x @ self.up[...].astype(dtype))
+    h = constrain(h, ("batch", "seq", "act_mlp"))
+    return h @ self.down[...].astype(dtype)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, segment_ids, inv_freq, cache=None):
+    y, new_k, new_v = self.attn(self.attn_norm(x), positions, segment_ids, inv_freq, cache)
+    x = x + y
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ("batch", "seq", "act_embed")), new_k, new_v
+
+
+def _block_forward(block: Block, x, positions, segment_ids, inv_freq):
+  return block(x, positions, segment_ids, inv_freq)[0]
+
+
+_remat_block_forward = nnx.remat(_block_forward)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `model(tokens, positions, segment_ids, cache) -> (logits [batch, seq, vocab] f32, cache)`."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, _normal(cfg), (cfg.vocab_size, cfg.hidden_size), cfg, ("vocab", "embed"))
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, _normal(cfg), (cfg.hidden_size, cfg.vocab_size), cfg, ("embed", "vocab"))
+
+  def hidden_states(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+                    cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    """Final-norm hidden states `[batch, seq, embed]` (compute dtype) and the updated cache."""
+    cfg = self.cfg
+    chex.assert_rank(tokens, 2)
+    b, t = tokens.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+      start = jnp.zeros((b,), jnp.int32) if cache is None else cache.index
+      positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
+    chex.assert_shape([positions, segment_ids], (b, t))
+    inv_freq = rope_frequencies(cfg)
+    x = self.embed[...].astype(cfg.compute_dtype)[tokens]
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    if cache is None:
+      forward = _remat_block_forward if cfg.remat else _block_forward
+      for block in self.layers:
+        x = forward(block, x, positions, segment_ids, inv_freq)
+      return self.final_norm(x), None
+    chex.assert_shape(cache.index, (b,))
+    new_segments = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(
+        cache.segment_ids, segment_ids, cache.index)
+    ks, vs = [], []
+    for i, block in enumerate(self.layers):
+      layer_cache = (cache.k[i], cache.v[i], new_segments, cache.index)
+      x, k, v = block(x, positions, segment_ids, inv_freq, layer_cache)
+      ks.append(k)
+      vs.append(v)
+    new_cache = KVCache(k=tuple(ks), v=tuple(vs), segment_ids=new_segments, index=cache.index + t)
+    return self.final_norm(x), new_cache
+
+  def logits(self, hidden: Array) -> Array:
+    """`[batch, seq, embed]` hidden states -> `[batch, seq, vocab]` float32 logits."""
+    dtype = hidden.dtype
+    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("bte,ev->btv", hidden, head.astype(dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "act_vocab"))
+
+  def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    return self.logits(hidden), cache
