@@ -126,7 +126,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
   for dim, name in enumerate(logical_axes):
     if name is not None and name not in table:
       raise ConfigError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}")
-    axes = [a for a in (table.get(name) or ()) if mesh.shape[a] > 1 and a not in used]
+    axes = [a for a in (_as_mesh_axes(table.get(name)) or ()) if mesh.shape[a] > 1 and a not in used]
     if shape is not None and axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
       axes = []
     used.update(axes)

@@ -237,7 +237,10 @@ class Transformer(nnx.Module):
       positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
     chex.assert_shape([positions, segment_ids], (b, t))
     inv_freq = rope_frequencies(cfg)
-    x = self.embed[...].astype(cfg.compute_dtype)[tokens]
+    # Gather from a table whose rows are whole on every device: XLA cannot gather from a vocab/embed-sharded table
+    # into a batch-sharded result without a full rematerialisation (FSDP all-gathers the weights anyway).
+    table = constrain(self.embed[...].astype(cfg.compute_dtype), (None, None))
+    x = table[tokens]
     x = constrain(x, ("batch", "seq", "act_embed"))
     if cache is None:
       forward = _remat_block_forward if cfg.remat else _block_forward
@@ -267,3 +270,18 @@ class Transformer(nnx.Module):
                cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
     hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
     return self.logits(hidden), cache
+
+
+def create_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                 rules=None) -> Transformer:
+  """A freshly initialised model; on a mesh, each parameter is created directly in its sharding (never gathered
+  whole on one device), identically on every process and for every mesh shape."""
+  from jaxstages.sharding import DEFAULT_RULES, param_shardings
+
+  if mesh is None:
+    return Transformer(cfg, nnx.Rngs(seed))
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed)))
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = param_shardings(abstract_state, mesh, rules or DEFAULT_RULES)
+  state = jax.jit(lambda: nnx.state(Transformer(cfg, nnx.Rngs(seed))), out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
