@@ -1,0 +1,75 @@
+"""Params-only checkpoints: an orbax checkpoint of the parameters plus `model_config.json` beside it.
+
+This is what `tools/convert_hf.py` writes and reads, and what a stage can start from. (Full train states with
+optimizer and data-iterator state are the checkpoint manager's.) Orbax restores each array straight into its target
+sharding, so loading onto a mesh or onto several hosts never gathers a whole tensor on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxstages.model.config import ModelConfig, model_config
+from jaxstages.model.hf import CheckpointMismatchError
+from jaxstages.model.transformer import Transformer
+from jaxstages.sharding import DEFAULT_RULES, LogicalRules, param_shardings
+
+
+def save_params(model: Transformer, folder: str | Path) -> Path:
+  """Writes `folder/params` (orbax) and `folder/model_config.json`. Collective on several processes."""
+  folder = Path(folder).absolute()
+  folder.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(folder / "params", nnx.state(model).to_pure_dict(), force=True)
+  if jax.process_index() == 0:
+    (folder / "model_config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
+  return folder
+
+
+def load_params(folder: str | Path, mesh: Mesh | None = None, rules: LogicalRules = DEFAULT_RULES,
+                **config_overrides) -> Transformer:
+  """Reads what `save_params` wrote; `config_overrides` may change numerics (dtype, remat), not shapes."""
+  folder = Path(folder).absolute()
+  cfg_path = folder / "model_config.json"
+  if not cfg_path.exists():
+    raise FileNotFoundError(f"{cfg_path} not found: not a jaxstages params folder")
+  cfg = model_config(json.loads(cfg_path.read_text()), **config_overrides)
+  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(model)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda v: v.replace(device), abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  else:
+    shardings = param_shardings(abstract, mesh, rules)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract.to_pure_dict(), shardings.to_pure_dict())
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(folder / "params")
+    _check_shapes(metadata, target, folder)
+    restored = checkpointer.restore(folder / "params", target)
+  abstract.replace_by_pure_dict(restored)
+  return nnx.merge(graphdef, abstract)
+
+
+def _check_shapes(metadata, target, folder: Path) -> None:
+  """Names the tensor and both shapes when a checkpoint does not fit the model."""
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  saved = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+  wanted = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+  name = lambda path: ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+  saved_names = {name(p): v for p, v in saved.items()}
+  for path, want in wanted.items():
+    have = saved_names.get(name(path))
+    if have is None:
+      raise CheckpointMismatchError(f"{folder}: tensor {name(path)!r} is missing from the checkpoint")
+    if tuple(have.shape) != tuple(want.shape):
+      raise CheckpointMismatchError(f"{folder}: tensor {name(path)!r} has shape {tuple(have.shape)} in the "
+                                    f"checkpoint but the model expects {tuple(want.shape)}")
