@@ -1,0 +1,27 @@
+"""Test set-up: 8 host CPU devices for mesh tests (must be set before jax is imported), shared tiny models."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxstages.model import model_config  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  """2 layers, 64 wide, 4 query / 2 KV heads, vocab 128: compiles in a second."""
+  return model_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def devices():
+  assert jax.device_count() == 8, "tests expect 8 host CPU devices (see conftest.py)"
+  return jax.devices()
