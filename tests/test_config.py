@@ -1,0 +1,39 @@
+"""Config errors a person can act on."""
+
+import pytest
+
+from jaxstages.config import ConfigError, load_config
+from jaxstages.model import model_config
+from jaxstages.sharding import MeshConfig
+
+
+def test_unknown_model_key_names_the_key_and_the_nearest_valid_ones():
+  with pytest.raises(ConfigError, match=r"unknown key 'num_layer' in model config \(did you mean 'num_layers'"):
+    model_config("tiny", num_layer=3)
+  with pytest.raises(ConfigError, match=r"'rope_thetta'.*'rope_theta'"):
+    model_config({"vocab_size": 10, "rope_thetta": 1.0})
+
+
+def test_unknown_mesh_key():
+  with pytest.raises(ConfigError, match=r"unknown key 'tensr' in mesh config \(did you mean 'tensor'"):
+    MeshConfig.from_config({"tensr": 2})
+
+
+def test_unknown_model_size_suggests_names():
+  with pytest.raises(KeyError, match="qwen2.5-0.5b"):
+    model_config("qwen2.5-0.5")
+
+
+def test_bad_values_are_refused():
+  with pytest.raises(ConfigError, match="multiple of num_kv_heads"):
+    model_config("tiny", num_heads=4, num_kv_heads=3)
+  with pytest.raises(ConfigError, match="dtype='fp8'"):
+    model_config("tiny", dtype="fp8")
+  with pytest.raises(ConfigError, match="rope_scaling type 'yarn'"):
+    model_config("tiny", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
+def test_config_files_load_by_path_or_by_name():
+  assert load_config("configs/models.py:toy").hidden_size == load_config("models.py:toy").hidden_size
+  with pytest.raises(ConfigError, match="not found"):
+    load_config("configs/nope.py")
