@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -232,3 +233,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_device_ids)
+
+
+def optimizer_shardings(optimizer, params, params_sharding, mesh: Mesh):
+  """Shardings of `optimizer.init(params)`: every per-parameter slot (Adam's moments, ...) sharded exactly like its
+  parameter, everything else (step counts, scalars) replicated. `params` may be abstract (`jax.eval_shape`)."""
+  abstract_state = jax.eval_shape(optimizer.init, params)
+  return optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_state, params_sharding,
+                               transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))

@@ -110,3 +110,19 @@ def test_mesh_that_does_not_match_the_devices_is_refused(devices):
     make_mesh(MeshConfig(-1, -1, 1))
   with pytest.raises(ConfigError, match="'pipeline' is not a mesh axis"):
     MeshConfig(rules=(("embed", "pipeline"),))
+
+
+def test_optimizer_state_is_sharded_like_the_parameters(results):
+  import optax
+
+  from jaxstages.sharding import optimizer_shardings, param_shardings
+
+  _, _, params, _, mesh = results[(2, 2, 2)]
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  shardings = optimizer_shardings(optimizer, params, param_shardings(params, mesh), mesh)
+  state = jax.jit(optimizer.init, out_shardings=shardings)(params)
+  adam = state[1][0]
+  for moment in (adam.mu, adam.nu):
+    assert moment["layers"][0]["attn"]["q"].get_value().sharding.spec == P("fsdp", "tensor", None)
+    assert moment["embed"].get_value().sharding.spec == P("tensor", "fsdp")
+  assert adam.count.sharding.spec == P()
