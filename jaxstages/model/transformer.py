@@ -58,6 +58,19 @@ class KVCache:
     return KVCache(k=kv, v=kv, segment_ids=("batch", "cache_seq"), index=("batch",))
 
 
+def dense(x: Array, w: Array, contract: int = 1, preferred_element_type=None) -> Array:
+  """Contracts the last `contract` dims of `x [..., *in]` with the first ones of `w [*in, *out]` -> `[..., *out]`.
+
+  Done as one 2-D matmul over flattened tokens: the weight gradient then contracts over a single (batch * seq) axis,
+  which XLA:CPU runs ~1.8x faster than the same dot over separate batch and seq axes; on accelerators the reshape is
+  free.
+  """
+  lead, inner, outer = x.shape[:x.ndim - contract], w.shape[:contract], w.shape[contract:]
+  y = jnp.dot(x.reshape(math.prod(lead), math.prod(inner)), w.reshape(math.prod(inner), math.prod(outer)),
+              preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *outer)
+
+
 def _param(rngs: nnx.Rngs, init, shape, cfg: ModelConfig, logical_axes: tuple[str, ...]) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, cfg.weight_dtype), logical_axes=logical_axes)
 
@@ -136,7 +149,7 @@ class Attention(nnx.Module):
 
   def _project(self, x: Array, name: str) -> Array:
     dtype = self.cfg.compute_dtype
-    y = jnp.einsum("bte,ehd->bthd", x, getattr(self, name)[...].astype(dtype))
+    y = dense(x, getattr(self, name)[...].astype(dtype))
     if self.cfg.qkv_bias:
       y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
     return y
@@ -163,15 +176,20 @@ class Attention(nnx.Module):
       kv_slots = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
     mask = attention_mask(q_slots, segment_ids, kv_slots, kv_segments)
 
-    groups = cfg.num_heads // cfg.num_kv_heads
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(cfg.head_dim)
+    # Grouped-query attention: the `groups` query heads sharing a KV head are folded into the query axis, so each
+    # KV head is one plain batched matmul `[b, kv] x (groups*t, d) @ (d, s)` (the fastest layout on XLA:CPU too).
+    kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    s = k.shape[1]
+    q = q.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = scores.reshape(b, kv, groups, t, s)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, kv, groups * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, groups, t, d)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, d)
     out = constrain(out, ("batch", "seq", "act_heads", None))
-    y = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(x.dtype))
+    y = dense(out, self.o[...].astype(x.dtype), contract=2)
     return y, new_k, new_v
 
 
@@ -187,9 +205,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     dtype = x.dtype
-    h = jax.nn.silu(x @ self.gate[...].astype(dtype)) * (x @ self.up[...].astype(dtype))
+    h = jax.nn.silu(dense(x, self.gate[...].astype(dtype))) * dense(x, self.up[...].astype(dtype))
     h = constrain(h, ("batch", "seq", "act_mlp"))
-    return h @ self.down[...].astype(dtype)
+    return dense(h, self.down[...].astype(dtype))
 
 
 class Block(nnx.Module):
@@ -263,7 +281,8 @@ class Transformer(nnx.Module):
     """`[batch, seq, embed]` hidden states -> `[batch, seq, vocab]` float32 logits."""
     dtype = hidden.dtype
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bte,ev->btv", hidden, head.astype(dtype), preferred_element_type=jnp.float32)
+    # float32 out even from bf16 inputs: log-probs (RL ratios, KL) need more than bf16's 8 bits of mantissa
+    logits = dense(hidden, head.astype(dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "act_vocab"))
 
   def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
