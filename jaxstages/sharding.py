@@ -147,6 +147,17 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _is_axis_names(x) -> bool:
+  return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def logical_shardings(logical_axes, arrays, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+  """`NamedSharding`s for a tree of arrays (or shape structs) from a matching tree of logical-axis-name tuples, e.g.
+  `logical_shardings(KVCache.logical_axes(cfg), cache, mesh)`."""
+  return jax.tree.map(lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)),
+                      logical_axes, arrays, is_leaf=_is_axis_names)
+
+
 def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
   """Sharding of a `[batch, ...]` array: batch over the data axes, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), None, mesh, rules))

@@ -79,6 +79,15 @@ def test_kv_cache_with_left_and_right_padding(model, tiny_cfg):
   forward = _forward(model)
   alone = [forward(r[None], np.arange(len(r))[None], np.ones((1, len(r)), np.int32))[0] for r in rows]
 
+  def decode_and_check(cache):
+    """Two one-token steps at each row's own position; each row's logits as if it were alone."""
+    for t in range(2):
+      nxt = np.array([[rows[i][n + t]] for i, n in enumerate(lengths)], np.int32)
+      npos = np.array([[n + t] for n in lengths], np.int32)
+      logits, cache = step(state, nxt, npos, np.ones((2, 1), np.int32), cache)
+      for i, n in enumerate(lengths):
+        np.testing.assert_allclose(logits[i, 0], alone[i][n + t], atol=1e-5)
+
   # left padding
   width = max(lengths)
   tok = np.zeros((2, width), np.int32)
@@ -92,12 +101,7 @@ def test_kv_cache_with_left_and_right_padding(model, tiny_cfg):
   logits, cache = step(state, tok, pos, seg, cache)
   for i, n in enumerate(lengths):
     np.testing.assert_allclose(logits[i, width - n:], alone[i][:n], atol=1e-5)
-  for t in range(2):
-    nxt = np.array([[rows[i][n + t]] for i, n in enumerate(lengths)], np.int32)
-    npos = np.array([[n + t] for n in lengths], np.int32)
-    logits, cache = step(state, nxt, npos, np.ones((2, 1), np.int32), cache)
-    for i, n in enumerate(lengths):
-      np.testing.assert_allclose(logits[i, 0], alone[i][n + t], atol=1e-5)
+  decode_and_check(cache)
 
   # right padding
   tok = np.zeros((2, width), np.int32)
@@ -110,12 +114,7 @@ def test_kv_cache_with_left_and_right_padding(model, tiny_cfg):
   for i, n in enumerate(lengths):
     np.testing.assert_allclose(logits[i, :n], alone[i][:n], atol=1e-5)
   cache.index = jnp.asarray(lengths, jnp.int32)
-  for t in range(2):
-    nxt = np.array([[rows[i][n + t]] for i, n in enumerate(lengths)], np.int32)
-    npos = np.array([[n + t] for n in lengths], np.int32)
-    logits, cache = step(state, nxt, npos, np.ones((2, 1), np.int32), cache)
-    for i, n in enumerate(lengths):
-      np.testing.assert_allclose(logits[i, 0], alone[i][n + t], atol=1e-5)
+  decode_and_check(cache)
 
 
 def _loss_and_grads(model, batch):

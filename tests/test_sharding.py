@@ -126,3 +126,32 @@ def test_optimizer_state_is_sharded_like_the_parameters(results):
     assert moment["layers"][0]["attn"]["q"].get_value().sharding.spec == P("fsdp", "tensor", None)
     assert moment["embed"].get_value().sharding.spec == P("tensor", "fsdp")
   assert adam.count.sharding.spec == P()
+
+
+def test_sharded_kv_cache_decodes_like_the_unsharded_one(tiny_cfg, devices):
+  from jaxstages.model import KVCache
+  from jaxstages.sharding import logical_shardings, use_mesh
+
+  cfg = tiny_cfg.replace(num_heads=8, num_kv_heads=4, head_dim=8)
+  mesh = make_mesh(MeshConfig(2, 1, 4))
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (4, 9)).astype(np.int32)
+
+  def decode(model, cache):
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda state, tok, cache: nnx.merge(graphdef, state)(tok, cache=cache))
+    logits, cache = step(state, tokens[:, :6], cache)
+    outs = [logits]
+    for i in range(6, 9):
+      logits, cache = step(state, tokens[:, i:i + 1], cache)
+      outs.append(logits)
+    return np.concatenate([np.asarray(o) for o in outs], axis=1), cache
+
+  reference, _ = decode(create_model(cfg, seed=1), KVCache.init(cfg, 4, 12))
+  shardings = logical_shardings(KVCache.logical_axes(cfg), jax.eval_shape(lambda: KVCache.init(cfg, 4, 12)), mesh)
+  cache = jax.jit(lambda: KVCache.init(cfg, 4, 12), out_shardings=shardings)()
+  expected = jax.sharding.NamedSharding(mesh, P("data", None, "tensor", None))
+  assert cache.k[0].sharding.is_equivalent_to(expected, 4)
+  with use_mesh(mesh):
+    sharded, cache = decode(create_model(cfg, seed=1, mesh=mesh), cache)
+  np.testing.assert_allclose(sharded, reference, atol=1e-5)
+  assert cache.k[1].sharding.is_equivalent_to(expected, 4)

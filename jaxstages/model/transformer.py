@@ -47,14 +47,13 @@ class KVCache:
     """An empty cache; `dtype` defaults to the model's compute dtype (bf16 halves decode memory traffic)."""
     dtype = dtype or cfg.compute_dtype
     shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-               segment_ids=jnp.zeros((batch, cache_len), jnp.int32), index=jnp.zeros((batch,), jnp.int32))
+    layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return cls(k=layers(), v=layers(), segment_ids=jnp.zeros((batch, cache_len), jnp.int32), index=jnp.zeros((batch,), jnp.int32))
 
   @staticmethod
-  def logical_axes() -> "KVCache":
-    """Logical axis names of each field (a tree like the cache), for `jaxstages.sharding`."""
-    kv = ("batch", "cache_seq", "act_kv_heads", "head_dim")
+  def logical_axes(cfg: ModelConfig) -> "KVCache":
+    """Logical axis names of each field (a tree like the cache), for `jaxstages.sharding.logical_shardings`."""
+    kv = (("batch", "cache_seq", "act_kv_heads", "head_dim"),) * cfg.num_layers
     return KVCache(k=kv, v=kv, segment_ids=("batch", "cache_seq"), index=("batch",))
 
 
