@@ -172,7 +172,8 @@ class TaskConfig:
   ops: tuple[str, ...] = OPS
   distractors: tuple[int, int] = (0, 2)  # extra quantities the answer does not need (inclusive range)
   order: str = "dependency"  # or "shuffled": statements in random order (the model must plan)
-  reach: str = "any"  # "any": operands from any earlier quantity; "near": only from the last `near_window`
+  reach: str = "any"  # "any": operands from any earlier quantity; "near": one chain, each operation using the
+  #                    previous one and (otherwise) a fresh constant or one of the last `near_window` quantities
   near_window: int = 3
   branch_prob: float = 0.25  # chance an operation starts a new branch instead of extending the chain
   eval_fraction: float = 0.1  # share of problem structures that belong to the eval split
@@ -239,6 +240,14 @@ class Problem:
   seed: int
   split: str
   index: int
+  pinned_op: int | None = None
+  pinned_context: str | None = None
+
+  @property
+  def key(self) -> dict:
+    """What `generate(cfg, **problem.key)` needs to make this problem again (e.g. from RL prompt metadata)."""
+    return {"seed": self.seed, "split": self.split, "index": self.index, "op": self.pinned_op,
+            "context": self.pinned_context}
 
   @property
   def ctx(self) -> Context:
@@ -419,6 +428,8 @@ def _build_needed(cfg: TaskConfig, rng: np.random.Generator, n_ops: int) -> _Bui
     remaining = n_ops - 1 - i
     # consume c pending branches; afterwards at most `remaining + 1` may be pending, and the last step leaves one
     options = [c for c in (0, 1, 2) if c <= len(unused) and len(unused) - c <= remaining]
+    if cfg.reach == "near":  # a single chain: each operation builds on the one before it
+      options = [min(1, len(unused))]
     if i == n_ops - 1:
       c = len(unused)
     elif len(options) == 1:
@@ -465,11 +476,11 @@ def generate(cfg: TaskConfig, seed: int, split: str, index: int, op: int | None 
         pool = bld.window(range(len(bld.nodes)))
         a, b = (int(x) for x in rng.choice(pool, size=2))
         bld.operation(a, b)
-    return _tell(cfg, rng, bld.nodes, target, ctx_name, seed, split, index)
+    return _tell(cfg, rng, bld.nodes, target, ctx_name, seed, split, index, op, context)
   raise RuntimeError(f"no problem found for split {split!r} at index {index} (op={op}): eval_fraction too small?")
 
 
-def _tell(cfg, rng, nodes, target, ctx_name, seed, split, index) -> Problem:
+def _tell(cfg, rng, nodes, target, ctx_name, seed, split, index, pinned_op, pinned_context) -> Problem:
   ctx = SURFACES[cfg.surface][ctx_name]
   if len(nodes) > len(ctx.names):
     raise ConfigError(f"a problem with {len(nodes)} quantities needs more names than context {ctx_name!r} has "
@@ -492,7 +503,7 @@ def _tell(cfg, rng, nodes, target, ctx_name, seed, split, index) -> Problem:
                                     len(ctx.op_templates[nodes[i].op]))) for i in order)
   phrasing += (int(rng.integers(len(ctx.question_templates))),)
   return Problem(tuple(nodes), names, target, order, phrasing, ctx_name, cfg.surface, cfg.modulus, seed, split,
-                 index)
+                 index, pinned_op, pinned_context)
 
 
 # -- formats for every stage ----------------------------------------------------------------------------------------
@@ -536,7 +547,7 @@ def rl_prompt(p: Problem, think: bool | None = None) -> dict:
   """The user turn only, with what the verifier needs: the gold answer and the problem's identity."""
   user = sft_messages(p, think)[0]
   return {"messages": [user], "answer": p.answer, "op": p.op, "context": p.context,
-          "seed": p.seed, "split": p.split, "index": p.index}
+          "seed": p.seed, "split": p.split, "index": p.index, "key": p.key}
 
 
 def preference_pair(p: Problem, rng: np.random.Generator | None = None) -> dict:
