@@ -21,6 +21,7 @@ setup(
         "numpy",
         "safetensors>=0.4",  # HF checkpoint interop without pickles
         "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # tests: parity against HF transformers on random tiny models, on the CPU build of torch
