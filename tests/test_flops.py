@@ -1,0 +1,31 @@
+"""FLOP counts from the config against XLA's own cost analysis of the compiled step."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+from jaxstages.losses import next_token_loss
+from jaxstages.model import create_model, model_config
+
+
+def _xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+@pytest.mark.parametrize("name,batch,seq", [("toy", 4, 128), ("tiny", 8, 64)])
+def test_flops_match_xla_cost_analysis(name, batch, seq):
+  cfg = model_config(name, tie_embeddings=name == "toy", qkv_bias=name == "toy")
+  graphdef, state = nnx.split(create_model(cfg))
+  data = dict(tokens=jnp.zeros((batch, seq), jnp.int32), targets=jnp.zeros((batch, seq), jnp.int32),
+              loss_mask=jnp.ones((batch, seq)))
+
+  def loss_and_grad(state, data):
+    return jax.value_and_grad(lambda s: (lambda t, c: t / c)(*next_token_loss(nnx.merge(graphdef, s), data)))(state)
+
+  train = _xla_flops(jax.jit(loss_and_grad).lower(state, data).compile())
+  forward = _xla_flops(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0]).lower(state, data["tokens"]).compile())
+  assert train == pytest.approx(train_flops_per_token(cfg, seq) * batch * seq, rel=0.1)
+  assert forward == pytest.approx(forward_flops_per_token(cfg, seq) * batch * seq, rel=0.1)
