@@ -37,3 +37,18 @@ def test_config_files_load_by_path_or_by_name():
   assert load_config("configs/models.py:toy").hidden_size == load_config("models.py:toy").hidden_size
   with pytest.raises(ConfigError, match="not found"):
     load_config("configs/nope.py")
+
+
+def test_command_line_overrides():
+  import ml_collections
+
+  from jaxstages.config import apply_overrides
+
+  base = ml_collections.ConfigDict(dict(optim=dict(lr=1e-3, schedule="cosine"), steps=10, model="toy"))
+  cfg = apply_overrides(base, ["optim.lr=3e-4", "steps=20", "model=small", "optim.schedule=wsd"])
+  assert (cfg.optim.lr, cfg.steps, cfg.model, cfg.optim.schedule) == (3e-4, 20, "small", "wsd")
+  assert base.steps == 10  # the original is untouched
+  with pytest.raises(ConfigError, match=r"unknown key 'lrr' in config.optim \(did you mean 'lr'"):
+    apply_overrides(base, ["optim.lrr=1"])
+  with pytest.raises(ConfigError, match="must look like"):
+    apply_overrides(base, ["steps"])
