@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxstages.train import TrainState
+from jaxstages.state import TrainState
 
 
 def _abstract(tree, shardings):

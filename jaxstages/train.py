@@ -1,4 +1,4 @@
-"""The train state and the one jitted train step every stage uses.
+"""The one train step and the one train loop every stage uses.
 
 `step(state, batch) -> (state, metrics)`: the stage supplies only a loss function
 `loss_fn(model, micro_batch) -> (loss_sum, count, aux_metrics)`. The step splits the global batch into micro-batches
@@ -6,13 +6,16 @@
 global batch at the end. The result is the same loss and gradient however the batch is split into micro-batches or
 sharded over devices, which per-micro-batch or per-device means do not give (the normalisation bug class that hit
 TRL and verl).
+
+`run_stage(config, workdir)` is the loop around it: mesh, model (fresh, or a previous stage's / an imported
+checkpoint), tokenizer, data, optimizer, then steps with metrics every `log_every` steps (the only host syncs),
+held-out loss, checkpoints every `checkpoint_every` steps and at the end, and exact resume from the latest checkpoint
+(train state and data iterator position) when the same command is run again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,43 +24,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxstages.config import ConfigError
-from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, data_parallel_size, optimizer_shardings,
-                                param_shardings, use_mesh)
+from jaxstages.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, data_parallel_size, use_mesh
+from jaxstages.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-  params: nnx.State
-  opt_state: Any
-  step: jax.Array  # int32 scalar: updates applied so far
-  rng: jax.Array  # a key for stages that need randomness inside the step
-
-
-def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules: LogicalRules = DEFAULT_RULES) -> TrainState:
-  """Where every leaf of the train state lives: params and optimizer slots by the logical rules, the rest replicated."""
-  p = param_shardings(state.params, mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return TrainState(params=p, opt_state=optimizer_shardings(optimizer, state.params, p, mesh), step=replicated,
-                    rng=replicated)
-
-
-def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int = 0,
-                     rules: LogicalRules = DEFAULT_RULES) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-  """Splits `model` (already on `mesh`, e.g. from `create_model(cfg, seed, mesh)`) into its graph definition and a
-  sharded train state. Returns `(graphdef, state, shardings)`."""
-  graphdef, params = nnx.split(model)
-  abstract = TrainState(params, jax.eval_shape(optimizer.init, params), jax.ShapeDtypeStruct((), jnp.int32),
-                        jax.eval_shape(lambda: jax.random.key(0)))
-  shardings = state_shardings(abstract, optimizer, mesh, rules)
-  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-                     jax.device_put(jax.random.key(seed), shardings.rng))
-  return graphdef, state, shardings
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:

@@ -7,7 +7,7 @@ import optax
 from jaxstages.checkpoint import Checkpointer, restore_params
 from jaxstages.model import create_model
 from jaxstages.sharding import MeshConfig, make_mesh
-from jaxstages.train import init_train_state
+from jaxstages.state import init_train_state
 
 
 def _leaves(tree):

@@ -4,7 +4,6 @@ context weights and templates, options."""
 import collections
 import re
 
-import numpy as np
 import pytest
 
 from jaxstages.config import ConfigError

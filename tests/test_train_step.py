@@ -10,7 +10,8 @@ from jaxstages.config import ConfigError
 from jaxstages.losses import next_token_loss
 from jaxstages.model import create_model
 from jaxstages.sharding import MeshConfig, make_mesh, shard_batch
-from jaxstages.train import init_train_state, make_train_step
+from jaxstages.state import init_train_state
+from jaxstages.train import make_train_step
 
 
 def lm_loss(model, batch):

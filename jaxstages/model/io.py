@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxstages.model.config import ModelConfig, model_config
+from jaxstages.model.config import model_config
 from jaxstages.model.hf import CheckpointMismatchError
 from jaxstages.model.transformer import Transformer
 from jaxstages.sharding import DEFAULT_RULES, LogicalRules, param_shardings
