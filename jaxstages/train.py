@@ -15,17 +15,35 @@ held-out loss, checkpoints every `checkpoint_every` steps and at the end, and ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxstages.config import ConfigError
-from jaxstages.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, data_parallel_size, use_mesh
-from jaxstages.state import TrainState
+from jaxstages.checkpoint import Checkpointer, restore_params
+from jaxstages.config import ConfigError, check_keys, from_config, to_dict
+from jaxstages.data.pipeline import data_config, make_pipeline
+from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
+from jaxstages.flops import train_flops_per_token
+from jaxstages.metrics import MetricsWriter, progress
+from jaxstages.model import create_model, model_config, param_count
+from jaxstages.model.hf import import_hf
+from jaxstages.model.io import load_params
+from jaxstages.optim import OptimConfig, make_optimizer
+from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, data_parallel_size,
+                                global_batch_from_process_local, initialize_distributed, make_mesh, param_shardings,
+                                use_mesh)
+from jaxstages.state import TrainState, init_train_state
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
@@ -100,3 +118,210 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       return compiled[key](state, batch)
 
   return call
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh, params_sharding,
+                   rules: LogicalRules = DEFAULT_RULES):
+  """Jitted `(params, batch) -> (loss_sum, count)` for held-out loss."""
+
+  def evaluate(params, batch):
+    total, count, _ = loss_fn(nnx.merge(graphdef, params), batch)
+    return total, count
+
+  compiled = {}
+
+  def call(params, batch):
+    key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+    if key not in compiled:
+      in_batch = {k: batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
+      compiled[key] = jax.jit(evaluate, in_shardings=(params_sharding, in_batch))
+    with use_mesh(mesh, rules):
+      return compiled[key](params, batch)
+
+  return call
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """The `stage` block of a training config (the others: `model`, `data`, `optim`, `mesh`)."""
+
+  name: str = "pretrain"
+  kind: str = "pretrain"  # which loss: a key of jaxstages.stages.LOSSES
+  steps: int = 100  # optimizer updates
+  micro_batches: int = 1  # gradient accumulation: the global batch is split into this many micro-batches
+  seed: int = 0
+  init_from: str | None = None  # a stage's checkpoint folder, a params folder, or "hf:FOLDER"
+  tokenizer: str | None = None  # a saved tokenizer folder; default: next to init_from, or trained on the task
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  async_checkpoints: bool = True
+  eval_every: int = 0  # held-out loss every N steps (0: only at the end)
+  eval_batches: int = 4
+  peak_flops_per_device: float | None = None  # for MFU; default from the device kind when known
+
+  @classmethod
+  def from_config(cls, config) -> "StageConfig":
+    return from_config(cls, config, where="stage config")
+
+
+# Peak dense bf16 FLOP/s per chip, for MFU when the config gives none.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+              "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops_per_device(configured: float | None) -> float | None:
+  if configured:
+    return configured
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+CONFIG_BLOCKS = ("stage", "model", "data", "optim", "mesh")
+
+
+def _vocab_size(tokenizer_vocab: int, multiple: int = 128) -> int:
+  """Embedding rows: the tokenizer's vocabulary rounded up (aligned matmuls, room for added tokens)."""
+  return -(-tokenizer_vocab // multiple) * multiple
+
+
+def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path):
+  """The stage's tokenizer: the configured folder, else the one beside `init_from`'s run, else this workdir's, else
+  one trained on the task world (and saved in the workdir, so later stages and resumes reuse it)."""
+  candidates = [stage.tokenizer]
+  if stage.init_from and not stage.init_from.startswith("hf:"):
+    init = Path(stage.init_from)
+    candidates += [init / "tokenizer", init.parent / "tokenizer"]
+  candidates.append(workdir / "tokenizer")
+  for folder in candidates:
+    if folder and Path(folder).exists():
+      return load_tokenizer(folder)
+  if stage.tokenizer:
+    raise FileNotFoundError(f"stage.tokenizer {stage.tokenizer} does not exist")
+  tokenizer = task_tokenizer(data_cfg.task)
+  if jax.process_index() == 0:
+    tokenizer.save(workdir / "tokenizer")
+  return tokenizer
+
+
+def initial_model(stage: StageConfig, model_cfg, mesh: Mesh, rules: LogicalRules):
+  """A fresh model, or the params of `init_from` (another stage's checkpoints, a params folder, or `hf:FOLDER`)."""
+  if not stage.init_from:
+    return create_model(model_cfg, stage.seed, mesh, rules)
+  if stage.init_from.startswith("hf:"):
+    return import_hf(stage.init_from[3:], mesh=mesh, rules=rules)
+  source = Path(stage.init_from)
+  if (source / "model_config.json").exists():
+    return load_params(source, mesh=mesh, rules=rules)
+  checkpoints = source / "checkpoints" if (source / "checkpoints").exists() else source
+  abstract = nnx.eval_shape(lambda: create_model(model_cfg, stage.seed))
+  graphdef, target = nnx.split(abstract)
+  params = restore_params(checkpoints, target, param_shardings(target, mesh, rules))
+  return nnx.merge(graphdef, params)
+
+
+def held_out_loss(eval_step, params, data_cfg, tokenizer, batches: int, mesh: Mesh, rules) -> float:
+  """Mean next-token loss over the same `batches` eval-split batches every time."""
+  it = make_pipeline(data_cfg, tokenizer)
+  total = count = 0.0
+  for _ in range(batches):
+    batch = global_batch_from_process_local(next(it), mesh, rules)
+    s, c = eval_step(params, batch)
+    total, count = total + float(s), count + float(c)
+  return total / max(count, 1.0)
+
+
+def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
+              devices: Sequence[jax.Device] | None = None, stop_after: int | None = None) -> dict:
+  """Trains one stage to `stage.steps` (resuming from `workdir/checkpoints` when there are any) and returns its
+  summary (also written to `workdir/summary.json`). `stop_after` ends the loop early after that many steps of this
+  call (tests); `devices` restricts the mesh (default: every device of every process)."""
+  from jaxstages.stages import LOSSES
+
+  config = to_dict(config)
+  check_keys(config, CONFIG_BLOCKS, "training config")
+  initialize_distributed()
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  stage = StageConfig.from_config(config.get("stage"))
+  check_keys([stage.kind], LOSSES, "stage kinds")
+  mesh_cfg = MeshConfig.from_config(config.get("mesh"))
+  mesh, rules = make_mesh(mesh_cfg, devices), mesh_cfg.rules
+  data_cfg = data_config(config["data"])
+  tokenizer = resolve_tokenizer(stage, data_cfg, workdir)
+  model_values = dict(config["model"])
+  if not model_values.get("vocab_size"):
+    model_values["vocab_size"] = _vocab_size(tokenizer.vocab_size)
+  model_cfg = model_config(model_values)
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"model vocab_size {model_cfg.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
+  optim_cfg = OptimConfig.from_config(config.get("optim"))
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+  model = initial_model(stage, model_cfg, mesh, rules)
+  optimizer, schedule = make_optimizer(optim_cfg, stage.steps)
+  graphdef, state, shardings = init_train_state(model, optimizer, mesh, stage.seed, rules)
+  del model
+  checkpointer = Checkpointer(workdir / "checkpoints", stage.checkpoint_every, stage.keep_checkpoints,
+                              stage.async_checkpoints)
+  data_iter = make_pipeline(data_cfg, tokenizer)
+  resumed_from = checkpointer.latest_step()
+  if resumed_from is not None:
+    state, data_state = checkpointer.restore(state, shardings)
+    data_iter.set_state(data_state)
+  loss_fn = LOSSES[stage.kind]
+  step_fn = make_train_step(graphdef, optimizer, loss_fn, mesh, shardings, schedule, stage.micro_batches, rules)
+  eval_step = make_eval_step(graphdef, loss_fn, mesh, shardings.params, rules)
+  eval_cfg = dataclasses.replace(data_cfg, split="eval") if data_cfg.kind in ("pretrain", "midtrain", "sft") else None
+
+  writer = MetricsWriter(workdir)
+  flops_per_step = train_flops_per_token(model_cfg, data_cfg.seq_len) * data_cfg.batch_size * data_cfg.seq_len
+  peak = peak_flops_per_device(stage.peak_flops_per_device)
+  start = int(state.step)
+  bar = progress(stage.steps, f"{stage.name}", initial=start)
+  pending, last_time, last_step, start_time = [], time.perf_counter(), start, time.perf_counter()
+  end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
+  for step in range(start, end):
+    batch = global_batch_from_process_local(next(data_iter), mesh, rules)
+    state, metrics = step_fn(state, batch)
+    pending.append(metrics)
+    done = step + 1
+    if done % stage.log_every == 0 or done == end:
+      fetched = jax.device_get(pending)  # the only host sync: every log_every steps
+      now = time.perf_counter()
+      seconds = (now - last_time) / (done - last_step)
+      row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+      row.update(loss=float(fetched[-1]["loss"]), lr=float(fetched[-1].get("lr", 0.0)), step_time_s=seconds,
+                 tokens_per_s=data_cfg.batch_size * data_cfg.seq_len / seconds, flops=flops_per_step * done)
+      if peak:
+        row["mfu"] = flops_per_step / seconds / (peak * mesh.size)
+      writer.write(done, row)
+      bar.update(done - last_step)
+      bar.set_postfix(loss=f"{row['loss']:.4f}")
+      pending, last_time, last_step = [], now, done
+    checkpointer.save(state, data_iter.get_state())
+    if eval_cfg and stage.eval_every and done % stage.eval_every == 0 and done != stage.steps:
+      writer.write(done, {"eval_loss": held_out_loss(eval_step, state.params, eval_cfg, tokenizer,
+                                                     stage.eval_batches, mesh, rules)})
+  bar.close()
+  final_step = int(state.step)
+  if checkpointer.latest_step() != final_step:
+    checkpointer.save(state, data_iter.get_state(), force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  summary = {"stage": stage.name, "kind": stage.kind, "step": final_step, "steps": stage.steps,
+             "resumed_from": resumed_from, "params": param_count(model_cfg),
+             "tokens": final_step * data_cfg.batch_size * data_cfg.seq_len, "flops": flops_per_step * final_step,
+             "wall_s_this_run": time.perf_counter() - start_time}
+  if final_step == stage.steps and eval_cfg:
+    summary["eval_loss"] = held_out_loss(eval_step, state.params, eval_cfg, tokenizer, stage.eval_batches, mesh,
+                                         rules)
+    writer.write(final_step, {"eval_loss": summary["eval_loss"]})
+  writer.close()
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary

@@ -1,0 +1,40 @@
+"""Single-stage training configs: `jaxstages train --config configs/train.py:pretrain-toy --workdir runs/pre`.
+
+A config has five blocks: `stage` (jaxstages.train.StageConfig), `model` (jaxstages.model.ModelConfig; vocab_size 0
+means "the tokenizer's, rounded up to 128"), `data` (jaxstages.data.pipeline.DataConfig), `optim`
+(jaxstages.optim.OptimConfig) and `mesh` (jaxstages.sharding.MeshConfig). Every key is checked; override any of them
+on the command line with `--config.optim.lr=1e-3`.
+"""
+
+import ml_collections
+
+from jaxstages.config import load_config
+
+
+def _config(stage, model, data, optim, mesh=None):
+  model = dict(load_config(f"models.py:{model}").to_dict(), vocab_size=0)
+  return ml_collections.ConfigDict(dict(stage=stage, model=model, data=load_config(f"data.py:{data}").to_dict(),
+                                        optim=optim, mesh=mesh or dict(data=-1, fsdp=1, tensor=1)))
+
+
+def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
+  if name == "pretrain-toy":
+    # the ~1M toy model on the symbolic task world (context p, with q seeded at 1% at op 2)
+    cfg = _config(dict(name="pretrain", kind="pretrain", steps=2000, log_every=20, checkpoint_every=500,
+                       eval_every=500, eval_batches=8),
+                  "toy", "pretrain-symbolic",
+                  dict(lr=3e-3, schedule="cosine", warmup_fraction=0.05, end_lr_ratio=0.1, weight_decay=0.1))
+    cfg.data.seq_len, cfg.data.batch_size = 256, 32
+    return cfg
+  if name == "midtrain-toy":
+    # from pre-training's final checkpoint: the new context q at growing share, with replay; re-warmed lr
+    cfg = _config(dict(name="midtrain", kind="midtrain", steps=500, log_every=20, checkpoint_every=250,
+                       eval_every=250, eval_batches=8, init_from="runs/pretrain-toy"),
+                  "toy", "midtrain-symbolic",
+                  dict(lr=1e-3, schedule="cosine", warmup_fraction=0.15, init_lr=3e-4, end_lr_ratio=0.1))
+    cfg.data.seq_len, cfg.data.batch_size = 256, 32
+    return cfg
+  import difflib
+  names = ["pretrain-toy", "midtrain-toy"]
+  raise KeyError(f"unknown training config {name!r}; did you mean {difflib.get_close_matches(name, names)}? "
+                 f"Known: {names}")

@@ -1,0 +1,6 @@
+"""One module per training objective; each contributes a pure loss function `loss(model, batch) -> (sum, count,
+aux)` to the shared train loop."""
+
+from jaxstages.stages.lm import lm_loss
+
+LOSSES = {"pretrain": lm_loss, "midtrain": lm_loss}
