@@ -6,15 +6,26 @@ means "the tokenizer's, rounded up to 128"), `data` (jaxstages.data.pipeline.Dat
 on the command line with `--config.optim.lr=1e-3`.
 """
 
+import dataclasses
+
 import ml_collections
 
 from jaxstages.config import load_config
+from jaxstages.data.pipeline import data_config
+from jaxstages.optim import OptimConfig
+from jaxstages.sharding import MeshConfig
+from jaxstages.train import StageConfig
 
 
 def _config(stage, model, data, optim, mesh=None):
+  """Every block spelled out in full (defaults included), so any key can be overridden from the command line."""
   model = dict(load_config(f"models.py:{model}").to_dict(), vocab_size=0)
-  return ml_collections.ConfigDict(dict(stage=stage, model=model, data=load_config(f"data.py:{data}").to_dict(),
-                                        optim=optim, mesh=mesh or dict(data=-1, fsdp=1, tensor=1)))
+  mesh = dataclasses.asdict(MeshConfig(**(mesh or {})))
+  mesh.pop("rules")  # the default rule table; set mesh.rules in a config to change it
+  return ml_collections.ConfigDict(dict(
+      stage=dataclasses.asdict(StageConfig(**stage)), model=model,
+      data=dataclasses.asdict(data_config(f"data.py:{data}")), optim=dataclasses.asdict(OptimConfig(**optim)),
+      mesh=mesh))
 
 
 def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:

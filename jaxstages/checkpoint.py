@@ -17,6 +17,11 @@ from etils import epath
 from jaxstages.state import TrainState
 
 
+def _path(directory: str | epath.Path) -> epath.Path:
+  """Cloud URLs as given; local paths made absolute (orbax requires it)."""
+  return epath.Path(directory) if "://" in str(directory) else epath.Path(directory).absolute()
+
+
 def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -26,8 +31,9 @@ class Checkpointer:
 
   def __init__(self, directory: str | epath.Path, save_every: int = 100, keep: int | None = 2,
                async_save: bool = True):
-    self.directory = epath.Path(directory)
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
+    self.directory = _path(directory)
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("params", "opt_state", "meta", "data"))
@@ -35,11 +41,13 @@ class Checkpointer:
   def save(self, state: TrainState, data_state: dict | None = None, force: bool = False) -> bool:
     """Saves `state` at its step when the interval says so (or `force`). Returns whether a save started."""
     step = int(state.step)
+    if not force and (step % self.save_every or step in self.manager.all_steps()):
+      return False
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         data=ocp.args.JsonSave(data_state or {}))
-    return self.manager.save(step, args=args, force=force)
+    return self.manager.save(step, args=args, force=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -71,7 +79,7 @@ class Checkpointer:
 
 def restore_params(directory: str | epath.Path, target_params: Any, shardings: Any, step: int | None = None):
   """Only the parameters of another run's or stage's checkpoint (latest step by default): the stage hand-off."""
-  manager = ocp.CheckpointManager(epath.Path(directory), item_names=("params", "opt_state", "meta", "data"),
+  manager = ocp.CheckpointManager(_path(directory), item_names=("params", "opt_state", "meta", "data"),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None:

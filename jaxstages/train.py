@@ -104,7 +104,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   replicated = NamedSharding(mesh, PartitionSpec())
   compiled = {}
 
-  def call(state: TrainState, batch: Batch):
+  def jitted(batch: Batch):
     key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
     if key not in compiled:
       rows, shards = next(iter(batch.values())).shape[0], data_parallel_size(mesh, rules)
@@ -114,9 +114,18 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       in_batch = {k: batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
       compiled[key] = jax.jit(step, in_shardings=(shardings, in_batch), out_shardings=(shardings, replicated),
                               donate_argnums=0)
-    with use_mesh(mesh, rules):
-      return compiled[key](state, batch)
+    return compiled[key]
 
+  def call(state: TrainState, batch: Batch):
+    with use_mesh(mesh, rules):
+      return jitted(batch)(state, batch)
+
+  def lower(state: TrainState, batch: Batch):
+    """Ahead-of-time lowering (arguments may be `jax.ShapeDtypeStruct`s): for planning memory and FLOPs."""
+    with use_mesh(mesh, rules):
+      return jitted(batch).lower(state, batch)
+
+  call.lower = lower
   return call
 
 
@@ -325,3 +334,51 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def _abstract_batch(data_cfg) -> dict:
+  """Shapes of a global batch of a packed (pretrain / midtrain / sft) pipeline."""
+  b, t = data_cfg.batch_size, data_cfg.seq_len
+  ints = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+  return {**ints, "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32), "source": jax.ShapeDtypeStruct((b,),
+                                                                                                           jnp.int32)}
+
+
+def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
+               devices: Sequence[jax.Device] | None = None) -> dict:
+  """Sizes a stage without training: parameters, FLOPs per step, and the AOT-compiled step's memory per device."""
+  from jaxstages.stages import LOSSES
+  from jaxstages.state import state_shardings
+
+  config = to_dict(config)
+  check_keys(config, CONFIG_BLOCKS, "training config")
+  stage = StageConfig.from_config(config.get("stage"))
+  mesh_cfg = MeshConfig.from_config(config.get("mesh"))
+  mesh, rules = make_mesh(mesh_cfg, devices), mesh_cfg.rules
+  data_cfg = data_config(config["data"])
+  model_values = dict(config["model"])
+  if not model_values.get("vocab_size"):
+    tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else task_tokenizer(data_cfg.task, n_samples=200)
+    model_values["vocab_size"] = _vocab_size(tokenizer.vocab_size)
+  model_cfg = model_config(model_values)
+  optimizer, schedule = make_optimizer(OptimConfig.from_config(config.get("optim")), stage.steps)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, stage.seed)))
+  abstract = TrainState(params, jax.eval_shape(optimizer.init, params), jax.ShapeDtypeStruct((), jnp.int32),
+                        jax.eval_shape(lambda: jax.random.key(0)))
+  shardings = state_shardings(abstract, optimizer, mesh, rules)
+  step = make_train_step(graphdef, optimizer, LOSSES[stage.kind], mesh, shardings, schedule, stage.micro_batches,
+                         rules)
+  compiled = step.lower(abstract, _abstract_batch(data_cfg)).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  tokens = data_cfg.batch_size * data_cfg.seq_len
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes")
+  mem = {f.removesuffix("_size_in_bytes"): int(getattr(memory, f, 0) or 0) for f in fields}
+  # donated state aliases its output, so arguments + outputs - aliased + temporaries is what is live at the peak
+  mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  return {"stage": stage.name, "kind": stage.kind, "mesh": dict(mesh.shape), "params": param_count(model_cfg),
+          "tokens_per_step": tokens, "steps": stage.steps,
+          "flops_per_step": train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens,
+          "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)), "memory_per_device_bytes": mem}
