@@ -185,3 +185,12 @@ def test_formats_for_every_stage_come_from_one_problem():
   assert differing and differing[-1] == 3  # the perturbed step and what follows, down to the answer line
   cell = eval_set(TaskConfig(contexts="pqr-uniform"), op=5, context="r", n=20)
   assert all(q.op == 5 and q.context == "r" and q.split == "eval" for q in cell)
+
+
+def test_gold_solution_reads_dependency_ordered_statements_top_to_bottom():
+  cfg = TaskConfig(op_range=(3, 8), distractors=(1, 3))
+  for i in range(100):
+    p = generate(cfg, 0, "train", i)
+    position = {node: k for k, node in enumerate(p.order)}
+    steps = [position[n] for n in p.solution_order]
+    assert steps == sorted(steps) and set(p.solution_order) == set(p.needed_ops)

@@ -242,6 +242,7 @@ class Problem:
   index: int
   pinned_op: int | None = None
   pinned_context: str | None = None
+  order_kind: str = "dependency"  # how the statements were ordered: "dependency" or "shuffled"
 
   @property
   def key(self) -> dict:
@@ -271,6 +272,16 @@ class Problem:
   @property
   def needed_ops(self) -> tuple[int, ...]:
     return tuple(n for n in self.needed if self.nodes[n].kind == "op")
+
+  @cached_property
+  def solution_order(self) -> tuple[int, ...]:
+    """The needed operations in the order the gold solution computes them: the order their statements appear in
+    when statements are in dependency order (the solution then reads the problem top to bottom, skipping what the
+    answer does not need), otherwise creation order (a topological order the model must work out)."""
+    if self.order_kind == "dependency":
+      position = {node: k for k, node in enumerate(self.order)}
+      return tuple(sorted(self.needed_ops, key=position.__getitem__))
+    return self.needed_ops
 
   @property
   def op(self) -> int:
@@ -309,7 +320,7 @@ class Problem:
 
   def gold_steps(self) -> list[Step]:
     steps = []
-    for n in self.needed_ops:
+    for n in self.solution_order:
       node = self.nodes[n]
       a, b = node.args
       steps.append(Step(self.names[n], node.op, self.names[a], self.names[b], self.nodes[a].value,
@@ -320,9 +331,9 @@ class Problem:
     """The gold solution with one step's result made wrong and every later value recomputed from it, so the final
     answer follows from the error (a plausible wrong solution for preference pairs)."""
     values = {n: self.nodes[n].value for n in self.needed}
-    k = int(rng.integers(len(self.needed_ops)))
+    k = int(rng.integers(len(self.solution_order)))
     steps = []
-    for i, n in enumerate(self.needed_ops):
+    for i, n in enumerate(self.solution_order):
       node = self.nodes[n]
       a, b = node.args
       va, vb = values[a], values[b]
@@ -503,7 +514,7 @@ def _tell(cfg, rng, nodes, target, ctx_name, seed, split, index, pinned_op, pinn
                                     len(ctx.op_templates[nodes[i].op]))) for i in order)
   phrasing += (int(rng.integers(len(ctx.question_templates))),)
   return Problem(tuple(nodes), names, target, order, phrasing, ctx_name, cfg.surface, cfg.modulus, seed, split,
-                 index, pinned_op, pinned_context)
+                 index, pinned_op, pinned_context, cfg.order)
 
 
 # -- formats for every stage ----------------------------------------------------------------------------------------
