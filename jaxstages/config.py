@@ -103,6 +103,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
+      if node[leaf] is not None and not isinstance(node[leaf], str):
+        raise ConfigError(f"{path}={raw!r}: not a Python literal, and {path} holds a "
+                          f"{type(node[leaf]).__name__}, not a string") from None
       value = raw
     with node.ignore_type() if isinstance(node, ml_collections.ConfigDict) else contextlib.nullcontext():
       node[leaf] = value

@@ -198,21 +198,20 @@ def _vocab_size(tokenizer_vocab: int, multiple: int = 128) -> int:
 
 
 def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path):
-  """The stage's tokenizer: the configured folder, else the one beside `init_from`'s run, else this workdir's, else
-  one trained on the task world (and saved in the workdir, so later stages and resumes reuse it)."""
+  """The stage's tokenizer: the configured folder, else `init_from`'s, else this workdir's, else one trained on the
+  task world; saved in the workdir, so resumes, evaluation and later stages find it there."""
   candidates = [stage.tokenizer]
   if stage.init_from and not stage.init_from.startswith("hf:"):
     init = Path(stage.init_from)
     candidates += [init / "tokenizer", init.parent / "tokenizer"]
   candidates.append(workdir / "tokenizer")
-  for folder in candidates:
-    if folder and Path(folder).exists():
-      return load_tokenizer(folder)
-  if stage.tokenizer:
-    raise FileNotFoundError(f"stage.tokenizer {stage.tokenizer} does not exist")
-  tokenizer = task_tokenizer(data_cfg.task)
-  if jax.process_index() == 0:
-    tokenizer.save(workdir / "tokenizer")
+  tokenizer = next((load_tokenizer(f) for f in candidates if f and Path(f).exists()), None)
+  if tokenizer is None:
+    if stage.tokenizer:
+      raise FileNotFoundError(f"stage.tokenizer {stage.tokenizer} does not exist")
+    tokenizer = task_tokenizer(data_cfg.task)
+  if jax.process_index() == 0 and not (workdir / "tokenizer").exists():
+    tokenizer.save(workdir / "tokenizer")  # every stage's folder is self-contained
   return tokenizer
 
 

@@ -50,5 +50,7 @@ def test_command_line_overrides():
   assert base.steps == 10  # the original is untouched
   with pytest.raises(ConfigError, match=r"unknown key 'lrr' in config.optim \(did you mean 'lr'"):
     apply_overrides(base, ["optim.lrr=1"])
+  with pytest.raises(ConfigError, match="not a Python literal"):
+    apply_overrides(base, ["steps=dict(a=1)"])
   with pytest.raises(ConfigError, match="must look like"):
     apply_overrides(base, ["steps"])
