@@ -24,7 +24,7 @@ import dataclasses
 import re
 from functools import lru_cache
 
-from jaxstages.data.tasks import THINK_CLOSE, THINK_OPEN, Problem
+from jaxstages.data.tasks import THINK_CLOSE, THINK_OPEN, Problem, Step
 
 _ANSWER = re.compile(r"^[ \t]*answer[ \t]*:[ \t]*(-?\d+)", re.IGNORECASE | re.MULTILINE)
 
@@ -37,17 +37,6 @@ def extract_answer(completion: str) -> int | None:
   return int(match.group(1)) if match else None
 
 
-@dataclasses.dataclass(frozen=True)
-class ParsedStep:
-  target: str
-  op: str
-  a: str
-  b: str
-  va: int
-  vb: int
-  result: int
-
-
 @lru_cache(maxsize=None)
 def _step_pattern(op_words: tuple[tuple[str, str], ...]) -> tuple[re.Pattern, dict[str, str]]:
   words = {word: op for op, word in op_words}
@@ -58,14 +47,14 @@ def _step_pattern(op_words: tuple[tuple[str, str], ...]) -> tuple[re.Pattern, di
   return pattern, words
 
 
-def parse_steps(problem: Problem, completion: str) -> list[ParsedStep]:
+def parse_steps(problem: Problem, completion: str) -> list[Step]:
   """Every line of `completion` that has the shape of a solution step, in order."""
   pattern, words = _step_pattern(tuple(sorted(problem.ctx.op_words.items())))
   steps = []
   for line in completion.splitlines():
     m = pattern.match(line)
     if m and m["op"] == m["op2"]:
-      steps.append(ParsedStep(m["y"], words[m["op"]], m["a"], m["b"], int(m["va"]), int(m["vb"]), int(m["r"])))
+      steps.append(Step(m["y"], words[m["op"]], m["a"], m["b"], int(m["va"]), int(m["vb"]), int(m["r"])))
   return steps
 
 
