@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 from jaxstages.losses import make_loss_and_grad
+from jaxstages.metrics import progress
 from jaxstages.model import KVCache, create_model, model_config, param_count
 from jaxstages.model.hf import export_hf, import_hf
 from jaxstages.sharding import MeshConfig, initialize_distributed, make_mesh, shard_batch
@@ -100,7 +100,8 @@ def main(steps: int = 150, out_dir: str = "runs/smoke", batch_size: int = 16, se
   metrics = []
   start = time.time()
   with open(out / "metrics.jsonl", "w") as log:
-    for step in (bar := tqdm(range(1, steps + 1), desc="smoke train", disable=jax.process_index() != 0)):
+    bar = progress(steps, "smoke train")
+    for step in range(1, steps + 1):
       batch = shard_batch(counting_batch(rng, batch_size, cfg.vocab_size), mesh)
       loss, grads, grad_norm = loss_and_grad(params, batch)
       params, opt_state = apply(params, opt_state, grads)
@@ -109,6 +110,8 @@ def main(steps: int = 150, out_dir: str = "runs/smoke", batch_size: int = 16, se
         metrics.append(row)
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.3f}")
+      bar.update(1)
+  bar.close()
   model = nnx.merge(graphdef, params)
 
   starts = rng.integers(0, cfg.vocab_size, size=(8,))
