@@ -38,9 +38,14 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("params", "opt_state", "meta", "data"))
 
-  def save(self, state: TrainState, data_state: dict | None = None, force: bool = False) -> bool:
-    """Saves `state` at its step when the interval says so (or `force`). Returns whether a save started."""
-    step = int(state.step)
+  def save(self, state: TrainState, data_state: dict | None = None, force: bool = False,
+           step: int | None = None) -> bool:
+    """Saves `state` when `step` is a multiple of `save_every` (or `force`). Returns whether a save started.
+
+    `step` defaults to `state.step`; the train loop passes its own counter so that deciding not to save costs no
+    device-to-host transfer.
+    """
+    step = int(state.step) if step is None else step
     if not force and (step % self.save_every or step in self.manager.all_steps()):
       return False
     args = ocp.args.Composite(

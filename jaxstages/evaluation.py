@@ -19,9 +19,10 @@ from jaxstages.checkpoint import restore_params
 from jaxstages.data import tasks
 from jaxstages.data.pipeline import data_config
 from jaxstages.data.tokenizer import load_tokenizer
-from jaxstages.model import KVCache, Transformer, model_config
+from jaxstages.model import KVCache, Transformer
 from jaxstages.rewards import verify
 from jaxstages.sharding import make_mesh, param_shardings
+from jaxstages.train import stage_model_config
 
 
 def greedy_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new: int, eos_id: int) -> list[list[int]]:
@@ -76,10 +77,7 @@ def load_stage(run_dir: str | Path, step: int | None = None):
   run_dir = Path(run_dir)
   config = json.loads((run_dir / "config.json").read_text())
   tokenizer = load_tokenizer(run_dir / "tokenizer")
-  values = dict(config["model"])
-  if not values.get("vocab_size"):
-    values["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
-  cfg = model_config(values)
+  cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   graphdef, target = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   mesh = make_mesh()
   params = restore_params(run_dir / "checkpoints", target, param_shardings(target, mesh), step=step)

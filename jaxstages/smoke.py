@@ -2,9 +2,10 @@
 
 On whatever devices are present (one CPU here, every chip of a pod slice there) it
 1. builds the ~1M-parameter `toy` model sharded over a `(data, fsdp, tensor)` mesh,
-2. trains it with AdamW for a few hundred steps on packed rows of counting documents
+2. trains it with the shared train step (AdamW) for 150 steps on packed rows of counting documents
    (`s, s+1, s+2, ... mod vocab`, two documents per row, separated by segment ids),
-3. greedy-decodes continuations with the KV cache and checks them against uncached decoding and the rule,
+3. greedy-decodes continuations with the KV cache (`jaxstages.evaluation.greedy_decode`) and checks them against
+   uncached decoding and the rule,
 4. exports to HF safetensors and re-imports, checking the logits match.
 Metrics go to `OUT/metrics.jsonl`; a failed check exits non-zero.
 """
@@ -20,14 +21,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from jaxstages.losses import make_loss_and_grad
+from jaxstages.evaluation import greedy_decode
 from jaxstages.metrics import progress
-from jaxstages.model import KVCache, create_model, model_config, param_count
+from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import export_hf, import_hf
+from jaxstages.optim import OptimConfig, make_optimizer
 from jaxstages.sharding import MeshConfig, initialize_distributed, make_mesh, shard_batch
+from jaxstages.stages.lm import lm_loss
+from jaxstages.state import init_train_state
+from jaxstages.train import make_train_step
 
 DOC_LEN = 32
 
@@ -43,28 +47,6 @@ def counting_batch(rng: np.random.Generator, batch: int, vocab: int) -> dict[str
   return dict(tokens=tokens.astype(np.int32), targets=targets.astype(np.int32),
               loss_mask=np.ones_like(tokens, np.float32), segment_ids=segment_ids.astype(np.int32),
               positions=positions.astype(np.int32))
-
-
-def greedy_cached(model, prompt: jax.Array, new_tokens: int) -> jax.Array:
-  """Prefill + one-token decode steps through the KV cache. prompt `[batch, p]` -> `[batch, new_tokens]`."""
-
-  @jax.jit
-  def run(state, prompt):
-    model = nnx.merge(graphdef, state)
-    cache = KVCache.init(model.cfg, prompt.shape[0], prompt.shape[1] + new_tokens)
-    logits, cache = model(prompt, cache=cache)
-    token = jnp.argmax(logits[:, -1], -1)
-
-    def step(carry, _):
-      token, cache = carry
-      logits, cache = model(token[:, None], cache=cache)
-      return (jnp.argmax(logits[:, -1], -1), cache), token
-
-    _, out = jax.lax.scan(step, (token, cache), None, length=new_tokens)
-    return out.T
-
-  graphdef, state = nnx.split(model)
-  return run(state, prompt)
 
 
 def greedy_uncached(model, prompt: jax.Array, new_tokens: int) -> jax.Array:
@@ -87,14 +69,10 @@ def main(steps: int = 150, out_dir: str = "runs/smoke", batch_size: int = 16, se
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {dict(mesh.shape)}; "
         f"model toy ({param_count(cfg):,} params)")
 
-  model = create_model(cfg, seed, mesh)
-  loss_and_grad = make_loss_and_grad(model, mesh)
-  graphdef, params = nnx.split(model)
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.warmup_cosine_decay_schedule(
-      0.0, 3e-3, warmup_steps=steps // 10, decay_steps=steps, end_value=3e-4), weight_decay=0.01))
-  opt_state = jax.jit(optimizer.init)(params)
-  apply = jax.jit(lambda p, o, g: (lambda u, o: (optax.apply_updates(p, u), o))(*optimizer.update(g, o, p)),
-                  donate_argnums=(0, 1))
+  # the shared train step every stage uses, with the next-token loss of pre-training
+  optimizer, schedule = make_optimizer(OptimConfig(lr=3e-3, warmup_fraction=0.1, weight_decay=0.01), steps)
+  graphdef, state, shardings = init_train_state(create_model(cfg, seed, mesh), optimizer, mesh, seed)
+  train_step = make_train_step(graphdef, optimizer, lm_loss, mesh, shardings, schedule)
 
   rng = np.random.default_rng(seed)
   metrics = []
@@ -102,21 +80,20 @@ def main(steps: int = 150, out_dir: str = "runs/smoke", batch_size: int = 16, se
   with open(out / "metrics.jsonl", "w") as log:
     bar = progress(steps, "smoke train")
     for step in range(1, steps + 1):
-      batch = shard_batch(counting_batch(rng, batch_size, cfg.vocab_size), mesh)
-      loss, grads, grad_norm = loss_and_grad(params, batch)
-      params, opt_state = apply(params, opt_state, grads)
-      if step % 10 == 0 or step == 1:
-        row = {"step": step, "loss": float(loss), "grad_norm": float(grad_norm), "time_s": time.time() - start}
+      state, step_metrics = train_step(state, shard_batch(counting_batch(rng, batch_size, cfg.vocab_size), mesh))
+      if step % 10 == 0 or step == 1:  # the only host syncs
+        row = {"step": step, "loss": float(step_metrics["loss"]), "grad_norm": float(step_metrics["grad_norm"]),
+               "time_s": time.time() - start}
         metrics.append(row)
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.3f}")
       bar.update(1)
   bar.close()
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, state.params)
 
   starts = rng.integers(0, cfg.vocab_size, size=(8,))
   prompt = jnp.asarray((starts[:, None] + np.arange(4)) % cfg.vocab_size, jnp.int32)
-  cached = np.asarray(greedy_cached(model, prompt, 12))
+  cached = np.asarray(greedy_decode(model, np.asarray(prompt).tolist(), 12, eos_id=-1))
   uncached = np.asarray(greedy_uncached(model, prompt, 12))
   expected = (starts[:, None] + 4 + np.arange(12)) % cfg.vocab_size
   rule_accuracy = float((cached == expected).mean())

@@ -192,9 +192,29 @@ def peak_flops_per_device(configured: float | None) -> float | None:
 CONFIG_BLOCKS = ("stage", "model", "data", "optim", "mesh")
 
 
-def _vocab_size(tokenizer_vocab: int, multiple: int = 128) -> int:
+def vocab_size_for(tokenizer_vocab: int, multiple: int = 128) -> int:
   """Embedding rows: the tokenizer's vocabulary rounded up (aligned matmuls, room for added tokens)."""
   return -(-tokenizer_vocab // multiple) * multiple
+
+
+def stage_model_config(model_block: Mapping[str, Any], tokenizer_vocab: int):
+  """The `model` block as a `ModelConfig`; `vocab_size` 0 means the tokenizer's, rounded up."""
+  values = dict(model_block)
+  if not values.get("vocab_size"):
+    values["vocab_size"] = vocab_size_for(tokenizer_vocab)
+  cfg = model_config(values)
+  if cfg.vocab_size < tokenizer_vocab:
+    raise ConfigError(f"model vocab_size {cfg.vocab_size} < the tokenizer's {tokenizer_vocab}")
+  return cfg
+
+
+def _parse_blocks(config, devices):
+  """(config dict, StageConfig, mesh, rules, DataConfig): what both running and planning a stage start from."""
+  config = to_dict(config)
+  check_keys(config, CONFIG_BLOCKS, "training config")
+  stage = StageConfig.from_config(config.get("stage"))
+  mesh_cfg = MeshConfig.from_config(config.get("mesh"))
+  return config, stage, make_mesh(mesh_cfg, devices), mesh_cfg.rules, data_config(config["data"])
 
 
 def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path):
@@ -249,23 +269,13 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   call (tests); `devices` restricts the mesh (default: every device of every process)."""
   from jaxstages.stages import LOSSES
 
-  config = to_dict(config)
-  check_keys(config, CONFIG_BLOCKS, "training config")
   initialize_distributed()
+  config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
+  check_keys([stage.kind], LOSSES, "stage kinds")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  stage = StageConfig.from_config(config.get("stage"))
-  check_keys([stage.kind], LOSSES, "stage kinds")
-  mesh_cfg = MeshConfig.from_config(config.get("mesh"))
-  mesh, rules = make_mesh(mesh_cfg, devices), mesh_cfg.rules
-  data_cfg = data_config(config["data"])
   tokenizer = resolve_tokenizer(stage, data_cfg, workdir)
-  model_values = dict(config["model"])
-  if not model_values.get("vocab_size"):
-    model_values["vocab_size"] = _vocab_size(tokenizer.vocab_size)
-  model_cfg = model_config(model_values)
-  if model_cfg.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f"model vocab_size {model_cfg.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
+  model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   optim_cfg = OptimConfig.from_config(config.get("optim"))
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -311,7 +321,8 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
       bar.update(done - last_step)
       bar.set_postfix(loss=f"{row['loss']:.4f}")
       pending, last_time, last_step = [], now, done
-    checkpointer.save(state, data_iter.get_state())
+    if done % stage.checkpoint_every == 0:
+      checkpointer.save(state, data_iter.get_state(), step=done)
     if eval_cfg and stage.eval_every and done % stage.eval_every == 0 and done != stage.steps:
       writer.write(done, {"eval_loss": held_out_loss(eval_step, state.params, eval_cfg, tokenizer,
                                                      stage.eval_batches, mesh, rules)})
@@ -349,17 +360,9 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
   from jaxstages.stages import LOSSES
   from jaxstages.state import state_shardings
 
-  config = to_dict(config)
-  check_keys(config, CONFIG_BLOCKS, "training config")
-  stage = StageConfig.from_config(config.get("stage"))
-  mesh_cfg = MeshConfig.from_config(config.get("mesh"))
-  mesh, rules = make_mesh(mesh_cfg, devices), mesh_cfg.rules
-  data_cfg = data_config(config["data"])
-  model_values = dict(config["model"])
-  if not model_values.get("vocab_size"):
-    tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else task_tokenizer(data_cfg.task, n_samples=200)
-    model_values["vocab_size"] = _vocab_size(tokenizer.vocab_size)
-  model_cfg = model_config(model_values)
+  config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
+  tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else task_tokenizer(data_cfg.task, n_samples=200)
+  model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   optimizer, schedule = make_optimizer(OptimConfig.from_config(config.get("optim")), stage.steps)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, stage.seed)))
   abstract = TrainState(params, jax.eval_shape(optimizer.init, params), jax.ShapeDtypeStruct((), jnp.int32),
