@@ -124,6 +124,17 @@ class _ChatMixin:
     return ids, mask
 
 
+def _write_folder(folder: str | os.PathLike, model_file: str, model_bytes: bytes, kind: str,
+                  special_tokens: Mapping[str, str]) -> Path:
+  """Writes a tokenizer folder: the model file and `special_tokens.json` (which class reads it back, and its
+  special tokens)."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / model_file).write_bytes(model_bytes)
+  (folder / SPECIALS_FILE).write_text(json.dumps({"kind": kind, "special_tokens": special_tokens}, indent=2) + "\n")
+  return folder
+
+
 def _read_specials(folder: Path) -> dict:
   path = folder / SPECIALS_FILE
   return json.loads(path.read_text()) if path.exists() else {}
@@ -197,12 +208,7 @@ class Tokenizer(_ChatMixin):
 
   def save(self, folder: str | os.PathLike) -> Path:
     """Writes `tokenizer.model` and `special_tokens.json` into `folder` (created); returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MODEL_FILE).write_bytes(self.model_proto)
-    (folder / SPECIALS_FILE).write_text(json.dumps(
-        {"kind": "sentencepiece", "special_tokens": self.special_tokens}, indent=2) + "\n")
-    return folder
+    return _write_folder(folder, MODEL_FILE, self.model_proto, "sentencepiece", self.special_tokens)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -434,12 +440,7 @@ class HFTokenizer(_ChatMixin):
 
   def save(self, folder: str | os.PathLike) -> Path:
     """Writes `tokenizer.json` and `special_tokens.json` into `folder` (created); returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / HF_FILE).write_text(self.tokenizer_json)
-    (folder / SPECIALS_FILE).write_text(json.dumps({"kind": "hf", "special_tokens": self.special_tokens},
-                                                   indent=2) + "\n")
-    return folder
+    return _write_folder(folder, HF_FILE, self.tokenizer_json.encode("utf-8"), "hf", self.special_tokens)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "HFTokenizer":
