@@ -177,6 +177,8 @@ class TaskConfig:
   near_window: int = 3
   branch_prob: float = 0.25  # chance an operation starts a new branch instead of extending the chain
   eval_fraction: float = 0.1  # share of problem structures that belong to the eval split
+  phrasings: int | None = None  # use only each context's first k phrasings of a statement (None: all of them)
+  names: int | None = None  # draw quantity names from each context's first k names (None: the whole pool)
 
   def __post_init__(self):
     for key, allowed in (("surface", SURFACES), ("order", ("dependency", "shuffled")), ("reach", ("any", "near"))):
@@ -188,6 +190,9 @@ class TaskConfig:
       raise ConfigError(f"task op_range {self.op_range} must be (lo, hi) with 1 <= lo <= hi")
     if not 0 < self.eval_fraction < 1:
       raise ConfigError(f"eval_fraction {self.eval_fraction} must be in (0, 1)")
+    for key in ("phrasings", "names"):
+      if getattr(self, key) is not None and getattr(self, key) < 1:
+        raise ConfigError(f"task {key}={getattr(self, key)} must be None (all) or >= 1")
     object.__setattr__(self, "op_range", tuple(self.op_range))
     object.__setattr__(self, "mixture", parse_mixture(self.contexts, self.surface))
 
@@ -493,10 +498,11 @@ def generate(cfg: TaskConfig, seed: int, split: str, index: int, op: int | None 
 
 def _tell(cfg, rng, nodes, target, ctx_name, seed, split, index, pinned_op, pinned_context) -> Problem:
   ctx = SURFACES[cfg.surface][ctx_name]
-  if len(nodes) > len(ctx.names):
-    raise ConfigError(f"a problem with {len(nodes)} quantities needs more names than context {ctx_name!r} has "
-                      f"({len(ctx.names)}); lower op_range or distractors")
-  names = tuple(str(n) for n in rng.choice(ctx.names, size=len(nodes), replace=False))
+  pool = ctx.names[:cfg.names] if cfg.names else ctx.names
+  if len(nodes) > len(pool):
+    raise ConfigError(f"a problem with {len(nodes)} quantities needs more names than context {ctx_name!r} draws "
+                      f"from ({len(pool)}); lower op_range or distractors, or raise names")
+  names = tuple(str(n) for n in rng.choice(pool, size=len(nodes), replace=False))
   if cfg.order == "shuffled":
     order = tuple(int(i) for i in rng.permutation(len(nodes)))
   else:  # a random topological order: distractors interleave with the needed quantities
@@ -510,9 +516,13 @@ def _tell(cfg, rng, nodes, target, ctx_name, seed, split, index, pinned_op, pinn
       for deps in pending.values():
         deps.discard(pick)
     order = tuple(order)
-  phrasing = tuple(int(rng.integers(len(ctx.constant_templates) if nodes[i].kind == "const" else
-                                    len(ctx.op_templates[nodes[i].op]))) for i in order)
-  phrasing += (int(rng.integers(len(ctx.question_templates))),)
+
+  def pick(templates) -> int:
+    return int(rng.integers(min(len(templates), cfg.phrasings or len(templates))))
+
+  phrasing = tuple(pick(ctx.constant_templates if nodes[i].kind == "const" else ctx.op_templates[nodes[i].op])
+                   for i in order)
+  phrasing += (pick(ctx.question_templates),)
   return Problem(tuple(nodes), names, target, order, phrasing, ctx_name, cfg.surface, cfg.modulus, seed, split,
                  index, pinned_op, pinned_context, cfg.order)
 

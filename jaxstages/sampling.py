@@ -1,0 +1,236 @@
+"""The one sampler: jitted prefill + decode through the model's KV cache.
+
+RL rollouts, on-policy distillation and every evaluation run through `sample`. It takes the training model as it is
+(the same `nnx` state, the same sharding: nothing is copied or converted) and returns, per generated token, the
+log-prob under the distribution it was actually drawn from (tempered, top-k/top-p truncated) and under the untempered
+model, both float32, so an RL loss can use either as its importance-ratio denominator.
+
+Layout: `prompts` (B of them, ragged) are left-padded to a length bucket, prefilled **once**, and each prompt's cache
+is repeated into its `n` sample rows (row `i * n + j` is sample `j` of prompt `i`), so a GRPO group costs one prefill,
+not `n`. The decode loop is a `lax.while_loop` that stops as soon as every row has emitted a stop token, or after
+`max_new_tokens`. Shapes are static per (batch, prompt bucket, settings), so a training run compiles the sampler once.
+
+Randomness: row `r` draws its token at decode step `t` with `fold_in(fold_in(key(seed), r), t)`, so a sample depends
+only on (seed, row, step) and the logits: the same seed gives the same samples on 1 or 8 devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxstages.config import ConfigError, check_keys
+from jaxstages.model import KVCache, Transformer
+from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, constrain, data_parallel_size,
+                                use_mesh)
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample. `temperature=0` is greedy decoding; `top_k=0` and `top_p=1` switch truncation off."""
+
+  max_new_tokens: int = 128
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  n: int = 1  # samples per prompt (a GRPO group)
+  stop_tokens: tuple[int, ...] = ()  # a row stops after emitting one of these (the stop token is kept and masked in)
+  cache_dtype: str | None = None  # e.g. "bfloat16"; None: the model's compute dtype
+  prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS  # prompts are left-padded to the smallest bucket that fits
+  pad_id: int = 0  # written after a row has stopped (its mask is 0 there)
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1 or self.n < 1:
+      raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) and n ({self.n}) must be >= 1")
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+      raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={self.temperature}, "
+                        f"top_p={self.top_p}, top_k={self.top_k}")
+    object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+    object.__setattr__(self, "prompt_buckets", tuple(sorted(int(b) for b in self.prompt_buckets)))
+
+  @classmethod
+  def from_config(cls, config=None, **overrides) -> "SamplingConfig":
+    values = dict(config or {}, **overrides)
+    check_keys(values, {f.name for f in dataclasses.fields(cls)}, "sampling config")
+    return cls(**values)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Samples:
+  """What `sample` returns; `rows = prompts * n`, row `i * n + j` is sample `j` of prompt `i`.
+
+  tokens          `[rows, max_new]` int32, `pad_id` after a row's stop token
+  logprobs        `[rows, max_new]` float32, log-prob of each token under the distribution it was drawn from
+                  (tempered and truncated; 0 for greedy decoding, a point mass)
+  model_logprobs  `[rows, max_new]` float32, log-prob under the untempered, untruncated model
+  mask            `[rows, max_new]` float32, 1 for generated tokens (the stop token included), 0 after
+  lengths         `[rows]` int32, generated tokens per row (the stop token included)
+  """
+
+  tokens: jax.Array
+  logprobs: jax.Array
+  model_logprobs: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+
+  def completions(self) -> list[list[int]]:
+    """Per row, the generated tokens up to and including its stop token (host lists)."""
+    tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+    return [row[:n].tolist() for row, n in zip(tokens, lengths)]
+
+
+def prompt_bucket(length: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if b >= length:
+      return b
+  raise ConfigError(f"a prompt of {length} tokens is longer than the largest prompt bucket ({max(buckets)}); "
+                    f"add a bigger bucket to SamplingConfig.prompt_buckets")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """`tokens`, `positions`, `segment_ids`, all `[len(prompts), width]`: each prompt right-aligned, padding slots with
+  segment 0 (invisible) and positions counting from 0 at each prompt's first token."""
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  segments = np.zeros_like(tokens)
+  positions = np.zeros_like(tokens)
+  for i, p in enumerate(prompts):
+    if not 0 < len(p) <= width:
+      raise ConfigError(f"prompt {i} has {len(p)} tokens; prompts need 1..{width} tokens")
+    tokens[i, width - len(p):] = p
+    segments[i, width - len(p):] = 1
+    positions[i, width - len(p):] = np.arange(len(p))
+  return dict(tokens=tokens, positions=positions, segment_ids=segments)
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One token per row from float32 `logits [rows, vocab]` with per-row `keys [rows]`.
+  Returns (tokens, log-prob under the sampled-from distribution, log-prob under the untempered model), each `[rows]`."""
+  logits = logits.astype(jnp.float32)
+  model_lp = jax.nn.log_softmax(logits, axis=-1)
+  if cfg.temperature == 0:
+    tokens = jnp.argmax(logits, axis=-1)
+    sampled_lp = jnp.zeros(tokens.shape, jnp.float32)
+  else:
+    x = truncate_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    tokens = jax.vmap(jax.random.categorical)(keys, x)
+    sampled_lp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  return tokens.astype(jnp.int32), sampled_lp, jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]
+
+
+def truncate_logits(x: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Top-k then top-p (nucleus) truncation of `x [rows, vocab]`: dropped entries become -inf. Top-p keeps the
+  smallest set of most likely tokens whose probability reaches `top_p` (ties at the threshold are all kept)."""
+  if top_k and top_k < x.shape[-1]:
+    kth = jax.lax.top_k(x, top_k)[0][:, -1:]
+    x = jnp.where(x >= kth, x, -jnp.inf)
+  if top_p < 1.0:
+    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above each one
+    keep = before < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x >= threshold, x, -jnp.inf)
+  return x
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "rules"))
+def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, state: nnx.State, tokens: jax.Array,
+              positions: jax.Array, segment_ids: jax.Array, row_keys: jax.Array) -> Samples:
+  model = nnx.merge(graphdef, state)
+  mcfg = model.cfg
+  b, width = tokens.shape
+  rows, max_new = b * cfg.n, cfg.max_new_tokens
+  cache_axes = KVCache.logical_axes(mcfg)
+  constrain_cache = lambda c: jax.tree.map(constrain, c, cache_axes, is_leaf=lambda x: isinstance(x, jax.Array))
+
+  cache = constrain_cache(KVCache.init(mcfg, b, width + max_new, cfg.cache_dtype))
+  logits, cache = model(tokens, positions, segment_ids, cache)  # prefill: once per prompt
+  # each prompt's cache and last logits go to its n sample rows
+  cache = constrain_cache(jax.tree.map(lambda x: jnp.repeat(x, cfg.n, axis=0), cache))
+  last_logits = constrain(jnp.repeat(logits[:, -1], cfg.n, axis=0), ("batch", "act_vocab"))
+  next_pos = jnp.repeat(positions[:, -1] + 1, cfg.n, axis=0)
+  stops = jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32)
+
+  def cond(carry):
+    step, done = carry[0], carry[2]
+    return (step < max_new) & ~jnp.all(done)
+
+  def body(carry):
+    step, logits, done, pos, cache, out = carry
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+    token, lp, model_lp = choose_tokens(logits, step_keys, cfg)
+    live = ~done
+    token = jnp.where(live, token, cfg.pad_id)
+    out = dict(tokens=out["tokens"].at[:, step].set(token),
+               logprobs=out["logprobs"].at[:, step].set(jnp.where(live, lp, 0.0)),
+               model_logprobs=out["model_logprobs"].at[:, step].set(jnp.where(live, model_lp, 0.0)),
+               mask=out["mask"].at[:, step].set(live.astype(jnp.float32)))
+    done = done | jnp.isin(token, stops)
+    logits, cache = model(token[:, None], pos[:, None], jnp.ones((rows, 1), jnp.int32), cache)
+    return step + 1, constrain(logits[:, -1], ("batch", "act_vocab")), done, pos + 1, constrain_cache(cache), out
+
+  out = dict(tokens=jnp.full((rows, max_new), cfg.pad_id, jnp.int32),
+             logprobs=jnp.zeros((rows, max_new), jnp.float32),
+             model_logprobs=jnp.zeros((rows, max_new), jnp.float32),
+             mask=jnp.zeros((rows, max_new), jnp.float32))
+  out = jax.tree.map(lambda x: constrain(x, ("batch", None)), out)
+  carry = (jnp.int32(0), last_logits, jnp.zeros((rows,), bool), next_pos, cache, out)
+  out = jax.lax.while_loop(cond, body, carry)[-1]
+  return Samples(**out, lengths=out["mask"].sum(-1).astype(jnp.int32))
+
+
+def sample(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, seed: int | jax.Array = 0,
+           mesh: jax.sharding.Mesh | None = None, rules: LogicalRules = DEFAULT_RULES) -> Samples:
+  """`cfg.n` completions of each prompt (token lists, ragged). With a `mesh`, rows are sharded over its data axes
+  and the model's params are used in the sharding they already have; `seed` is an int or a `jax.random` key."""
+  if not prompts:
+    raise ConfigError("sample() needs at least one prompt")
+  width = prompt_bucket(max(len(p) for p in prompts), cfg.prompt_buckets)
+  batch = left_pad(prompts, width, cfg.pad_id)
+  base = jax.random.key(seed) if isinstance(seed, int) else seed
+  row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(len(prompts) * cfg.n))
+  graphdef, state = nnx.split(model)
+  if mesh is None:
+    return _generate(graphdef, cfg, tuple(rules), state, *(jnp.asarray(batch[k]) for k in
+                                                           ("tokens", "positions", "segment_ids")), row_keys)
+  dp = data_parallel_size(mesh, rules)
+  if len(prompts) % dp:
+    raise ConfigError(f"{len(prompts)} prompts do not split over the {dp} data-parallel shards of mesh "
+                      f"{dict(mesh.shape)}; pass a multiple of {dp} prompts")
+  with use_mesh(mesh, rules):
+    put = lambda x: jax.device_put(x, batch_sharding(mesh, rules, np.ndim(x)))
+    arrays = [put(batch[k]) for k in ("tokens", "positions", "segment_ids")]
+    return _generate(graphdef, cfg, tuple(rules), state, *arrays, put(row_keys))
+
+
+def sequence_log_probs(model: Transformer, prompts: Sequence[Sequence[int]], samples: Samples, n: int) -> jax.Array:
+  """Teacher-forced float32 log-probs of the sampled tokens (`[rows, max_new]`, 0 where masked): one full forward
+  over prompt + completion per row, no cache. The reference the sampler's `model_logprobs` must equal."""
+  tokens = np.asarray(samples.tokens)
+  rows, max_new = tokens.shape
+  width = max(len(p) for p in prompts)
+  # every row's prompt ends at column `width - 1` and its completion follows
+  seqs = np.zeros((rows, width + max_new), np.int32)
+  pos = np.zeros_like(seqs)
+  seg = np.zeros_like(seqs)
+  for r in range(rows):
+    p = list(prompts[r // n])
+    seqs[r, width - len(p):width] = p
+    seqs[r, width:] = tokens[r]
+    seg[r, width - len(p):] = 1
+    pos[r, width - len(p):] = np.arange(len(p) + max_new)
+  logits, _ = model(jnp.asarray(seqs), jnp.asarray(pos), jnp.asarray(seg))
+  lp = jax.nn.log_softmax(logits[:, width - 1:-1].astype(jnp.float32), axis=-1)
+  chex.assert_shape(lp, (rows, max_new, None))
+  picked = jnp.take_along_axis(lp, jnp.asarray(tokens)[..., None], axis=-1)[..., 0]
+  return picked * samples.mask
