@@ -3,7 +3,8 @@
   jaxstages smoke                                  the model's end-to-end smoke run (CPU-sized)
   jaxstages train --config C --workdir D [--config.KEY=VALUE ...]   train one stage (resumable)
   jaxstages plan --config C                        parameters, FLOPs and compiled memory of a stage
-  jaxstages eval RUN_DIR --ops 2,3,4               strict greedy accuracy by op
+  jaxstages eval RUN_DIR --ops 1,2,3 --n 8 --k 1,8   pass@k / maj@k by op and context
+  jaxstages sample --checkpoint RUN_DIR             look at samples
   jaxstages data show --config C --n 5             decoded examples of a data pipeline, loss mask visible
   jaxstages convert import HF_DIR OUT_DIR          HF safetensors checkpoint -> jaxstages params folder
   jaxstages convert export PARAMS_DIR HF_DIR       jaxstages params folder -> HF safetensors checkpoint
@@ -84,12 +85,55 @@ def _plan(args: argparse.Namespace) -> None:
         f"(aliased {mib(mem['alias'])}), temporaries {mib(mem['temp'])}; peak ~{mib(mem['peak_estimate'])}")
 
 
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in text.split(",") if x)
+
+
 def _eval(args: argparse.Namespace) -> None:
-  import json
+  from jaxstages.evaluation import EvalConfig, evaluate_run, markdown_table
 
-  from jaxstages.evaluation import evaluate_run
+  cfg = EvalConfig(ops=_ints(args.ops), contexts=tuple(args.contexts.split(",")) if args.contexts else None,
+                   problems=args.problems, n=args.n, ks=_ints(args.k) if args.k else (1,),
+                   temperature=args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0),
+                   top_p=args.top_p, prompt=args.prompt,
+                   think={"on": True, "off": False, "none": None}[args.think], seed=args.seed)
+  result = evaluate_run(args.run, cfg, step=args.step, out_dir=args.out)
+  print(markdown_table(result))
+  print(f"written to {args.out or args.run.rstrip('/') + '/eval'}/eval.json and eval.md")
 
-  print(json.dumps(evaluate_run(args.run, [int(o) for o in args.ops.split(",")], args.n, args.context), indent=2))
+
+def _sample(args: argparse.Namespace) -> None:
+  from jaxstages.data import tasks
+  from jaxstages.evaluation import load_stage
+  from jaxstages.sampling import SamplingConfig, sample
+
+  model, tokenizer, config = load_stage(args.checkpoint, args.step)
+  if args.prompt is None:  # an eval-split problem of the run's task world
+    from jaxstages.data.pipeline import data_config
+    task_cfg = data_config(config["data"]).task
+    problem = tasks.eval_set(task_cfg, op=args.op, context=args.context or task_cfg.mixture[0].context, n=1,
+                             seed=args.seed)[0]
+    text = problem.text() + "\n"
+    print(f"problem (op {problem.op}, gold answer {problem.answer}):\n{text}")
+  else:
+    problem, text = None, args.prompt.replace("\\n", "\n")
+  if args.chat:
+    ids = tokenizer.encode_chat([{"role": "user", "content": text.rstrip()}], add_generation_prompt=True)[0]
+  else:
+    ids = tokenizer.encode(text)
+  stops = tuple(i for i in (tokenizer.eos_id, getattr(tokenizer, "im_end_id", None)) if i is not None and i >= 0)
+  cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, n=args.n, stop_tokens=stops)
+  out = sample(model, [ids], cfg, seed=args.seed)
+  for j, toks in enumerate(out.completions()):
+    completion = tokenizer.decode([t for t in toks if t not in stops])
+    lp = float(out.logprobs[j].sum())
+    line = f"--- sample {j} ({len(toks)} tokens, log-prob {lp:.2f})"
+    if problem is not None:
+      from jaxstages.rewards import verify
+      v = verify(problem, completion)
+      line += f", answer {v.answer}, strict {'correct' if v.strict_correct else 'wrong'}"
+    print(line + " ---\n" + completion)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,12 +174,37 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--workdir", required=True, help="the stage's folder: checkpoints, metrics, tokenizer")
     p.set_defaults(func=func)
 
-  p = sub.add_parser("eval", help="strict greedy accuracy by op of a trained stage (minimal; pass@k comes later)")
+  p = sub.add_parser("eval", help="pass@k, maj@k and lengths by op and context of a trained stage")
   p.add_argument("run", help="a stage's workdir")
-  p.add_argument("--ops", default="2,3,4,5,6")
-  p.add_argument("--n", type=int, default=32, help="eval-split problems per op")
-  p.add_argument("--context", default=None, help="default: the run's first context")
+  p.add_argument("--ops", default="1,2,3,4,5,6")
+  p.add_argument("--contexts", default=None, help="comma-separated; default: the contexts of the run's task mixture")
+  p.add_argument("--problems", type=int, default=64, help="eval-split problems per (op, context) cell")
+  p.add_argument("--n", type=int, default=1, help="samples per problem")
+  p.add_argument("--k", default=None, help="pass@k for these k (comma-separated, each <= n); default 1")
+  p.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for n=1, else 1")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--prompt", default="document", choices=["document", "chat"],
+                 help="document: problem text + newline (pre-trained bases); chat: the user turn (SFT/RL models)")
+  p.add_argument("--think", default="none", choices=["on", "off", "none"], help="chat prompts: /think, /no_think")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step; default: the latest")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="folder for eval.json / eval.md; default RUN/eval")
   p.set_defaults(func=_eval)
+
+  p = sub.add_parser("sample", help="print samples of a trained stage for a prompt (or an eval problem)")
+  p.add_argument("--checkpoint", required=True, help="a stage's workdir")
+  p.add_argument("--step", type=int, default=None)
+  p.add_argument("--prompt", default=None, help="text (\\n for newlines); default: an eval problem at --op")
+  p.add_argument("--op", type=int, default=2)
+  p.add_argument("--context", default=None)
+  p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+  p.add_argument("--n", type=int, default=1)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(func=_sample)
   return parser
 
 

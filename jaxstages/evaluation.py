@@ -1,91 +1,204 @@
-"""Evaluation of trained stages (minimal for now: strict greedy accuracy by op).
+"""Evaluation: n samples per problem through the one sampler, strictly verified, reported as pass@k (the unbiased
+estimator of Chen et al. 2021), maj@k and mean length, broken down by difficulty (op) and context.
 
-The batched sampler with temperature, top-k/p, n samples per prompt and pass@k/maj@k replaces `greedy_decode` here
-when it lands; the strict verifier (`jaxstages.rewards.verify`) is already the one every metric is reported under.
+Every metric is under **strict** correctness (`jaxstages.rewards.verify`: right answer and every step right) except
+`answer@1` (right final answer, steps unchecked) and maj@k (the majority final answer of k samples is right), so a
+table shows both what a model gets right and how often it gets there by a wrong route.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxstages.checkpoint import restore_params
+from jaxstages.config import ConfigError, check_keys
 from jaxstages.data import tasks
 from jaxstages.data.pipeline import data_config
 from jaxstages.data.tokenizer import load_tokenizer
-from jaxstages.model import KVCache, Transformer
+from jaxstages.metrics import progress
+from jaxstages.model import Transformer
 from jaxstages.rewards import verify
+from jaxstages.sampling import SamplingConfig, sample
 from jaxstages.sharding import make_mesh, param_shardings
 from jaxstages.train import stage_model_config
 
 
-def greedy_decode(model: Transformer, prompts: Sequence[Sequence[int]], max_new: int, eos_id: int) -> list[list[int]]:
-  """Greedy continuations through the KV cache, stopped at `eos_id` (excluded). Prompts are left-padded: padding
-  slots carry segment id 0 so nothing attends to them, and each row's positions start at 0 at its first token."""
-  width = max(len(p) for p in prompts)
-  tokens = np.zeros((len(prompts), width), np.int32)
-  segments = np.zeros_like(tokens)
-  positions = np.zeros_like(tokens)
-  for i, p in enumerate(prompts):
-    tokens[i, width - len(p):] = p
-    segments[i, width - len(p):] = 1
-    positions[i, width - len(p):] = np.arange(len(p))
-  graphdef, state = nnx.split(model)
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k from `n` samples of which `c` are correct: 1 - C(n-c, k) / C(n, k), computed as a stable
+  product (Chen et al. 2021)."""
+  if not 0 <= c <= n or not 1 <= k <= n:
+    raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+  if n - c < k:
+    return 1.0
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
-  @jax.jit
-  def run(state, tokens, segments, positions):
-    model = nnx.merge(graphdef, state)
-    cache = KVCache.init(model.cfg, tokens.shape[0], tokens.shape[1] + max_new)
-    logits, cache = model(tokens, positions, segments, cache)
 
-    def step(carry, _):
-      token, pos, cache = carry
-      logits, cache = model(token[:, None], pos[:, None], jnp.ones_like(token)[:, None], cache)
-      return (jnp.argmax(logits[:, -1], -1), pos + 1, cache), token
+def majority_correct(answers: Sequence[int | None], gold: int) -> bool:
+  """Whether the most frequent final answer (unparseable ones do not vote; ties go to the answer seen first) is
+  `gold`."""
+  votes = Counter(a for a in answers if a is not None)
+  if not votes:
+    return False
+  top = max(votes.values())
+  return next(a for a in answers if a is not None and votes[a] == top) == gold
 
-    carry = (jnp.argmax(logits[:, -1], -1), positions[:, -1] + 1, cache)
-    return jax.lax.scan(step, carry, None, length=max_new)[1].T
 
-  out = []
-  for row in np.asarray(run(state, tokens, segments, positions)).tolist():
-    out.append(row[:row.index(eos_id)] if eos_id in row else row)
-  return out
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate: `problems` eval-split problems per (op, context) cell, `n` samples each."""
+
+  ops: tuple[int, ...] = (1, 2, 3, 4)
+  contexts: tuple[str, ...] | None = None  # None: the contexts of the task's mixture
+  problems: int = 64
+  n: int = 1
+  ks: tuple[int, ...] = (1,)
+  temperature: float = 0.0  # greedy when n == 1; set e.g. 1.0 for pass@k with n > 1
+  top_k: int = 0
+  top_p: float = 1.0
+  prompt: str = "document"  # "document": problem text + newline (a pre-trained base); "chat": the user turn
+  think: bool | None = None  # with prompt="chat": the /think or /no_think flag, or neither
+  max_new_tokens: int | None = None  # None: enough for the gold solution of the cell's op, with slack
+  batch_size: int = 64  # prompts per sampler call
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.prompt not in ("document", "chat"):
+      raise ConfigError(f"eval prompt={self.prompt!r} is not one of ['document', 'chat']")
+    if any(k > self.n for k in self.ks):
+      raise ConfigError(f"pass@k needs k <= n samples per problem; got ks={self.ks}, n={self.n}")
+    if self.n > 1 and self.temperature == 0:
+      raise ConfigError(f"n={self.n} greedy samples would all be the same; set temperature > 0")
+
+  @classmethod
+  def from_config(cls, config=None, **overrides) -> "EvalConfig":
+    values = dict(config or {}, **overrides)
+    check_keys(values, {f.name for f in dataclasses.fields(cls)}, "eval config")
+    for key in ("ops", "ks", "contexts"):
+      if values.get(key) is not None:
+        values[key] = tuple(values[key])
+    return cls(**values)
+
+
+def eval_prompt(problem: tasks.Problem, tokenizer, cfg: EvalConfig) -> list[int]:
+  if cfg.prompt == "document":
+    return tokenizer.encode(problem.text() + "\n")
+  return tokenizer.encode_chat(tasks.rl_prompt(problem, cfg.think)["messages"], add_generation_prompt=True)[0]
+
+
+def _stop_tokens(tokenizer, cfg: EvalConfig) -> tuple[int, ...]:
+  ids = [tokenizer.eos_id] + ([tokenizer.im_end_id] if cfg.prompt == "chat" else [])
+  return tuple(int(i) for i in ids if i is not None and i >= 0)
+
+
+def _strip_stop(tokens: list[int], stops: tuple[int, ...]) -> list[int]:
+  return tokens[:-1] if tokens and tokens[-1] in stops else tokens
+
+
+def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: EvalConfig, mesh=None,
+             show_progress: bool = True) -> dict:
+  """Samples, verifies and scores every (op, context) cell. Returns `{"cells": [...], "config": ...}`; each cell has
+  `op`, `context`, `problems`, `samples`, `pass@k` for each k, `maj@n`, `answer@1`, `mean_length` (tokens)."""
+  contexts = cfg.contexts or tuple(dict.fromkeys(m.context for m in task_cfg.mixture))
+  stops = _stop_tokens(tokenizer, cfg)
+  cells = []
+  bar = progress(len(cfg.ops) * len(contexts) * cfg.problems, "eval") if show_progress else None
+  for context in contexts:
+    for op in cfg.ops:
+      problems = tasks.eval_set(task_cfg, op=op, context=context, n=cfg.problems, seed=cfg.seed)
+      scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens or (16 * op + 16) * (2 if task_cfg.surface == "story"
+                                                                                   else 1),
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n,
+                            stop_tokens=stops)
+      strict, answers, lengths = [], [], []
+      for start in range(0, len(problems), cfg.batch_size):
+        chunk = problems[start:start + cfg.batch_size]
+        prompts = [eval_prompt(p, tokenizer, cfg) for p in chunk]
+        padded = prompts + [prompts[-1]] * (-len(prompts) % _data_shards(mesh))
+        out = sample(model, padded, scfg, seed=cfg.seed * 1_000_003 + op * 1009 + start, mesh=mesh)
+        completions = out.completions()[:len(chunk) * cfg.n]
+        for i, toks in enumerate(completions):
+          verdict = verify(chunk[i // cfg.n], tokenizer.decode(_strip_stop(toks, stops)))
+          strict.append(verdict.strict_correct)
+          answers.append(verdict.answer)
+          lengths.append(len(toks))
+        if bar is not None:
+          bar.update(len(chunk))
+      strict = np.asarray(strict).reshape(len(problems), cfg.n)
+      cell = {"op": op, "context": context, "problems": len(problems), "samples": cfg.n}
+      for k in cfg.ks:
+        cell[f"pass@{k}"] = float(np.mean([pass_at_k(cfg.n, int(c), k) for c in strict.sum(1)]))
+      cell[f"maj@{cfg.n}"] = float(np.mean([majority_correct(answers[i * cfg.n:(i + 1) * cfg.n], p.answer)
+                                            for i, p in enumerate(problems)]))
+      cell["answer@1"] = float(np.mean([a == problems[i // cfg.n].answer for i, a in enumerate(answers)]))
+      cell["mean_length"] = float(np.mean(lengths))
+      cells.append(cell)
+  if bar is not None:
+    bar.close()
+  return {"config": dataclasses.asdict(cfg), "cells": cells}
+
+
+def _data_shards(mesh) -> int:
+  if mesh is None:
+    return 1
+  from jaxstages.sharding import data_parallel_size
+  return data_parallel_size(mesh)
+
+
+def markdown_table(result: dict) -> str:
+  """One row per context, one column per (metric, op): pass@k for each k, then maj@n and answer@1."""
+  cells = result["cells"]
+  ops = sorted({c["op"] for c in cells})
+  metrics = [m for m in cells[0] if m.startswith(("pass@", "maj@"))] + ["answer@1", "mean_length"]
+  by = {(c["context"], c["op"]): c for c in cells}
+  lines = ["| context | metric | " + " | ".join(f"op {o}" for o in ops) + " |",
+           "| --- | --- |" + " ---: |" * len(ops)]
+  for context in dict.fromkeys(c["context"] for c in cells):
+    for m in metrics:
+      fmt = (lambda v: f"{v:.1f}") if m == "mean_length" else (lambda v: f"{v:.1%}")
+      lines.append(f"| {context} | {m} | " + " | ".join(fmt(by[(context, o)][m]) if (context, o) in by else "—"
+                                                        for o in ops) + " |")
+  return "\n".join(lines)
 
 
 def strict_accuracy(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, ops: Sequence[int], n: int,
                     context: str | None = None) -> dict[int, float]:
-  """Share of `n` eval-split problems per op whose greedy completion is strictly correct (answer and every step).
-  The prompt is the problem text and a newline, as in pre-training documents."""
+  """Strict greedy accuracy by op on `n` eval-split problems per op of one context (the task's first by default)."""
   context = context or task_cfg.mixture[0].context
-  acc = {}
-  for op in ops:
-    problems = tasks.eval_set(task_cfg, op=op, context=context, n=n)
-    prompts = [tokenizer.encode(p.text() + "\n") for p in problems]
-    completions = greedy_decode(model, prompts, max_new=14 * op + 12, eos_id=tokenizer.eos_id)
-    acc[op] = float(np.mean([verify(p, tokenizer.decode(c)).strict_correct for p, c in zip(problems, completions)]))
-  return acc
+  result = evaluate(model, tokenizer, task_cfg, EvalConfig(ops=tuple(ops), contexts=(context,), problems=n),
+                    show_progress=False)
+  return {c["op"]: c["pass@1"] for c in result["cells"]}
 
 
-def load_stage(run_dir: str | Path, step: int | None = None):
-  """(model, tokenizer, config) of a stage's workdir, params from its latest (or `step`) checkpoint."""
+def load_stage(run_dir: str | Path, step: int | None = None, mesh=None):
+  """(model, tokenizer, config) of a stage's workdir, params from its latest (or `step`) checkpoint, placed on
+  `mesh` (default: every device, data-parallel)."""
   run_dir = Path(run_dir)
   config = json.loads((run_dir / "config.json").read_text())
   tokenizer = load_tokenizer(run_dir / "tokenizer")
   cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   graphdef, target = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-  mesh = make_mesh()
+  mesh = mesh or make_mesh()
   params = restore_params(run_dir / "checkpoints", target, param_shardings(target, mesh), step=step)
   return nnx.merge(graphdef, params), tokenizer, config
 
 
-def evaluate_run(run_dir: str | Path, ops: Sequence[int], n: int, context: str | None = None,
-                 step: int | None = None) -> dict:
-  model, tokenizer, config = load_stage(run_dir, step)
+def evaluate_run(run_dir: str | Path, cfg: EvalConfig, step: int | None = None, out_dir: str | Path | None = None,
+                 mesh=None) -> dict:
+  """Evaluates a stage's checkpoint; writes `eval.json` and `eval.md` into `out_dir` (default: `run_dir/eval`)."""
+  mesh = mesh or make_mesh()
+  model, tokenizer, config = load_stage(run_dir, step, mesh)
   task_cfg = data_config(config["data"]).task
-  return {"strict_greedy_accuracy": strict_accuracy(model, tokenizer, task_cfg, ops, n, context)}
+  result = evaluate(model, tokenizer, task_cfg, cfg, mesh=mesh)
+  result["run"], result["step"] = str(run_dir), step
+  out = Path(out_dir or Path(run_dir) / "eval")
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "eval.json").write_text(json.dumps(result, indent=2))
+  (out / "eval.md").write_text(markdown_table(result) + "\n")
+  return result

@@ -4,7 +4,7 @@ On whatever devices are present (one CPU here, every chip of a pod slice there) 
 1. builds the ~1M-parameter `toy` model sharded over a `(data, fsdp, tensor)` mesh,
 2. trains it with the shared train step (AdamW) for 150 steps on packed rows of counting documents
    (`s, s+1, s+2, ... mod vocab`, two documents per row, separated by segment ids),
-3. greedy-decodes continuations with the KV cache (`jaxstages.evaluation.greedy_decode`) and checks them against
+3. greedy-decodes continuations with the KV cache (`jaxstages.sampling.sample`) and checks them against
    uncached decoding and the rule,
 4. exports to HF safetensors and re-imports, checking the logits match.
 Metrics go to `OUT/metrics.jsonl`; a failed check exits non-zero.
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxstages.evaluation import greedy_decode
+from jaxstages.sampling import SamplingConfig, sample
 from jaxstages.metrics import progress
 from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import export_hf, import_hf
@@ -93,7 +93,7 @@ def main(steps: int = 150, out_dir: str = "runs/smoke", batch_size: int = 16, se
 
   starts = rng.integers(0, cfg.vocab_size, size=(8,))
   prompt = jnp.asarray((starts[:, None] + np.arange(4)) % cfg.vocab_size, jnp.int32)
-  cached = np.asarray(greedy_decode(model, np.asarray(prompt).tolist(), 12, eos_id=-1))
+  cached = np.asarray(sample(model, np.asarray(prompt).tolist(), SamplingConfig(max_new_tokens=12, temperature=0.0)).tokens)
   uncached = np.asarray(greedy_uncached(model, prompt, 12))
   expected = (starts[:, None] + 4 + np.arange(12)) % cfg.vocab_size
   rule_accuracy = float((cached == expected).mean())
