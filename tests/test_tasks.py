@@ -141,6 +141,22 @@ def test_every_template_of_every_context_appears(surface, contexts):
       assert used[(name, "op", op)] == set(range(len(ctx.op_templates[op])))
 
 
+def test_phrasings_and_names_knobs_narrow_the_surface_only():
+  wide = TaskConfig(contexts="pqr-uniform", op_range=(2, 5), distractors=(1, 2))
+  narrow = wide.replace(phrasings=1, names=12)
+  for i in range(200):
+    p, q = generate(wide, 0, "train", i), generate(narrow, 0, "train", i)
+    assert set(q.phrasing) == {0}
+    pool = SYMBOLIC_CONTEXTS[q.context].names[:12]
+    assert set(q.names) <= set(pool)
+    # the same computation, only told differently
+    assert (p.nodes, p.target, p.answer) == (q.nodes, q.target, q.answer)
+  with pytest.raises(ConfigError, match="names"):
+    generate(wide.replace(names=3, op_range=(4, 4)), 0, "train", 0)
+  with pytest.raises(ConfigError, match="phrasings"):
+    wide.replace(phrasings=0)
+
+
 def test_symbolic_contexts_use_disjoint_names_and_operators():
   contexts = list(SYMBOLIC_CONTEXTS.values())
   for i, a in enumerate(contexts):

@@ -1,0 +1,149 @@
+"""Generated tokens/s of the sampler (`jaxstages.sampling.sample`) next to the same model decoded without a KV cache
+and HF transformers `generate` on the same weights, for several batch sizes in one run; then what sharing one
+prefill across a GRPO group saves against prefilling n copies of the prompt.
+
+  python benchmarks/sampling_throughput.py [--model toy] [--batches 1,16,128] [--prompt-len 64] [--new 64]
+
+Every decoder generates exactly `--new` tokens per row greedily (no stop tokens), so all three do the same work.
+Compile time is reported apart from the timed (warm) calls. Prints Markdown for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxstages.model import create_model, model_config, param_count
+from jaxstages.model.hf import export_hf
+from jaxstages.sampling import SamplingConfig, sample
+
+
+def timed(fn, repeats: int) -> float:
+  """Median seconds per call over `repeats` warm calls."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def first_call(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def uncached_decoder(model, batch: int, prompt_len: int, new: int):
+  """Greedy decoding with a full forward over the whole (fixed-size, right-padded) sequence at every step, jitted
+  once: the same model without a cache."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, prompt):
+    model = nnx.merge(graphdef, state)
+    seq = jnp.zeros((batch, prompt_len + new), jnp.int32).at[:, :prompt_len].set(prompt)
+
+    def step(t, seq):
+      logits, _ = model(seq)
+      nxt = jnp.argmax(logits[:, prompt_len + t - 1], -1).astype(jnp.int32)
+      return seq.at[:, prompt_len + t].set(nxt)
+
+    return jax.lax.fori_loop(0, new, step, seq)[:, prompt_len:]
+
+  return lambda prompt: run(state, prompt)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--model", default="toy")
+  parser.add_argument("--batches", default="1,16,128")
+  parser.add_argument("--prompt-len", type=int, default=64)
+  parser.add_argument("--new", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--group", type=int, default=8, help="GRPO group size for the shared-prefill comparison")
+  parser.add_argument("--group-prompt-len", type=int, default=512)
+  parser.add_argument("--no-torch", action="store_true")
+  args = parser.parse_args()
+
+  cfg = model_config(args.model, max_position_embeddings=max(2048, args.group_prompt_len + args.new))
+  model = create_model(cfg, seed=0)
+  rng = np.random.default_rng(0)
+  device = jax.devices()[0]
+  print(f"\nmachine: {device.platform} / {device.device_kind}, {os.cpu_count()} cores, {platform.machine()}; "
+        f"model {args.model} ({param_count(cfg):,} params), prompt {args.prompt_len} tokens, {args.new} new tokens "
+        f"per row, greedy, float32\n")
+  hf = None
+  if not args.no_torch:
+    import torch
+    import transformers
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    tmp = tempfile.TemporaryDirectory()
+    export_hf(model, tmp.name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval()
+
+  print("| batch | jaxstages tok/s | uncached tok/s | HF generate tok/s | jaxstages / uncached | jaxstages / HF | "
+        "jaxstages first call s | uncached first call s |")
+  print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+  scfg = SamplingConfig(max_new_tokens=args.new, temperature=0.0, prompt_buckets=(args.prompt_len,))
+  for batch in [int(b) for b in args.batches.split(",")]:
+    prompts = rng.integers(1, cfg.vocab_size, (batch, args.prompt_len)).astype(np.int32)
+    as_lists = prompts.tolist()
+    run_ours = lambda: jax.block_until_ready(sample(model, as_lists, scfg).tokens)
+    ours_compile = first_call(run_ours)
+    t_ours = timed(run_ours, args.repeats)
+    uncached = uncached_decoder(model, batch, args.prompt_len, args.new)
+    run_uncached = lambda: jax.block_until_ready(uncached(jnp.asarray(prompts)))
+    unc_compile = first_call(run_uncached)
+    t_unc = timed(run_uncached, max(1, args.repeats - 1))
+    ours_tokens = np.asarray(sample(model, as_lists, scfg).tokens)
+    assert (ours_tokens == np.asarray(uncached(jnp.asarray(prompts)))).mean() > 0.99, "decoders disagree"
+    t_hf = None
+    if hf is not None:
+      import torch
+
+      ids = torch.tensor(prompts, dtype=torch.long)
+
+      def run_hf():
+        with torch.no_grad():
+          hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
+                      do_sample=False, use_cache=True, pad_token_id=0)
+
+      run_hf()
+      t_hf = timed(run_hf, args.repeats)
+    tokens = batch * args.new
+    hf_cell = f"{tokens / t_hf:,.0f}" if t_hf else "-"
+    hf_ratio = f"{t_hf / t_ours:.1f}x" if t_hf else "-"
+    print(f"| {batch} | {tokens / t_ours:,.0f} | {tokens / t_unc:,.0f} | {hf_cell} | {t_unc / t_ours:.1f}x | "
+          f"{hf_ratio} | {ours_compile:.1f} | {unc_compile:.1f} |")
+
+  # one prefill per group vs n copies of each prompt
+  g, plen = args.group, args.group_prompt_len
+  prompts = rng.integers(1, cfg.vocab_size, (128 // g, plen)).astype(np.int32).tolist()
+  grouped = SamplingConfig(max_new_tokens=args.new, temperature=1.0, n=g, prompt_buckets=(plen,))
+  copies = SamplingConfig(max_new_tokens=args.new, temperature=1.0, n=1, prompt_buckets=(plen,))
+  run_grouped = lambda: jax.block_until_ready(sample(model, prompts, grouped).tokens)
+  run_copies = lambda: jax.block_until_ready(sample(model, [p for p in prompts for _ in range(g)], copies).tokens)
+  first_call(run_grouped)
+  first_call(run_copies)
+  t_g, t_c = timed(run_grouped, args.repeats), timed(run_copies, args.repeats)
+  print(f"\nGRPO groups: {len(prompts)} prompts of {plen} tokens x {g} samples, {args.new} new tokens each, "
+        f"temperature 1")
+  print("\n| prefill | seconds per call | generated tok/s |\n| --- | ---: | ---: |")
+  rows = len(prompts) * g * args.new
+  print(f"| once per prompt, cache shared by its {g} samples | {t_g:.3f} | {rows / t_g:,.0f} |")
+  print(f"| once per row ({g} copies of each prompt) | {t_c:.3f} | {rows / t_c:,.0f} |")
+  print(f"\nshared prefill: {t_c / t_g:.2f}x faster")
+
+
+if __name__ == "__main__":
+  main()
