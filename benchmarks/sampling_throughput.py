@@ -3,6 +3,7 @@ and HF transformers `generate` on the same weights, for several batch sizes in o
 prefill across a GRPO group saves against prefilling n copies of the prompt.
 
   python benchmarks/sampling_throughput.py [--model toy] [--batches 1,16,128] [--prompt-len 64] [--new 64]
+  python benchmarks/sampling_throughput.py --reshard --host-devices 8   # + the cost of resharding params per call
 
 Every decoder generates exactly `--new` tokens per row greedily (no stop tokens), so all three do the same work.
 Compile time is reported apart from the timed (warm) calls. Prints Markdown for benchmarks/RESULTS.md.
@@ -13,8 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
+
+if "--host-devices" in sys.argv:  # simulated CPU devices must be requested before jax is imported
+  count = sys.argv[sys.argv.index("--host-devices") + 1]
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +29,8 @@ from flax import nnx
 
 from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import export_hf
-from jaxstages.sampling import SamplingConfig, sample
+from jaxstages.sampling import SamplingConfig, sample, without_fsdp
+from jaxstages.sharding import MeshConfig, make_mesh
 
 
 def timed(fn, repeats: int) -> float:
@@ -72,7 +79,13 @@ def main() -> None:
   parser.add_argument("--group", type=int, default=8, help="GRPO group size for the shared-prefill comparison")
   parser.add_argument("--group-prompt-len", type=int, default=512)
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--reshard", action="store_true",
+                      help="also time sampling with params resharded from FSDP x tensor to tensor-only per call")
+  parser.add_argument("--host-devices", type=int, default=None, help="simulated CPU devices (for --reshard)")
   args = parser.parse_args()
+  if args.reshard:
+    reshard_cost(args)
+    return
 
   cfg = model_config(args.model, max_position_embeddings=max(2048, args.group_prompt_len + args.new))
   model = create_model(cfg, seed=0)
@@ -143,6 +156,26 @@ def main() -> None:
   print(f"| once per prompt, cache shared by its {g} samples | {t_g:.3f} | {rows / t_g:,.0f} |")
   print(f"| once per row ({g} copies of each prompt) | {t_c:.3f} | {rows / t_c:,.0f} |")
   print(f"\nshared prefill: {t_c / t_g:.2f}x faster")
+
+
+def reshard_cost(args) -> None:
+  """Sampling on an FSDP x tensor training layout as is, against resharding the params to tensor-only inside the
+  jitted call (the trainer -> sampler weight move), on all devices."""
+  n = jax.device_count()
+  mesh = make_mesh(MeshConfig(data=1, fsdp=n // 2, tensor=2))
+  cfg = model_config(args.model)
+  model = create_model(cfg, seed=0, mesh=mesh)
+  prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (16 * (n // 2), args.prompt_len)).tolist()
+  scfg = SamplingConfig(max_new_tokens=args.new, temperature=0.0, prompt_buckets=(args.prompt_len,))
+  as_is = lambda: jax.block_until_ready(sample(model, prompts, scfg, mesh=mesh).tokens)
+  moved = lambda: jax.block_until_ready(sample(model, prompts, scfg, mesh=mesh, sampler_rules=without_fsdp()).tokens)
+  first_call(as_is)
+  first_call(moved)
+  t_as_is, t_moved = timed(as_is, args.repeats), timed(moved, args.repeats)
+  print(f"\n{n} devices, mesh {dict(mesh.shape)}, model {args.model}, {len(prompts)} prompts x {args.new} tokens\n")
+  print("| params during sampling | seconds per call |\n| --- | ---: |")
+  print(f"| as trained (FSDP x tensor: weights gathered every decode step) | {t_as_is:.3f} |")
+  print(f"| resharded to tensor-only once per call, inside jit | {t_moved:.3f} |")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from flax import nnx
 from jaxstages.config import ConfigError, check_keys
 from jaxstages.model import KVCache, Transformer
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, constrain, data_parallel_size,
-                                use_mesh)
+                                logical_to_spec, use_mesh)
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -143,9 +143,34 @@ def truncate_logits(x: jax.Array, top_k: int, top_p: float) -> jax.Array:
   return x
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "rules"))
-def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, state: nnx.State, tokens: jax.Array,
-              positions: jax.Array, segment_ids: jax.Array, row_keys: jax.Array) -> Samples:
+def without_fsdp(rules: LogicalRules = DEFAULT_RULES) -> LogicalRules:
+  """Rules for sampling with parameters sharded only over `tensor` (replicated over `data` and `fsdp`, so decoding
+  never all-gathers weights); rows stay sharded over the data axes."""
+  def drop(name, axes):
+    if name == "batch":
+      return axes
+    axes = (axes,) if isinstance(axes, str) else axes or ()
+    kept = tuple(a for a in axes if a != "fsdp")
+    return kept[0] if len(kept) == 1 else kept or None
+  return tuple((name, drop(name, axes)) for name, axes in rules)
+
+
+def _reshard_params(state: nnx.State, rules: LogicalRules) -> nnx.State:
+  """Constrains every parameter to its layout under `rules` (inside jit: XLA moves the weights once per call)."""
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def one(v: nnx.Variable):
+    spec = logical_to_spec(v.get_metadata()["logical_axes"], v.shape, mesh, rules)
+    return v.replace(jax.lax.with_sharding_constraint(v[...], spec))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "rules", "reshard"))
+def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, reshard: bool, state: nnx.State,
+              tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, row_keys: jax.Array) -> Samples:
+  if reshard:
+    state = _reshard_params(state, rules)
   model = nnx.merge(graphdef, state)
   mcfg = model.cfg
   b, width = tokens.shape
@@ -190,9 +215,12 @@ def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, 
 
 
 def sample(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, seed: int | jax.Array = 0,
-           mesh: jax.sharding.Mesh | None = None, rules: LogicalRules = DEFAULT_RULES) -> Samples:
+           mesh: jax.sharding.Mesh | None = None, rules: LogicalRules = DEFAULT_RULES,
+           sampler_rules: LogicalRules | None = None) -> Samples:
   """`cfg.n` completions of each prompt (token lists, ragged). With a `mesh`, rows are sharded over its data axes
-  and the model's params are used in the sharding they already have; `seed` is an int or a `jax.random` key."""
+  and the model's params are used in the sharding they already have (laid out by `rules`); with `sampler_rules`
+  (e.g. `without_fsdp(rules)`) the params are resharded to those rules inside the jitted call, once per call, and
+  the sampler's activations follow them. `seed` is an int or a `jax.random` key."""
   if not prompts:
     raise ConfigError("sample() needs at least one prompt")
   width = prompt_bucket(max(len(p) for p in prompts), cfg.prompt_buckets)
@@ -201,8 +229,10 @@ def sample(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingCo
   row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(len(prompts) * cfg.n))
   graphdef, state = nnx.split(model)
   if mesh is None:
-    return _generate(graphdef, cfg, tuple(rules), state, *(jnp.asarray(batch[k]) for k in
-                                                           ("tokens", "positions", "segment_ids")), row_keys)
+    return _generate(graphdef, cfg, tuple(rules), False, state,
+                     *(jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")), row_keys)
+  reshard = sampler_rules is not None
+  rules = tuple(sampler_rules) if reshard else tuple(rules)
   dp = data_parallel_size(mesh, rules)
   if len(prompts) % dp:
     raise ConfigError(f"{len(prompts)} prompts do not split over the {dp} data-parallel shards of mesh "
@@ -210,7 +240,7 @@ def sample(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingCo
   with use_mesh(mesh, rules):
     put = lambda x: jax.device_put(x, batch_sharding(mesh, rules, np.ndim(x)))
     arrays = [put(batch[k]) for k in ("tokens", "positions", "segment_ids")]
-    return _generate(graphdef, cfg, tuple(rules), state, *arrays, put(row_keys))
+    return _generate(graphdef, cfg, rules, reshard, state, *arrays, put(row_keys))
 
 
 def sequence_log_probs(model: Transformer, prompts: Sequence[Sequence[int]], samples: Samples, n: int) -> jax.Array:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxstages.model import create_model
-from jaxstages.sampling import (SamplingConfig, _generate, sample, sequence_log_probs, truncate_logits)
+from jaxstages.sampling import (SamplingConfig, _generate, sample, sequence_log_probs, truncate_logits,
+                                 without_fsdp)
 from jaxstages.sharding import MeshConfig, make_mesh
 
 PROMPTS = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 8, 100, 2, 64]]
@@ -175,3 +176,17 @@ def test_prompt_longer_than_every_bucket_is_refused(model):
     sample(model, [list(range(40))], SamplingConfig(max_new_tokens=2, prompt_buckets=(16, 32)))
   with pytest.raises(Exception, match="multiple of 8"):
     sample(model, PROMPTS[:3], SamplingConfig(max_new_tokens=2), mesh=make_mesh(MeshConfig(data=8)))
+
+
+def test_sampler_under_its_own_sharding_reshards_params_inside_jit(model, devices):
+  """Training layout FSDP x tensor; the sampler re-lays the weights tensor-only (no per-step all-gathers)."""
+  cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
+  mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), devices)
+  sharded_model = create_model(model.cfg, seed=3, mesh=mesh)
+  assert "fsdp" in str(sharded_model.layers[0].mlp.gate[...].sharding.spec)
+  out = sample(sharded_model, PROMPTS, cfg, mesh=mesh, sampler_rules=without_fsdp())
+  ref = sample(model, PROMPTS, cfg)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+  assert "fsdp" in str(sharded_model.layers[0].mlp.gate[...].sharding.spec), "the training params are untouched"
+  rules = dict(without_fsdp())
+  assert rules["embed"] is None and rules["mlp"] == "tensor" and rules["batch"] == ("data", "fsdp")
