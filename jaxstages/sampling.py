@@ -47,10 +47,17 @@ class SamplingConfig:
   cache_dtype: str | None = None  # e.g. "bfloat16"; None: the model's compute dtype
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS  # prompts are left-padded to the smallest bucket that fits
   pad_id: int = 0  # written after a row has stopped (its mask is 0 there)
+  # thinking budget (Qwen3-style): after `think_budget` tokens inside a `think_open_id` ... `think_close_id` block
+  # the close token is forced, so the answer still follows; a prompt that ends with the open token starts inside
+  think_budget: int | None = None
+  think_open_id: int = -1
+  think_close_id: int = -1
 
   def __post_init__(self):
     if self.max_new_tokens < 1 or self.n < 1:
       raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) and n ({self.n}) must be >= 1")
+    if self.think_budget is not None and (self.think_budget < 0 or min(self.think_open_id, self.think_close_id) < 0):
+      raise ConfigError("think_budget needs think_open_id and think_close_id (the tokenizer's <think>, </think>)")
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={self.temperature}, "
                         f"top_p={self.top_p}, top_k={self.top_k}")
@@ -75,6 +82,8 @@ class Samples:
   model_logprobs  `[rows, max_new]` float32, log-prob under the untempered, untruncated model
   mask            `[rows, max_new]` float32, 1 for generated tokens (the stop token included), 0 after
   lengths         `[rows]` int32, generated tokens per row (the stop token included)
+  forced          `[rows, max_new]` float32, 1 where the thinking budget forced the close token (the policy did not
+                  choose it: an RL loss should leave it out; its `logprobs` entry is 0, `model_logprobs` the model's)
   """
 
   tokens: jax.Array
@@ -82,6 +91,7 @@ class Samples:
   model_logprobs: jax.Array
   mask: jax.Array
   lengths: jax.Array
+  forced: jax.Array
 
   def completions(self) -> list[list[int]]:
     """Per row, the generated tokens up to and including its stop token (host lists)."""
@@ -191,25 +201,39 @@ def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, 
     return (step < max_new) & ~jnp.all(done)
 
   def body(carry):
-    step, logits, done, pos, cache, out = carry
+    step, logits, done, pos, cache, (thinking, thought), out = carry
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
     token, lp, model_lp = choose_tokens(logits, step_keys, cfg)
     live = ~done
+    forced = jnp.zeros_like(live)
+    if cfg.think_budget is not None:
+      close = cfg.think_close_id
+      forced = live & thinking & (thought >= cfg.think_budget)
+      token = jnp.where(forced, close, token)
+      lp = jnp.where(forced, 0.0, lp)
+      model_lp = jnp.where(forced, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, close], model_lp)
+      opened = token == cfg.think_open_id
+      thought = jnp.where(opened, 0, thought + thinking.astype(jnp.int32))
+      thinking = (thinking | opened) & (token != close)
     token = jnp.where(live, token, cfg.pad_id)
     out = dict(tokens=out["tokens"].at[:, step].set(token),
                logprobs=out["logprobs"].at[:, step].set(jnp.where(live, lp, 0.0)),
                model_logprobs=out["model_logprobs"].at[:, step].set(jnp.where(live, model_lp, 0.0)),
-               mask=out["mask"].at[:, step].set(live.astype(jnp.float32)))
+               mask=out["mask"].at[:, step].set(live.astype(jnp.float32)),
+               forced=out["forced"].at[:, step].set(forced.astype(jnp.float32)))
     done = done | jnp.isin(token, stops)
     logits, cache = model(token[:, None], pos[:, None], jnp.ones((rows, 1), jnp.int32), cache)
-    return step + 1, constrain(logits[:, -1], ("batch", "act_vocab")), done, pos + 1, constrain_cache(cache), out
+    return (step + 1, constrain(logits[:, -1], ("batch", "act_vocab")), done, pos + 1, constrain_cache(cache),
+            (thinking, thought), out)
 
   out = dict(tokens=jnp.full((rows, max_new), cfg.pad_id, jnp.int32),
              logprobs=jnp.zeros((rows, max_new), jnp.float32),
              model_logprobs=jnp.zeros((rows, max_new), jnp.float32),
-             mask=jnp.zeros((rows, max_new), jnp.float32))
+             mask=jnp.zeros((rows, max_new), jnp.float32), forced=jnp.zeros((rows, max_new), jnp.float32))
   out = jax.tree.map(lambda x: constrain(x, ("batch", None)), out)
-  carry = (jnp.int32(0), last_logits, jnp.zeros((rows,), bool), next_pos, cache, out)
+  thinking = jnp.repeat(tokens[:, -1] == cfg.think_open_id, cfg.n, axis=0)  # the prompt opened the think block
+  carry = (jnp.int32(0), last_logits, jnp.zeros((rows,), bool), next_pos, cache,
+           (thinking, jnp.zeros((rows,), jnp.int32)), out)
   out = jax.lax.while_loop(cond, body, carry)[-1]
   return Samples(**out, lengths=out["mask"].sum(-1).astype(jnp.int32))
 

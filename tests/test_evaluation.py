@@ -64,7 +64,7 @@ def test_evaluate_scores_each_cell_from_its_samples(tokenizer, monkeypatch):
     for r, row in enumerate(rows):
       tokens[r, :len(row)], mask[r, :len(row)] = row, 1
     z = jnp.zeros(tokens.shape)
-    return Samples(jnp.asarray(tokens), z, z, jnp.asarray(mask), jnp.asarray(mask.sum(1), jnp.int32))
+    return Samples(jnp.asarray(tokens), z, z, jnp.asarray(mask), jnp.asarray(mask.sum(1), jnp.int32), z)
 
   monkeypatch.setattr(evaluation, "sample", scripted_sample)
   result = evaluate(None, tokenizer, TASK, cfg, show_progress=False)

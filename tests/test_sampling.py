@@ -190,3 +190,34 @@ def test_sampler_under_its_own_sharding_reshards_params_inside_jit(model, device
   assert "fsdp" in str(sharded_model.layers[0].mlp.gate[...].sharding.spec), "the training params are untouched"
   rules = dict(without_fsdp())
   assert rules["embed"] is None and rules["mlp"] == "tensor" and rules["batch"] == ("data", "fsdp")
+
+
+def test_thinking_budget_forces_the_close_token(peaked_model):
+  """A prompt ending in <think> starts inside the block: after `budget` tokens the close token is forced (unless
+  the model closed it itself), marked `forced`, and the model then continues freely."""
+  think_open, think_close, budget = 7, 9, 3
+  prompts = [[11, 12, think_open], [5, think_open], [20, 21, 22]]  # the third never opens a block
+  cfg = SamplingConfig(max_new_tokens=8, n=4, temperature=1.0, think_budget=budget, think_open_id=think_open,
+                       think_close_id=think_close)
+  out = sample(peaked_model, prompts, cfg, seed=1)
+  tokens, forced, mask = np.asarray(out.tokens), np.asarray(out.forced), np.asarray(out.mask)
+  for r, row in enumerate(tokens):  # the budget rule, replayed in Python
+    thinking, thought = prompts[r // 4][-1] == think_open, 0
+    for t, tok in enumerate(row):
+      if not mask[r, t]:
+        assert not forced[r, t]
+        continue
+      must_close = thinking and thought >= budget
+      assert forced[r, t] == must_close, (r, t, row)
+      if must_close:
+        assert tok == think_close
+      if tok == think_open:
+        thinking, thought = True, 0
+      elif tok == think_close:
+        thinking = False
+      elif thinking:
+        thought += 1
+  assert forced[:8].sum() > 0, "the budget should have been hit at least once"
+  assert (np.asarray(out.logprobs)[forced == 1] == 0).all()
+  ref = np.asarray(sequence_log_probs(peaked_model, prompts, out, n=4))
+  np.testing.assert_allclose(np.asarray(out.model_logprobs), ref, atol=1e-5)
