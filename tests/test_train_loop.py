@@ -74,6 +74,21 @@ def test_pretraining_learns_well_below_the_unigram_baseline(pretrained):
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_eval_and_sample_commands_on_a_trained_stage(pretrained, capsys, devices):
+  from jaxstages.cli import main
+
+  workdir, _ = pretrained
+  main(["eval", str(workdir), "--ops", "1,2", "--problems", "8", "--n", "2", "--k", "1,2", "--contexts", "p"])
+  table = capsys.readouterr().out
+  assert "| p | pass@2 |" in table and "| p | maj@2 |" in table
+  result = json.loads((workdir / "eval" / "eval.json").read_text())
+  assert [(c["op"], c["samples"], c["problems"]) for c in result["cells"]] == [(1, 2, 8), (2, 2, 8)]
+  assert all(c["pass@1"] <= c["pass@2"] for c in result["cells"])
+  main(["sample", "--checkpoint", str(workdir), "--op", "1", "--n", "2", "--temperature", "0.8"])
+  out = capsys.readouterr().out
+  assert "gold answer" in out and out.count("--- sample") == 2
+
+
 def test_midtraining_hands_off_exact_params_learns_the_new_context_and_replay_holds(pretrained, tmp_path):
   pre_dir, _ = pretrained
   config = small_config("midtrain-toy", f"stage.init_from={pre_dir}", "stage.steps=80", "stage.log_every=10",
