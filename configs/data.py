@@ -8,11 +8,13 @@ number and operator.
 
 import ml_collections
 
-SYMBOLIC = dict(surface="symbolic", contexts="p-seed-q-1pct", op_range=(2, 6))
+# toy-scale symbolic world: one phrasing per statement, at most one distractor, pre-training at ops 1-4 (the toy
+# model learns these in minutes on a CPU; README, "Learnability"); stages that need harder problems set op_range
+SYMBOLIC = dict(surface="symbolic", contexts="p-seed-q-1pct", op_range=(1, 4), distractors=(0, 1), phrasings=1)
 STORY = dict(surface="story", contexts="zoo-seed-school-1pct", op_range=(2, 6))
 
 CONFIGS = {
-    # pre-training: context p at ops 2-6, the new context q seeded at 1% (op 2 only), as in the interplay study
+    # pre-training: context p at ops 1-4, the new context q seeded at 1% (op 2 only), as in the interplay study
     "pretrain-symbolic": dict(kind="pretrain", task=SYMBOLIC, seq_len=512, batch_size=32, seed=0),
     "pretrain-story": dict(kind="pretrain", task=STORY, seq_len=1024, batch_size=16, seed=0),
     # mid-training: instruction-style q documents ramped in over 200 batches, with replay of the pre-training data
