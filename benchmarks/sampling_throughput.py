@@ -31,16 +31,7 @@ from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import export_hf
 from jaxstages.sampling import SamplingConfig, sample, without_fsdp
 from jaxstages.sharding import MeshConfig, make_mesh
-
-
-def timed(fn, repeats: int) -> float:
-  """Median seconds per call over `repeats` warm calls."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+from train_throughput import timed  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
 
 
 def first_call(fn) -> float:
@@ -113,11 +104,11 @@ def main() -> None:
     as_lists = prompts.tolist()
     run_ours = lambda: jax.block_until_ready(sample(model, as_lists, scfg).tokens)
     ours_compile = first_call(run_ours)
-    t_ours = timed(run_ours, args.repeats)
+    t_ours = timed(run_ours, args.repeats, warmup=0)
     uncached = uncached_decoder(model, batch, args.prompt_len, args.new)
     run_uncached = lambda: jax.block_until_ready(uncached(jnp.asarray(prompts)))
     unc_compile = first_call(run_uncached)
-    t_unc = timed(run_uncached, max(1, args.repeats - 1))
+    t_unc = timed(run_uncached, max(1, args.repeats - 1), warmup=0)
     ours_tokens = np.asarray(sample(model, as_lists, scfg).tokens)
     assert (ours_tokens == np.asarray(uncached(jnp.asarray(prompts)))).mean() > 0.99, "decoders disagree"
     t_hf = None
@@ -132,7 +123,7 @@ def main() -> None:
                       do_sample=False, use_cache=True, pad_token_id=0)
 
       run_hf()
-      t_hf = timed(run_hf, args.repeats)
+      t_hf = timed(run_hf, args.repeats, warmup=0)
     tokens = batch * args.new
     hf_cell = f"{tokens / t_hf:,.0f}" if t_hf else "-"
     hf_ratio = f"{t_hf / t_ours:.1f}x" if t_hf else "-"
@@ -148,7 +139,7 @@ def main() -> None:
   run_copies = lambda: jax.block_until_ready(sample(model, [p for p in prompts for _ in range(g)], copies).tokens)
   first_call(run_grouped)
   first_call(run_copies)
-  t_g, t_c = timed(run_grouped, args.repeats), timed(run_copies, args.repeats)
+  t_g, t_c = timed(run_grouped, args.repeats, warmup=0), timed(run_copies, args.repeats, warmup=0)
   print(f"\nGRPO groups: {len(prompts)} prompts of {plen} tokens x {g} samples, {args.new} new tokens each, "
         f"temperature 1")
   print("\n| prefill | seconds per call | generated tok/s |\n| --- | ---: | ---: |")
@@ -171,7 +162,7 @@ def reshard_cost(args) -> None:
   moved = lambda: jax.block_until_ready(sample(model, prompts, scfg, mesh=mesh, sampler_rules=without_fsdp()).tokens)
   first_call(as_is)
   first_call(moved)
-  t_as_is, t_moved = timed(as_is, args.repeats), timed(moved, args.repeats)
+  t_as_is, t_moved = timed(as_is, args.repeats, warmup=0), timed(moved, args.repeats, warmup=0)
   print(f"\n{n} devices, mesh {dict(mesh.shape)}, model {args.model}, {len(prompts)} prompts x {args.new} tokens\n")
   print("| params during sampling | seconds per call |\n| --- | ---: |")
   print(f"| as trained (FSDP x tensor: weights gathered every decode step) | {t_as_is:.3f} |")

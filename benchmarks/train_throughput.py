@@ -29,10 +29,10 @@ from jaxstages.state import init_train_state
 from jaxstages.train import make_train_step
 
 
-def timed(fn, repeats: int) -> float:
-  """Median seconds per call after two warm-up calls (the compile and a first run)."""
-  fn()
-  fn()
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+  """Median seconds per call after `warmup` calls (by default the compile and a first run)."""
+  for _ in range(warmup):
+    fn()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
