@@ -149,7 +149,7 @@ def test_sharded_kv_cache_decodes_like_the_unsharded_one(tiny_cfg, devices):
   reference, _ = decode(create_model(cfg, seed=1), KVCache.init(cfg, 4, 12))
   shardings = logical_shardings(KVCache.logical_axes(cfg), jax.eval_shape(lambda: KVCache.init(cfg, 4, 12)), mesh)
   cache = jax.jit(lambda: KVCache.init(cfg, 4, 12), out_shardings=shardings)()
-  expected = jax.sharding.NamedSharding(mesh, P("data", None, "tensor", None))
+  expected = jax.sharding.NamedSharding(mesh, P("data", "tensor", None, None))
   assert cache.k[0].sharding.is_equivalent_to(expected, 4)
   with use_mesh(mesh):
     sharded, cache = decode(create_model(cfg, seed=1, mesh=mesh), cache)
