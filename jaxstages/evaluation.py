@@ -26,7 +26,7 @@ from jaxstages.metrics import progress
 from jaxstages.model import Transformer
 from jaxstages.rewards import verify
 from jaxstages.sampling import SamplingConfig, sample
-from jaxstages.sharding import make_mesh, param_shardings
+from jaxstages.sharding import data_parallel_size, make_mesh, param_shardings
 from jaxstages.train import stage_model_config
 
 
@@ -145,10 +145,7 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
 
 
 def _data_shards(mesh) -> int:
-  if mesh is None:
-    return 1
-  from jaxstages.sharding import data_parallel_size
-  return data_parallel_size(mesh)
+  return 1 if mesh is None else data_parallel_size(mesh)
 
 
 def markdown_table(result: dict) -> str:
