@@ -23,13 +23,11 @@ if "--host-devices" in sys.argv:  # simulated CPU devices must be requested befo
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import export_hf
-from jaxstages.sampling import SamplingConfig, sample, without_fsdp
+from jaxstages.sampling import SamplingConfig, greedy_uncached, sample, without_fsdp
 from jaxstages.sharding import MeshConfig, make_mesh
 from train_throughput import timed  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
 
@@ -38,26 +36,6 @@ def first_call(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
-
-
-def uncached_decoder(model, batch: int, prompt_len: int, new: int):
-  """Greedy decoding with a full forward over the whole (fixed-size, right-padded) sequence at every step, jitted
-  once: the same model without a cache."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, prompt):
-    model = nnx.merge(graphdef, state)
-    seq = jnp.zeros((batch, prompt_len + new), jnp.int32).at[:, :prompt_len].set(prompt)
-
-    def step(t, seq):
-      logits, _ = model(seq)
-      nxt = jnp.argmax(logits[:, prompt_len + t - 1], -1).astype(jnp.int32)
-      return seq.at[:, prompt_len + t].set(nxt)
-
-    return jax.lax.fori_loop(0, new, step, seq)[:, prompt_len:]
-
-  return lambda prompt: run(state, prompt)
 
 
 def main() -> None:
@@ -105,12 +83,11 @@ def main() -> None:
     run_ours = lambda: jax.block_until_ready(sample(model, as_lists, scfg).tokens)
     ours_compile = first_call(run_ours)
     t_ours = timed(run_ours, args.repeats, warmup=0)
-    uncached = uncached_decoder(model, batch, args.prompt_len, args.new)
-    run_uncached = lambda: jax.block_until_ready(uncached(jnp.asarray(prompts)))
+    run_uncached = lambda: jax.block_until_ready(greedy_uncached(model, prompts, args.new))
     unc_compile = first_call(run_uncached)
     t_unc = timed(run_uncached, max(1, args.repeats - 1), warmup=0)
     ours_tokens = np.asarray(sample(model, as_lists, scfg).tokens)
-    assert (ours_tokens == np.asarray(uncached(jnp.asarray(prompts)))).mean() > 0.99, "decoders disagree"
+    assert (ours_tokens == np.asarray(greedy_uncached(model, prompts, args.new))).mean() > 0.99, "decoders disagree"
     t_hf = None
     if hf is not None:
       import torch

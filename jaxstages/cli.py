@@ -105,6 +105,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
   from jaxstages.data import tasks
   from jaxstages.evaluation import load_stage
+  from jaxstages.rewards import verify
   from jaxstages.sampling import SamplingConfig, sample
 
   model, tokenizer, config = load_stage(args.checkpoint, args.step)
@@ -130,7 +131,6 @@ def _sample(args: argparse.Namespace) -> None:
     lp = float(out.logprobs[j].sum())
     line = f"--- sample {j} ({len(toks)} tokens, log-prob {lp:.2f})"
     if problem is not None:
-      from jaxstages.rewards import verify
       v = verify(problem, completion)
       line += f", answer {v.answer}, strict {'correct' if v.strict_correct else 'wrong'}"
     print(line + " ---\n" + completion)

@@ -164,15 +164,6 @@ def markdown_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def strict_accuracy(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, ops: Sequence[int], n: int,
-                    context: str | None = None) -> dict[int, float]:
-  """Strict greedy accuracy by op on `n` eval-split problems per op of one context (the task's first by default)."""
-  context = context or task_cfg.mixture[0].context
-  result = evaluate(model, tokenizer, task_cfg, EvalConfig(ops=tuple(ops), contexts=(context,), problems=n),
-                    show_progress=False)
-  return {c["op"]: c["pass@1"] for c in result["cells"]}
-
-
 def load_stage(run_dir: str | Path, step: int | None = None, mesh=None):
   """(model, tokenizer, config) of a stage's workdir, params from its latest (or `step`) checkpoint, placed on
   `mesh` (default: every device, data-parallel)."""

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxstages.config import ConfigError, check_keys
+from jaxstages.losses import token_log_probs
 from jaxstages.model import KVCache, Transformer
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, constrain, data_parallel_size,
                                 logical_to_spec, use_mesh)
@@ -267,24 +268,35 @@ def sample(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingCo
     return _generate(graphdef, cfg, rules, reshard, state, *arrays, put(row_keys))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens"))
+def _greedy_uncached(graphdef: nnx.GraphDef, new_tokens: int, state: nnx.State, prompts: jax.Array) -> jax.Array:
+  model = nnx.merge(graphdef, state)
+  b, p = prompts.shape
+  seq = jnp.zeros((b, p + new_tokens), jnp.int32).at[:, :p].set(prompts)
+
+  def step(t, seq):
+    logits, _ = model(seq)  # causal: the padding after position p + t - 1 does not change its logits
+    return seq.at[:, p + t].set(jnp.argmax(logits[:, p + t - 1], -1).astype(jnp.int32))
+
+  return jax.lax.fori_loop(0, new_tokens, step, seq)[:, p:]
+
+
+def greedy_uncached(model: Transformer, prompts: jax.Array, new_tokens: int) -> jax.Array:
+  """The reference decoder: greedy, with a full forward over the whole fixed-size sequence at every step and no
+  cache. `prompts [batch, prompt_len]` (all the same length) -> `[batch, new_tokens]`; compiled once per shape."""
+  graphdef, state = nnx.split(model)
+  return _greedy_uncached(graphdef, new_tokens, state, jnp.asarray(prompts, jnp.int32))
+
+
 def sequence_log_probs(model: Transformer, prompts: Sequence[Sequence[int]], samples: Samples, n: int) -> jax.Array:
   """Teacher-forced float32 log-probs of the sampled tokens (`[rows, max_new]`, 0 where masked): one full forward
   over prompt + completion per row, no cache. The reference the sampler's `model_logprobs` must equal."""
   tokens = np.asarray(samples.tokens)
   rows, max_new = tokens.shape
   width = max(len(p) for p in prompts)
-  # every row's prompt ends at column `width - 1` and its completion follows
-  seqs = np.zeros((rows, width + max_new), np.int32)
-  pos = np.zeros_like(seqs)
-  seg = np.zeros_like(seqs)
-  for r in range(rows):
-    p = list(prompts[r // n])
-    seqs[r, width - len(p):width] = p
-    seqs[r, width:] = tokens[r]
-    seg[r, width - len(p):] = 1
-    pos[r, width - len(p):] = np.arange(len(p) + max_new)
-  logits, _ = model(jnp.asarray(seqs), jnp.asarray(pos), jnp.asarray(seg))
-  lp = jax.nn.log_softmax(logits[:, width - 1:-1].astype(jnp.float32), axis=-1)
-  chex.assert_shape(lp, (rows, max_new, None))
-  picked = jnp.take_along_axis(lp, jnp.asarray(tokens)[..., None], axis=-1)[..., 0]
+  # right-aligned prompt + completion: every prompt ends at column `width - 1`, its completion follows
+  full = left_pad([list(prompts[r // n]) + tokens[r].tolist() for r in range(rows)], width + max_new)
+  logits, _ = model(*(jnp.asarray(full[k]) for k in ("tokens", "positions", "segment_ids")))
+  picked = token_log_probs(logits[:, width - 1:-1], jnp.asarray(tokens))
+  chex.assert_shape(picked, (rows, max_new))
   return picked * samples.mask

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxstages.sampling import SamplingConfig, sample
+from jaxstages.sampling import SamplingConfig, greedy_uncached, sample
 from jaxstages.metrics import progress
 from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import export_hf, import_hf
@@ -47,16 +47,6 @@ def counting_batch(rng: np.random.Generator, batch: int, vocab: int) -> dict[str
   return dict(tokens=tokens.astype(np.int32), targets=targets.astype(np.int32),
               loss_mask=np.ones_like(tokens, np.float32), segment_ids=segment_ids.astype(np.int32),
               positions=positions.astype(np.int32))
-
-
-def greedy_uncached(model, prompt: jax.Array, new_tokens: int) -> jax.Array:
-  """The same decode by re-running the full forward each step (the reference)."""
-  forward = jax.jit(lambda state, seq: nnx.merge(graphdef, state)(seq)[0][:, -1])
-  graphdef, state = nnx.split(model)
-  seq = prompt
-  for _ in range(new_tokens):
-    seq = jnp.concatenate([seq, jnp.argmax(forward(state, seq), -1)[:, None]], axis=1)
-  return seq[:, prompt.shape[1]:]
 
 
 def main(steps: int = 150, out_dir: str = "runs/smoke", batch_size: int = 16, seed: int = 0) -> dict:

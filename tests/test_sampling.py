@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxstages.model import create_model
-from jaxstages.sampling import (SamplingConfig, _generate, sample, sequence_log_probs, truncate_logits,
-                                 without_fsdp)
+from jaxstages.sampling import (SamplingConfig, _generate, greedy_uncached, sample, sequence_log_probs,
+                                 truncate_logits, without_fsdp)
 from jaxstages.sharding import MeshConfig, make_mesh
 
 PROMPTS = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 8, 100, 2, 64]]
@@ -221,3 +221,10 @@ def test_thinking_budget_forces_the_close_token(peaked_model):
   assert (np.asarray(out.logprobs)[forced == 1] == 0).all()
   ref = np.asarray(sequence_log_probs(peaked_model, prompts, out, n=4))
   np.testing.assert_allclose(np.asarray(out.model_logprobs), ref, atol=1e-5)
+
+
+def test_reference_uncached_decoder_equals_the_python_loop(model):
+  prompts = np.asarray([PROMPTS[0], [1, 2, 3], [60, 61, 62]], np.int32)
+  out = np.asarray(greedy_uncached(model, prompts, 6))
+  for prompt, row in zip(prompts.tolist(), out.tolist()):
+    assert row == uncached_greedy(model, prompt, 6)

@@ -3,7 +3,7 @@
 The mask is the data's business (`jaxstages.data.pipeline`, `loss_on="assistant"`: the assistant turns and their
 closing `<|im_end|>`; `"all"`: every token), so SFT adds only the choice of normalisation:
 
-- `sft` (per token, as TRL and nanochat do): sum of the NLL over every trained token of the global batch / their count.
+- `sft` (per token, as TRL and nanochat do; the same loss as pre-training, `lm.lm_loss`): sum of the NLL over every trained token of the global batch / their count.
   Long answers weigh more.
 - `sft-per-sequence`: each conversation's mean NLL, summed over conversations / the number of conversations in the
   global batch. Every conversation weighs the same, whatever its length (what a per-example mean over an unpacked
@@ -19,13 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxstages.losses import next_token_loss, token_log_probs
-
-
-def sft_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """Per-token normalisation: (summed NLL over trained tokens, their count, no extra metrics)."""
-  total, count = next_token_loss(model, batch)
-  return total, count, {}
+from jaxstages.losses import token_log_probs
 
 
 def per_sequence_nll(nll: jax.Array, mask: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
