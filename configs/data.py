@@ -28,8 +28,9 @@ CONFIGS = {
     # SFT: chats in all three contexts; 40% think, 20% no-think, 40% plain; loss on the assistant turns only
     "sft-symbolic": dict(kind="sft", task=dict(SYMBOLIC, contexts="pqr-uniform"), seq_len=512, batch_size=16,
                          seed=2, think_mix=(0.4, 0.2, 0.4), loss_on="assistant", overflow="drop"),
-    "preference-symbolic": dict(kind="preference", task=dict(SYMBOLIC, contexts="pqr-uniform"), seq_len=256,
-                                prompt_len=128, batch_size=16, seed=3),
+    # DPO pairs: the gold solution vs. one perturbed step (ops 1-4 chats fit in 160 tokens, prompts in 96)
+    "preference-symbolic": dict(kind="preference", task=dict(SYMBOLIC, contexts="pqr-uniform"), seq_len=160,
+                                prompt_len=96, batch_size=16, seed=3),
     # RL: a fixed set of prompts revisited every epoch (reshuffled), harder than pre-training
     "rl-symbolic": dict(kind="rl", task=dict(SYMBOLIC, contexts="q", op_range=(3, 8)), num_examples=4096,
                         prompt_len=160, batch_size=64, seed=4),

@@ -12,6 +12,10 @@ SIZES = {
     "toy": dict(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                 intermediate_size=384, rope_theta=10_000.0, tie_embeddings=True, qkv_bias=True,
                 max_position_embeddings=1024),
+    # a distillation student for the toy teacher: half the width, half the depth (~0.2M parameters)
+    "toy-small": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=192, rope_theta=10_000.0, tie_embeddings=True, qkv_bias=True,
+                      max_position_embeddings=1024),
     # a few hundred thousand parameters, for unit tests that compile many variants.
     "tiny": dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                  intermediate_size=128, rope_theta=10_000.0, tie_embeddings=True, qkv_bias=True,

@@ -288,15 +288,28 @@ def greedy_uncached(model: Transformer, prompts: jax.Array, new_tokens: int) -> 
   return _greedy_uncached(graphdef, new_tokens, state, jnp.asarray(prompts, jnp.int32))
 
 
+def completion_rows(prompts: Sequence[Sequence[int]], samples: Samples, n: int, pad_id: int = 0,
+                    width: int | None = None) -> dict[str, np.ndarray]:
+  """Prompt + completion of every sample row, for teacher-forced scoring, all `[rows, width + max_new - 1]` (the
+  model's inputs): `tokens`, `positions`, `segment_ids`, `targets`, and `completion_mask`, 1 where the target is a
+  generated token. Every prompt is right-aligned to end at column `width - 1` (default width: the longest prompt;
+  give a fixed one to keep shapes fixed), so column `width - 1 + j` predicts completion token `j`."""
+  tokens = np.asarray(samples.tokens)
+  rows, max_new = tokens.shape
+  width = width or max(len(p) for p in prompts)
+  full = left_pad([list(prompts[r // n]) + tokens[r].tolist() for r in range(rows)], width + max_new, pad_id)
+  mask = np.zeros((rows, width + max_new - 1), np.float32)
+  mask[:, width - 1:] = np.asarray(samples.mask)
+  return dict(tokens=full["tokens"][:, :-1], positions=full["positions"][:, :-1],
+              segment_ids=full["segment_ids"][:, :-1], targets=full["tokens"][:, 1:], completion_mask=mask)
+
+
 def sequence_log_probs(model: Transformer, prompts: Sequence[Sequence[int]], samples: Samples, n: int) -> jax.Array:
   """Teacher-forced float32 log-probs of the sampled tokens (`[rows, max_new]`, 0 where masked): one full forward
   over prompt + completion per row, no cache. The reference the sampler's `model_logprobs` must equal."""
-  tokens = np.asarray(samples.tokens)
-  rows, max_new = tokens.shape
-  width = max(len(p) for p in prompts)
-  # right-aligned prompt + completion: every prompt ends at column `width - 1`, its completion follows
-  full = left_pad([list(prompts[r // n]) + tokens[r].tolist() for r in range(rows)], width + max_new)
-  logits, _ = model(*(jnp.asarray(full[k]) for k in ("tokens", "positions", "segment_ids")))
-  picked = token_log_probs(logits[:, width - 1:-1], jnp.asarray(tokens))
-  chex.assert_shape(picked, (rows, max_new))
+  rows = completion_rows(prompts, samples, n)
+  logits, _ = model(*(jnp.asarray(rows[k]) for k in ("tokens", "positions", "segment_ids")))
+  max_new = samples.tokens.shape[1]
+  picked = token_log_probs(logits[:, -max_new:], jnp.asarray(rows["targets"][:, -max_new:]))
+  chex.assert_shape(picked, (samples.tokens.shape[0], max_new))
   return picked * samples.mask

@@ -65,8 +65,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                     micro_batches: int = 1, rules: LogicalRules = DEFAULT_RULES):
   """The jitted, sharded `step(state, batch) -> (state, metrics)`; `state` is donated.
 
-  metrics: `loss` (global token mean), `count` (tokens counted), `grad_norm`, `lr`, and the loss function's aux
-  metrics summed over micro-batches (a stage returns sums and divides by `count` itself where it wants means).
+  metrics: `loss` (mean over the global batch), `count` (units counted: tokens, sequences or pairs), `grad_norm`,
+  `lr`, and the loss function's aux metrics, which it returns as sums over the same units and which are reported
+  divided by `count` (means over the global batch, however it was split).
   """
 
   def loss_sum(params, micro_batch):
@@ -96,7 +97,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": total / denominator, "count": count, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": total / denominator, "count": count, "grad_norm": optax.global_norm(grads),
+               **{k: v / denominator for k, v in aux.items()}}
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
     return TrainState(params, opt_state, state.step + 1, state.rng), metrics
@@ -129,13 +131,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return call
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh, params_sharding,
-                   rules: LogicalRules = DEFAULT_RULES):
-  """Jitted `(params, batch) -> (loss_sum, count)` for held-out loss."""
+def make_apply(graphdef: nnx.GraphDef, fn: Callable[[nnx.Module, Batch], Any], mesh: Mesh, params_sharding,
+               rules: LogicalRules = DEFAULT_RULES, out_batch_sharded: bool = False):
+  """Jitted `(params, batch) -> fn(model, batch)` with the batch sharded over the data axes: held-out losses, and a
+  frozen model's outputs (reference or teacher log-probs) that a stage adds to its batches. `out_batch_sharded`: the
+  outputs are `[batch, ...]` arrays, laid out like the batch (so they feed the train step without a copy)."""
 
-  def evaluate(params, batch):
-    total, count, _ = loss_fn(nnx.merge(graphdef, params), batch)
-    return total, count
+  def apply(params, batch):
+    return fn(nnx.merge(graphdef, params), batch)
 
   compiled = {}
 
@@ -143,7 +146,11 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn, mesh: Mesh, params_s
     key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
     if key not in compiled:
       in_batch = {k: batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
-      compiled[key] = jax.jit(evaluate, in_shardings=(params_sharding, in_batch))
+      out = None
+      if out_batch_sharded:
+        shapes = jax.eval_shape(apply, params, batch)
+        out = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.ndim), shapes)
+      compiled[key] = jax.jit(apply, in_shardings=(params_sharding, in_batch), out_shardings=out)
     with use_mesh(mesh, rules):
       return compiled[key](params, batch)
 
@@ -158,7 +165,7 @@ class StageConfig:
   """The `stage` block of a training config (the others: `model`, `data`, `optim`, `mesh`)."""
 
   name: str = "pretrain"
-  kind: str = "pretrain"  # which loss: a key of jaxstages.stages.LOSSES
+  kind: str = "pretrain"  # the objective: a key of jaxstages.stages.OBJECTIVES
   steps: int = 100  # optimizer updates
   micro_batches: int = 1  # gradient accumulation: the global batch is split into this many micro-batches
   seed: int = 0
@@ -210,20 +217,22 @@ def stage_model_config(model_block: Mapping[str, Any], tokenizer_vocab: int):
 
 def _parse_blocks(config, devices):
   """(config dict, StageConfig, mesh, rules, DataConfig): what both running and planning a stage start from."""
+  from jaxstages.stages import OBJECTIVE_BLOCKS
+
   config = to_dict(config)
-  check_keys(config, CONFIG_BLOCKS, "training config")
+  check_keys(config, CONFIG_BLOCKS + tuple(OBJECTIVE_BLOCKS.values()), "training config")
   stage = StageConfig.from_config(config.get("stage"))
   mesh_cfg = MeshConfig.from_config(config.get("mesh"))
   return config, stage, make_mesh(mesh_cfg, devices), mesh_cfg.rules, data_config(config["data"])
 
 
-def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path):
-  """The stage's tokenizer: the configured folder, else `init_from`'s, else this workdir's, else one trained on the
-  task world; saved in the workdir, so resumes, evaluation and later stages find it there."""
+def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path, also: Sequence[str] = ()):
+  """The stage's tokenizer: the configured folder, else `init_from`'s, else that of the frozen models in `also`
+  (a distillation teacher), else this workdir's, else one trained on the task world; saved in the workdir, so
+  resumes, evaluation and later stages find it there."""
   candidates = [stage.tokenizer]
-  if stage.init_from and not stage.init_from.startswith("hf:"):
-    init = Path(stage.init_from)
-    candidates += [init / "tokenizer", init.parent / "tokenizer"]
+  for source in ([stage.init_from] if stage.init_from and not stage.init_from.startswith("hf:") else []) + list(also):
+    candidates += [Path(source) / "tokenizer", Path(source).parent / "tokenizer"]
   candidates.append(workdir / "tokenizer")
   tokenizer = next((load_tokenizer(f) for f in candidates if f and Path(f).exists()), None)
   if tokenizer is None:
@@ -235,46 +244,77 @@ def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path):
   return tokenizer
 
 
+def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, model_cfg=None,
+               step: int | None = None):
+  """A model from `source`: a stage folder (its `config.json`, `tokenizer/` and `checkpoints/`; latest step unless
+  `step`), its `checkpoints/` folder, a params folder (`model_config.json`), or `hf:FOLDER`. A stage folder's model
+  shape is its own config's unless `model_cfg` is given (then a checkpoint that does not fit names the tensor)."""
+  source = str(source)
+  if source.startswith("hf:"):
+    return import_hf(source[3:], mesh=mesh, rules=rules)
+  path = Path(source)
+  if (path / "model_config.json").exists():
+    return load_params(path, mesh=mesh, rules=rules)
+  stage_dir = path.parent if path.name == "checkpoints" else path
+  checkpoints = stage_dir / "checkpoints"
+  if not checkpoints.exists():
+    raise FileNotFoundError(f"{source}: neither a stage folder (with checkpoints/), a params folder (with "
+                            "model_config.json) nor hf:FOLDER")
+  if model_cfg is None:
+    config = json.loads((stage_dir / "config.json").read_text())
+    model_cfg = stage_model_config(config["model"], load_tokenizer(stage_dir / "tokenizer").vocab_size)
+  graphdef, target = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, 0)))
+  params = restore_params(checkpoints, target, param_shardings(target, mesh, rules), step=step)
+  return nnx.merge(graphdef, params)
+
+
 def initial_model(stage: StageConfig, model_cfg, mesh: Mesh, rules: LogicalRules):
   """A fresh model, or the params of `init_from` (another stage's checkpoints, a params folder, or `hf:FOLDER`)."""
   if not stage.init_from:
     return create_model(model_cfg, stage.seed, mesh, rules)
-  if stage.init_from.startswith("hf:"):
-    return import_hf(stage.init_from[3:], mesh=mesh, rules=rules)
-  source = Path(stage.init_from)
-  if (source / "model_config.json").exists():
-    return load_params(source, mesh=mesh, rules=rules)
-  checkpoints = source / "checkpoints" if (source / "checkpoints").exists() else source
-  abstract = nnx.eval_shape(lambda: create_model(model_cfg, stage.seed))
-  graphdef, target = nnx.split(abstract)
-  params = restore_params(checkpoints, target, param_shardings(target, mesh, rules))
-  return nnx.merge(graphdef, params)
+  return load_model(stage.init_from, mesh, rules, None if stage.init_from.startswith("hf:") else model_cfg)
 
 
-def held_out_loss(eval_step, params, data_cfg, tokenizer, batches: int, mesh: Mesh, rules) -> float:
-  """Mean next-token loss over the same `batches` eval-split batches every time."""
+def held_out_metrics(eval_fn, params, data_cfg, tokenizer, batches: int, mesh: Mesh, rules,
+                     prepare: Callable[[Batch], Batch] | None = None) -> dict[str, float]:
+  """`eval_loss` and `eval_<aux>` (the loss function's aux metrics, per counted unit) over the same `batches`
+  eval-split batches every time. `eval_fn(params, batch) -> (sum, count, aux sums)`; `prepare` adds what the loss
+  needs from frozen models (reference log-probs)."""
   it = make_pipeline(data_cfg, tokenizer)
-  total = count = 0.0
+  total, count, aux = 0.0, 0.0, {}
   for _ in range(batches):
     batch = global_batch_from_process_local(next(it), mesh, rules)
-    s, c = eval_step(params, batch)
+    if prepare is not None:
+      batch = prepare(batch)
+    s, c, a = jax.device_get(eval_fn(params, batch))
     total, count = total + float(s), count + float(c)
-  return total / max(count, 1.0)
+    for k, v in a.items():
+      aux[k] = aux.get(k, 0.0) + float(v)
+  denominator = max(count, 1.0)
+  return {"eval_loss": total / denominator, **{f"eval_{k}": v / denominator for k, v in aux.items()}}
+
+
+EVAL_KINDS = ("pretrain", "midtrain", "sft", "preference")  # data kinds whose eval split gives a held-out loss
 
 
 def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
               devices: Sequence[jax.Device] | None = None, stop_after: int | None = None) -> dict:
   """Trains one stage to `stage.steps` (resuming from `workdir/checkpoints` when there are any) and returns its
   summary (also written to `workdir/summary.json`). `stop_after` ends the loop early after that many steps of this
-  call (tests); `devices` restricts the mesh (default: every device of every process)."""
-  from jaxstages.stages import LOSSES
+  call (tests); `devices` restricts the mesh (default: every device of every process).
+
+  The stage's objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own config block, e.g. `dpo`)
+  gives the loss, and optionally a `prepare` that adds frozen-model outputs or samples to each batch before the
+  jitted step, and held-out metrics of its own."""
+  from jaxstages.stages import StageContext, build_objective, objective_block
 
   initialize_distributed()
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
-  check_keys([stage.kind], LOSSES, "stage kinds")
+  block = objective_block(stage.kind, config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer = resolve_tokenizer(stage, data_cfg, workdir)
+  frozen = [block[k] for k in ("teacher", "reference") if block.get(k) and not str(block[k]).startswith("hf:")]
+  tokenizer = resolve_tokenizer(stage, data_cfg, workdir, also=frozen)
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   optim_cfg = OptimConfig.from_config(config.get("optim"))
   if jax.process_index() == 0:
@@ -284,6 +324,13 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   optimizer, schedule = make_optimizer(optim_cfg, stage.steps)
   graphdef, state, shardings = init_train_state(model, optimizer, mesh, stage.seed, rules)
   del model
+  # built before any resume, so `initial_params` are the stage's starting params (a DPO reference)
+  objective = build_objective(stage.kind, StageContext(
+      stage=stage, data=data_cfg, model_cfg=model_cfg, graphdef=graphdef, mesh=mesh, rules=rules,
+      tokenizer=tokenizer, params_sharding=shardings.params, initial_params=state.params), block)
+  if data_cfg.kind not in objective.data_kinds:
+    raise ConfigError(f"stage kind {stage.kind!r} trains on data kinds {list(objective.data_kinds)}, but the data "
+                      f"block has kind {data_cfg.kind!r}")
   checkpointer = Checkpointer(workdir / "checkpoints", stage.checkpoint_every, stage.keep_checkpoints,
                               stage.async_checkpoints)
   data_iter = make_pipeline(data_cfg, tokenizer)
@@ -291,13 +338,23 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   if resumed_from is not None:
     state, data_state = checkpointer.restore(state, shardings)
     data_iter.set_state(data_state)
-  loss_fn = LOSSES[stage.kind]
-  step_fn = make_train_step(graphdef, optimizer, loss_fn, mesh, shardings, schedule, stage.micro_batches, rules)
-  eval_step = make_eval_step(graphdef, loss_fn, mesh, shardings.params, rules)
-  eval_cfg = dataclasses.replace(data_cfg, split="eval") if data_cfg.kind in ("pretrain", "midtrain", "sft") else None
+  step_fn = make_train_step(graphdef, optimizer, objective.loss, mesh, shardings, schedule, stage.micro_batches,
+                            rules)
+  eval_fn = make_apply(graphdef, objective.eval_loss or objective.loss, mesh, shardings.params, rules)
+  eval_cfg = dataclasses.replace(data_cfg, split="eval") if data_cfg.kind in EVAL_KINDS else None
+
+  def evaluate(params) -> dict[str, float]:
+    out = {}
+    if eval_cfg:
+      out.update(held_out_metrics(eval_fn, params, eval_cfg, tokenizer, stage.eval_batches, mesh, rules,
+                                  objective.eval_prepare))
+    if objective.evaluate is not None:
+      out.update(objective.evaluate(params))
+    return out
 
   writer = MetricsWriter(workdir)
-  flops_per_step = train_flops_per_token(model_cfg, data_cfg.seq_len) * data_cfg.batch_size * data_cfg.seq_len
+  tokens_per_step = objective.tokens_per_step or data_cfg.batch_size * data_cfg.seq_len
+  flops_per_step = objective.flops_per_step or train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens_per_step
   peak = peak_flops_per_device(stage.peak_flops_per_device)
   start = int(state.step)
   bar = progress(stage.steps, f"{stage.name}", initial=start)
@@ -305,6 +362,8 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
   for step in range(start, end):
     batch = global_batch_from_process_local(next(data_iter), mesh, rules)
+    if objective.prepare is not None:
+      batch = objective.prepare(state, batch, step)
     state, metrics = step_fn(state, batch)
     pending.append(metrics)
     done = step + 1
@@ -314,7 +373,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
       seconds = (now - last_time) / (done - last_step)
       row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
       row.update(loss=float(fetched[-1]["loss"]), lr=float(fetched[-1].get("lr", 0.0)), step_time_s=seconds,
-                 tokens_per_s=data_cfg.batch_size * data_cfg.seq_len / seconds, flops=flops_per_step * done)
+                 tokens_per_s=tokens_per_step / seconds, flops=flops_per_step * done)
       if peak:
         row["mfu"] = flops_per_step / seconds / (peak * mesh.size)
       writer.write(done, row)
@@ -323,9 +382,8 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
       pending, last_time, last_step = [], now, done
     if done % stage.checkpoint_every == 0:
       checkpointer.save(state, data_iter.get_state(), step=done)
-    if eval_cfg and stage.eval_every and done % stage.eval_every == 0 and done != stage.steps:
-      writer.write(done, {"eval_loss": held_out_loss(eval_step, state.params, eval_cfg, tokenizer,
-                                                     stage.eval_batches, mesh, rules)})
+    if stage.eval_every and done % stage.eval_every == 0 and done != stage.steps:
+      writer.write(done, evaluate(state.params))
   bar.close()
   final_step = int(state.step)
   if checkpointer.latest_step() != final_step:
@@ -334,12 +392,11 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   checkpointer.close()
   summary = {"stage": stage.name, "kind": stage.kind, "step": final_step, "steps": stage.steps,
              "resumed_from": resumed_from, "params": param_count(model_cfg),
-             "tokens": final_step * data_cfg.batch_size * data_cfg.seq_len, "flops": flops_per_step * final_step,
+             "tokens": final_step * tokens_per_step, "flops": flops_per_step * final_step,
              "wall_s_this_run": time.perf_counter() - start_time}
-  if final_step == stage.steps and eval_cfg:
-    summary["eval_loss"] = held_out_loss(eval_step, state.params, eval_cfg, tokenizer, stage.eval_batches, mesh,
-                                         rules)
-    writer.write(final_step, {"eval_loss": summary["eval_loss"]})
+  if final_step == stage.steps:
+    summary.update(evaluate(state.params))
+    writer.write(final_step, {k: v for k, v in summary.items() if k.startswith("eval_") or k in objective.eval_keys})
   writer.close()
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -361,6 +418,8 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
   from jaxstages.state import state_shardings
 
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
+  if stage.kind not in LOSSES:
+    raise ConfigError(f"plan sizes the packed-data stages ({', '.join(LOSSES)}), not {stage.kind!r}")
   tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else task_tokenizer(data_cfg.task, n_samples=200)
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   optimizer, schedule = make_optimizer(OptimConfig.from_config(config.get("optim")), stage.steps)

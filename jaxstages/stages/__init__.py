@@ -1,7 +1,107 @@
-"""One module per training objective; each contributes a pure loss function `loss(model, batch) -> (sum, count,
-aux)` to the shared train loop."""
+"""One module per training objective. Each gives the shared train loop (`jaxstages.train.run_stage`) an `Objective`:
+its pure loss `loss(model, batch) -> (sum, count, aux sums)`, the data kinds it trains on, and, where it needs them,
+a `prepare` that adds frozen-model outputs or fresh samples to each batch before the jitted step (DPO's reference
+log-probs, a distillation teacher's log-probs, on-policy samples) and held-out metrics of its own.
 
+A stage's `kind` picks the objective; an objective with options reads them from its own config block, named in
+`OBJECTIVE_BLOCKS` (e.g. `dpo.beta`), checked key by key like every other block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxstages.config import ConfigError, check_keys
 from jaxstages.stages.lm import lm_loss
 from jaxstages.stages.sft import sft_per_sequence_loss
 
-LOSSES = {"pretrain": lm_loss, "midtrain": lm_loss, "sft": lm_loss, "sft-per-sequence": sft_per_sequence_loss}
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+# the objectives whose batches come straight from a packed pipeline (no prepare); `plan` sizes these
+LOSSES: dict[str, LossFn] = {"pretrain": lm_loss, "midtrain": lm_loss, "sft": lm_loss,
+                             "sft-per-sequence": sft_per_sequence_loss}
+PACKED = ("pretrain", "midtrain", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+  """What an objective may build on: the stage, its data config, the model's shape and graph, the mesh, the
+  tokenizer, and the params the stage starts from (before any resume; copy them if they must outlive the first,
+  donating, step)."""
+
+  stage: Any  # jaxstages.train.StageConfig
+  data: Any  # jaxstages.data.pipeline.DataConfig
+  model_cfg: Any
+  graphdef: nnx.GraphDef
+  mesh: Mesh
+  rules: tuple
+  tokenizer: Any
+  params_sharding: Any
+  initial_params: nnx.State
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a stage adds to the shared loop.
+
+  loss            pure `(model, batch) -> (sum, count, aux sums)`; the step reports `sum / count` and aux / count
+  data_kinds      pipeline kinds it trains on
+  prepare         `(state, global batch, step) -> batch` run on the host side before each step (may call jitted
+                  functions: frozen-model forwards, the sampler); deterministic in (batch, step, params) so a
+                  resumed run repeats it exactly
+  eval_loss       the held-out loss, if not `loss` (distillation reports the data NLL)
+  eval_prepare    `batch -> batch` for held-out batches
+  evaluate        `params -> {name: value}`: extra held-out metrics at every evaluation (DPO's KL drift)
+  tokens_per_step, flops_per_step: the stage's compute per step when not the plain LM count (pairs, teacher
+                  forwards, sampling)
+  """
+
+  loss: LossFn
+  data_kinds: tuple[str, ...]
+  prepare: Callable[[Any, Batch, int], Batch] | None = None
+  eval_loss: LossFn | None = None
+  eval_prepare: Callable[[Batch], Batch] | None = None
+  evaluate: Callable[[nnx.State], dict[str, float]] | None = None
+  tokens_per_step: int | None = None
+  flops_per_step: float | None = None
+  eval_keys: tuple[str, ...] = ()  # names `evaluate` returns, also written to the metrics at the end
+
+
+def _packed(loss: LossFn) -> Callable[[StageContext, Mapping], Objective]:
+  return lambda ctx, block: Objective(loss=loss, data_kinds=PACKED)
+
+
+def _dpo(ctx: StageContext, block: Mapping) -> Objective:
+  from jaxstages.stages.dpo import dpo_objective
+  return dpo_objective(ctx, block)
+
+
+def _distill(ctx: StageContext, block: Mapping) -> Objective:
+  from jaxstages.stages.distill import distill_objective
+  return distill_objective(ctx, block)
+
+
+OBJECTIVES: dict[str, Callable[[StageContext, Mapping], Objective]] = {
+    **{kind: _packed(loss) for kind, loss in LOSSES.items()}, "dpo": _dpo, "distill": _distill}
+OBJECTIVE_BLOCKS = {"dpo": "dpo", "distill": "distill"}  # kind -> the config block holding its options
+
+
+def objective_block(kind: str, config: Mapping[str, Any]) -> dict:
+  """The options block of `kind` from a training config (empty if it has none); rejects an unknown kind and the
+  block of another kind (a `dpo` block in a distillation stage is a mistake, not a no-op)."""
+  check_keys([kind], OBJECTIVES, "stage kinds")
+  for other, name in OBJECTIVE_BLOCKS.items():
+    if other != kind and config.get(name):
+      raise ConfigError(f"config block {name!r} belongs to stage kind {other!r}, but stage.kind is {kind!r}")
+  return dict(config.get(OBJECTIVE_BLOCKS.get(kind, ""), None) or {})
+
+
+def build_objective(kind: str, ctx: StageContext, block: Mapping) -> Objective:
+  return OBJECTIVES[kind](ctx, block)

@@ -28,9 +28,22 @@ caller masks and averages, as with every other loss here. With p = softmax(teach
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+import functools
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxstages.config import ConfigError, check_keys, from_config
+from jaxstages.losses import token_log_probs
+
+if TYPE_CHECKING:
+  from jaxstages.stages import Objective
 
 
 def check_same_vocab(student_vocab_size: int, teacher_vocab_size: int) -> None:
@@ -151,3 +164,172 @@ def sampled_token_reverse_kl_advantage(student_token_logprobs: jax.Array,
   chex.assert_equal_shape([student_token_logprobs, teacher_token_logprobs])
   advantage = teacher_token_logprobs.astype(jnp.float32) - student_token_logprobs.astype(jnp.float32)
   return jax.lax.stop_gradient(advantage)
+
+
+# -- the stage ------------------------------------------------------------------------------------------------------
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
+OFF_POLICY = ("dataset", "teacher")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """The `distill` block of a `kind="distill"` stage.
+
+  Off-policy on the **dataset** (`off_policy="dataset"`, `on_policy_fraction=0`, a packed data pipeline): the
+  teacher's distribution at every trained position of the data. With sampling (an `rl` pipeline of prompts): each
+  step draws completions from the student with probability `on_policy_fraction` (GKD's λ; 1 is fully on-policy)
+  and otherwise from the **teacher** (`off_policy="teacher"`: sequence-level KD, the teacher's own outputs), and
+  the divergence is taken at every completion position. `sampled_reverse_kl` is the on-policy policy-gradient
+  form: the per-token advantage log p_teacher(x) − log q_student(x) of the student's sampled tokens weights
+  −log q(x) (λ must be 1).
+  """
+
+  teacher: str = ""  # a stage folder, a params folder, or hf:FOLDER; must share the student's tokenizer
+  divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | sampled_reverse_kl
+  beta: float = 0.5  # jsd's β (TRL convention: 0 = forward KL, 1 = reverse KL)
+  temperature: float = 1.0  # of both distributions in the divergence
+  top_k: int = 0  # > 0: the teacher as its top-k log-probs + one tail bucket (forward_kl only)
+  on_policy_fraction: float = 0.0  # GKD's λ
+  off_policy: str = "dataset"  # dataset | teacher
+  max_new_tokens: int = 128  # sampled completions
+  sample_temperature: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    check_keys([self.divergence], DIVERGENCES, "distill.divergence")
+    check_keys([self.off_policy], OFF_POLICY, "distill.off_policy")
+    if not self.teacher:
+      raise ConfigError("distill.teacher is required: a stage folder, a params folder or hf:FOLDER")
+    if not 0.0 <= self.on_policy_fraction <= 1.0 or not 0.0 <= self.beta <= 1.0 or self.temperature <= 0:
+      raise ConfigError("need 0 <= distill.on_policy_fraction <= 1, 0 <= distill.beta <= 1, distill.temperature > 0")
+    if self.top_k and self.divergence != "forward_kl":
+      raise ConfigError("distill.top_k keeps only the teacher's top-k log-probs, which determines forward KL only; "
+                        f"{self.divergence!r} needs the full teacher distribution (set top_k=0)")
+    if self.divergence == "sampled_reverse_kl" and self.on_policy_fraction != 1.0:
+      raise ConfigError("divergence 'sampled_reverse_kl' is a policy gradient on the student's own samples: "
+                        "set distill.on_policy_fraction=1")
+    if self.on_policy_fraction > 0 and self.off_policy == "dataset" and self.on_policy_fraction < 1:
+      raise ConfigError("mixing student samples with dataset sequences needs prompts and completions in one "
+                        "pipeline; use off_policy='teacher' (teacher-generated sequences) with an rl pipeline")
+
+  @property
+  def samples(self) -> bool:
+    """Whether the stage generates its sequences (from prompts) rather than reading them."""
+    return self.on_policy_fraction > 0 or self.off_policy == "teacher"
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, where: str) -> None:
+  """Raises `ConfigError` naming the first differing token unless both tokenizers map ids to the same pieces."""
+  a, b = student_tokenizer.vocab_size, teacher_tokenizer.vocab_size
+  if a != b:
+    raise ConfigError(f"{where}: the teacher's tokenizer has {b} tokens, the student's {a}: distillation compares "
+                      "token i of one with token i of the other, so they must share one tokenizer")
+  for i in range(a):
+    if student_tokenizer.id_to_token(i) != teacher_tokenizer.id_to_token(i):
+      raise ConfigError(f"{where}: token {i} is {teacher_tokenizer.id_to_token(i)!r} for the teacher but "
+                        f"{student_tokenizer.id_to_token(i)!r} for the student: they must share one tokenizer")
+
+
+def distill_loss_fn(cfg: DistillConfig):
+  """Pure loss over packed-style rows with the teacher's outputs added by `prepare`: (sum of the per-token divergence
+  over `loss_mask`, trained tokens, {nll: the student's NLL of the row's tokens})."""
+
+  def loss(model: nnx.Module, batch):
+    logits, _ = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    mask = batch["loss_mask"].astype(jnp.float32)
+    token_lp = token_log_probs(logits, batch["targets"])
+    if cfg.divergence == "sampled_reverse_kl":
+      advantage = sampled_token_reverse_kl_advantage(token_lp, batch["teacher_token_logprobs"])
+      per_token = -advantage * token_lp  # its gradient is the policy gradient of −KL(q‖p)
+      extra = {"reverse_kl_estimate": jnp.sum(-advantage * mask)}
+    elif cfg.top_k:
+      per_token = truncated_forward_kl(logits, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
+                                       cfg.temperature)
+      extra = {}
+    else:
+      divergence = {"forward_kl": forward_kl, "reverse_kl": reverse_kl,
+                    "jsd": functools.partial(generalized_jsd, beta=cfg.beta)}[cfg.divergence]
+      per_token = divergence(logits, batch["teacher_logits"], temperature=cfg.temperature)
+      extra = {}
+    nll = jnp.sum(jnp.where(mask != 0, -token_lp * mask, 0.0))
+    return jnp.sum(jnp.where(mask != 0, per_token * mask, 0.0)), jnp.sum(mask), {"nll": nll, **extra}
+
+  return loss
+
+
+def teacher_outputs(cfg: DistillConfig):
+  """`(teacher, batch) -> {...}`: what the loss needs from the teacher on the batch's rows."""
+
+  def fn(teacher: nnx.Module, batch):
+    logits, _ = teacher(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    if cfg.divergence == "sampled_reverse_kl":
+      return {"teacher_token_logprobs": token_log_probs(logits, batch["targets"])}
+    if cfg.top_k:
+      ids, lps = topk_tail_log_probs(logits, cfg.top_k, cfg.temperature)
+      return {"teacher_topk_ids": ids, "teacher_topk_logprobs": lps}
+    return {"teacher_logits": logits.astype(jnp.float32)}
+
+  return fn
+
+
+def distill_objective(ctx, block) -> Objective:
+  """Strong-to-weak distillation as a stage: the teacher (frozen, loaded once) scores every batch before the step;
+  with sampling, the batch is first generated from the prompts by the student or the teacher. The held-out loss is
+  the student's data NLL, comparable with any LM or SFT stage; the teacher's forwards and the sampling count in the
+  stage's FLOPs."""
+  from jax.experimental import multihost_utils
+
+  from jaxstages.data.tokenizer import load_tokenizer
+  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+  from jaxstages.sampling import SamplingConfig, completion_rows, sample
+  from jaxstages.sharding import shard_batch
+  from jaxstages.stages import PACKED, Objective  # noqa: F811
+  from jaxstages.stages.lm import lm_loss
+  from jaxstages.train import load_model, make_apply
+
+  cfg = from_config(DistillConfig, block, where="distill config")
+  teacher = load_model(cfg.teacher, ctx.mesh, ctx.rules)
+  check_same_vocab(ctx.model_cfg.vocab_size, teacher.cfg.vocab_size)
+  teacher_tokenizer = Path(cfg.teacher) / "tokenizer"
+  if not cfg.teacher.startswith("hf:") and teacher_tokenizer.exists():
+    check_same_tokenizer(ctx.tokenizer, load_tokenizer(teacher_tokenizer), f"distill.teacher {cfg.teacher}")
+  teacher_graphdef, teacher_params = nnx.split(teacher)
+  teacher_fn = make_apply(teacher_graphdef, teacher_outputs(cfg), ctx.mesh,
+                          jax.tree.map(lambda x: x.sharding, teacher_params), ctx.rules, out_batch_sharded=True)
+  tok = ctx.tokenizer
+  stops = tuple(i for i in (tok.im_end_id, tok.eos_id) if i is not None and i >= 0)
+  sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
+                            stop_tokens=stops, pad_id=tok.pad_id)
+  d = ctx.data
+
+  def generate(state, batch, step: int) -> dict:
+    """Rows of prompt + completion, sampled by the student (probability λ, from the step's seed) or the teacher."""
+    on_policy = np.random.default_rng([cfg.seed, step, 0x6B64]).random() < cfg.on_policy_fraction
+    prompt_tokens, prompt_mask = (np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
+                                  for k in ("prompt_tokens", "prompt_mask"))
+    prompts = [row[m == 1].tolist() for row, m in zip(prompt_tokens, prompt_mask)]
+    model = nnx.merge(ctx.graphdef, state.params) if on_policy else teacher
+    samples = sample(model, prompts, sampling, int(np.random.default_rng([cfg.seed, step]).integers(2**31)),
+                     ctx.mesh, ctx.rules)
+    rows = completion_rows(prompts, samples, 1, tok.pad_id, width=prompt_tokens.shape[1])
+    rows["loss_mask"] = rows.pop("completion_mask")
+    rows["on_policy"] = np.full((len(prompts),), float(on_policy), np.float32)
+    return shard_batch(rows, ctx.mesh, ctx.rules)
+
+  def prepare(state, batch, step: int):
+    if cfg.samples:
+      batch = generate(state, batch, step)
+    return {**batch, **teacher_fn(teacher_params, batch)}
+
+  if cfg.samples:
+    seq = d.prompt_len + cfg.max_new_tokens - 1
+    tokens = d.batch_size * seq
+    sampled = d.batch_size * cfg.max_new_tokens  # upper bound: every row generates max_new_tokens
+    sampler_flops = (cfg.on_policy_fraction * forward_flops_per_token(ctx.model_cfg, seq)
+                     + (1 - cfg.on_policy_fraction) * forward_flops_per_token(teacher.cfg, seq)) * sampled
+  else:
+    seq, tokens, sampler_flops = d.seq_len, d.batch_size * d.seq_len, 0.0
+  flops = (train_flops_per_token(ctx.model_cfg, seq) + forward_flops_per_token(teacher.cfg, seq)) * tokens
+  return Objective(loss=distill_loss_fn(cfg), data_kinds=("rl",) if cfg.samples else PACKED, prepare=prepare,
+                   eval_loss=lm_loss, tokens_per_step=tokens, flops_per_step=flops + sampler_flops)

@@ -38,13 +38,24 @@ Metrics per pair `[batch]` (the caller masks and averages): `rewards_chosen` = �
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
 import difflib
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
+from jaxstages.config import ConfigError, from_config
+from jaxstages.data import tasks
 from jaxstages.losses import token_log_probs
+
+if TYPE_CHECKING:
+  from jaxstages.stages import Objective
+from jaxstages.sampling import SamplingConfig, completion_rows, sample
+from jaxstages.sharding import use_mesh
 
 KINDS = ("sigmoid", "ipo", "hinge", "simpo")
 _SMOOTHABLE = ("sigmoid", "simpo")
@@ -142,3 +153,127 @@ def preference_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_ch
       "accuracy": (margin > 0).astype(jnp.float32),
   }
   return loss, metrics
+
+
+# -- the stage ------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """The `dpo` block of a `kind="dpo"` stage (data: a `preference` pipeline)."""
+
+  loss: str = "sigmoid"  # sigmoid | ipo | hinge | simpo
+  beta: float = 0.1
+  label_smoothing: float = 0.0  # > 0: conservative / robust DPO (sigmoid, simpo)
+  simpo_gamma: float = 0.5
+  reference: str | None = None  # a frozen reference other than the stage's starting params (a stage/params folder)
+  drift_prompts: int = 32  # held-out prompts for the KL-drift metric at every evaluation (0: off)
+  drift_max_new_tokens: int = 96
+  drift_seed: int = 0
+
+  def __post_init__(self):
+    check_kind(self.loss)
+    if self.beta <= 0:
+      raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+    if not 0.0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.loss not in _SMOOTHABLE):
+      raise ConfigError(f"dpo.label_smoothing {self.label_smoothing} must be in [0, 0.5) and applies only to "
+                        f"{', '.join(_SMOOTHABLE)}")
+
+
+def pair_log_probs(model: nnx.Module, batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Summed response log-probs and response lengths of both sides of every pair, in one forward over the
+  concatenated `[2 * batch, seq]` sequences: (chosen, rejected, chosen_len, rejected_len), each `[batch]`."""
+  tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+  mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])[:, 1:]
+  segments = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])[:, :-1]
+  rows, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t - 1, dtype=jnp.int32), (rows, t - 1))  # right-padded: 0, 1, 2, ...
+  logits, _ = model(tokens[:, :-1], positions, segments)
+  logps = sequence_log_probs(logits, tokens[:, 1:], mask)
+  lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
+  half = rows // 2
+  return logps[:half], logps[half:], lengths[:half], lengths[half:]
+
+
+def dpo_loss_fn(cfg: DPOConfig):
+  """The stage's pure loss: (sum of per-pair losses over valid pairs, number of valid pairs, metric sums)."""
+
+  def loss(model: nnx.Module, batch):
+    chosen, rejected, chosen_len, rejected_len = pair_log_probs(model, batch)
+    per_pair, metrics = preference_loss(chosen, rejected, batch.get("ref_chosen"), batch.get("ref_rejected"),
+                                        cfg.loss, cfg.beta, cfg.label_smoothing, chosen_len, rejected_len,
+                                        cfg.simpo_gamma)
+    valid = batch["valid"].astype(jnp.float32)
+    sums = {k: jnp.sum(v * valid) for k, v in metrics.items()}
+    sums["logps_chosen"] = jnp.sum(chosen * valid)
+    sums["logps_rejected"] = jnp.sum(rejected * valid)
+    return jnp.sum(per_pair * valid), jnp.sum(valid), sums
+
+  return loss
+
+
+def drift_prompts(data_cfg, tokenizer, n: int) -> list[list[int]]:
+  """Chat prompts of the first `n` eval-split problems of the stage's task (never trained on)."""
+  return [tokenizer.encode_chat(tasks.rl_prompt(tasks.generate(data_cfg.task, data_cfg.seed, "eval", i))["messages"],
+                                add_generation_prompt=True)[0] for i in range(n)]
+
+
+def dpo_objective(ctx, block) -> Objective:
+  """DPO and its variants as a stage: reference log-probs from a frozen copy of the starting params (or
+  `dpo.reference`) added to every batch before the step; the KL of the policy from the reference on held-out
+  prompts, sum over the completion of the exact per-token KL(π‖π_ref) along samples from π (a Rao-Blackwellised,
+  lower-variance estimate of the sequence KL), at every evaluation."""
+  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+  from jaxstages.stages import Objective  # noqa: F811 (the stages package imports this module)
+  from jaxstages.stages.distill import reverse_kl
+  from jaxstages.train import load_model, make_apply
+
+  cfg = from_config(DPOConfig, block, where="dpo config")
+  if cfg.reference:
+    ref_model = load_model(cfg.reference, ctx.mesh, ctx.rules)
+    if ref_model.cfg.vocab_size != ctx.model_cfg.vocab_size:
+      raise ConfigError(f"dpo.reference {cfg.reference} has vocab size {ref_model.cfg.vocab_size}, the policy "
+                        f"{ctx.model_cfg.vocab_size}")
+    ref_graphdef, ref_params = nnx.split(ref_model)
+  else:
+    ref_graphdef, ref_params = ctx.graphdef, jax.tree.map(lambda x: x.copy(), ctx.initial_params)
+  ref_sharding = jax.tree.map(lambda x: x.sharding, ref_params)
+  needs_ref = cfg.loss != "simpo"
+
+  ref_fn = make_apply(ref_graphdef, lambda m, b: dict(zip(("ref_chosen", "ref_rejected"), pair_log_probs(m, b)[:2])),
+                      ctx.mesh, ref_sharding, ctx.rules, out_batch_sharded=True)
+
+  def add_reference(batch):
+    return {**batch, **ref_fn(ref_params, batch)}
+
+  prompts = drift_prompts(ctx.data, ctx.tokenizer, cfg.drift_prompts) if cfg.drift_prompts else []
+  stops = tuple(i for i in (ctx.tokenizer.im_end_id, ctx.tokenizer.eos_id) if i is not None and i >= 0)
+  sampling = SamplingConfig(max_new_tokens=cfg.drift_max_new_tokens, temperature=1.0, stop_tokens=stops,
+                            pad_id=ctx.tokenizer.pad_id)
+
+  def sequence_kl(policy, reference, rows):
+    inputs = (rows["tokens"], rows["positions"], rows["segment_ids"])
+    per_token = reverse_kl(policy(*inputs)[0], reference(*inputs)[0])  # KL(π‖π_ref) at every position
+    return jnp.sum(per_token * rows["completion_mask"], axis=-1)
+
+  kl_fn = jax.jit(lambda params, ref, rows: sequence_kl(nnx.merge(ctx.graphdef, params),
+                                                        nnx.merge(ref_graphdef, ref), rows))
+
+  def kl_drift(params) -> dict[str, float]:
+    samples = sample(nnx.merge(ctx.graphdef, params), prompts, sampling, cfg.drift_seed, ctx.mesh, ctx.rules)
+    rows = completion_rows(prompts, samples, 1, ctx.tokenizer.pad_id)
+    with use_mesh(ctx.mesh, ctx.rules):
+      kl = kl_fn(params, ref_params, {k: jnp.asarray(v) for k, v in rows.items()})
+    return {"kl_from_reference": float(jnp.mean(kl)),
+            "drift_length": float(np.mean(np.asarray(samples.lengths)))}
+
+  d = ctx.data
+  tokens = 2 * d.batch_size * (d.seq_len - 1)
+  flops = train_flops_per_token(ctx.model_cfg, d.seq_len) * tokens
+  if needs_ref:
+    flops += forward_flops_per_token(nnx.merge(ref_graphdef, ref_params).cfg, d.seq_len) * tokens
+  return Objective(loss=dpo_loss_fn(cfg), data_kinds=("preference",),
+                   prepare=(lambda state, batch, step: add_reference(batch)) if needs_ref else None,
+                   eval_prepare=add_reference if needs_ref else None,
+                   evaluate=kl_drift if prompts else None, tokens_per_step=tokens, flops_per_step=flops,
+                   eval_keys=("kl_from_reference", "drift_length"))
