@@ -96,7 +96,8 @@ def _eval(args: argparse.Namespace) -> None:
                    problems=args.problems, n=args.n, ks=_ints(args.k) if args.k else (1,),
                    temperature=args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0),
                    top_p=args.top_p, prompt=args.prompt,
-                   think={"on": True, "off": False, "none": None}[args.think], seed=args.seed)
+                   think={"on": True, "off": False, "none": None}[args.think], think_budget=args.think_budget,
+                   seed=args.seed)
   result = evaluate_run(args.run, cfg, step=args.step, out_dir=args.out)
   print(markdown_table(result))
   print(f"written to {args.out or args.run.rstrip('/') + '/eval'}/eval.json and eval.md")
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt", default="document", choices=["document", "chat"],
                  help="document: problem text + newline (pre-trained bases); chat: the user turn (SFT/RL models)")
   p.add_argument("--think", default="none", choices=["on", "off", "none"], help="chat prompts: /think, /no_think")
+  p.add_argument("--think-budget", type=int, default=None,
+                 help="close the think block after this many thinking tokens, so the answer follows")
   p.add_argument("--step", type=int, default=None, help="checkpoint step; default: the latest")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="folder for eval.json / eval.md; default RUN/eval")

@@ -15,19 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
-from jaxstages.checkpoint import restore_params
 from jaxstages.config import ConfigError, check_keys
 from jaxstages.data import tasks
 from jaxstages.data.pipeline import data_config
 from jaxstages.data.tokenizer import load_tokenizer
 from jaxstages.metrics import progress
 from jaxstages.model import Transformer
-from jaxstages.rewards import verify
+from jaxstages.rewards import format_ok, verify
 from jaxstages.sampling import SamplingConfig, sample
-from jaxstages.sharding import data_parallel_size, make_mesh, param_shardings
-from jaxstages.train import stage_model_config
+from jaxstages.sharding import data_parallel_size, make_mesh
+from jaxstages.train import load_model
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -65,6 +63,7 @@ class EvalConfig:
   prompt: str = "document"  # "document": problem text + newline (a pre-trained base); "chat": the user turn
   think: bool | None = None  # with prompt="chat": the /think or /no_think flag, or neither
   max_new_tokens: int | None = None  # None: enough for the gold solution of the cell's op, with slack
+  think_budget: int | None = None  # close the think block after this many thinking tokens (sampling.SamplingConfig)
   batch_size: int = 64  # prompts per sampler call
   seed: int = 0
 
@@ -97,6 +96,10 @@ def _stop_tokens(tokenizer, cfg: EvalConfig) -> tuple[int, ...]:
   return tuple(int(i) for i in ids if i is not None and i >= 0)
 
 
+def _id(token_id: int | None) -> int:
+  return -1 if token_id is None else int(token_id)
+
+
 def _strip_stop(tokens: list[int], stops: tuple[int, ...]) -> list[int]:
   return tokens[:-1] if tokens and tokens[-1] in stops else tokens
 
@@ -104,7 +107,9 @@ def _strip_stop(tokens: list[int], stops: tuple[int, ...]) -> list[int]:
 def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: EvalConfig, mesh=None,
              show_progress: bool = True) -> dict:
   """Samples, verifies and scores every (op, context) cell. Returns `{"cells": [...], "config": ...}`; each cell has
-  `op`, `context`, `problems`, `samples`, `pass@k` for each k, `maj@n`, `answer@1`, `mean_length` (tokens)."""
+  `op`, `context`, `problems`, `samples`, `pass@k` for each k, `maj@n`, `answer@1`, `mean_length` (tokens),
+  `answered` (samples with an answer line) and `format` (samples in the expected form: one answer line at the end,
+  after a think block, empty for `/no_think`, when `think` is set; `rewards.format_ok`)."""
   contexts = cfg.contexts or tuple(dict.fromkeys(m.context for m in task_cfg.mixture))
   stops = _stop_tokens(tokenizer, cfg)
   cells = []
@@ -115,8 +120,10 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
       scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens or (16 * op + 16) * (2 if task_cfg.surface == "story"
                                                                                    else 1),
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n,
-                            stop_tokens=stops)
-      strict, answers, lengths = [], [], []
+                            stop_tokens=stops, think_budget=cfg.think_budget,
+                            think_open_id=_id(tokenizer.think_open_id), think_close_id=_id(tokenizer.think_close_id))
+      strict, answers, lengths, formats = [], [], [], []
+      think = cfg.think if cfg.prompt == "chat" else None
       for start in range(0, len(problems), cfg.batch_size):
         chunk = problems[start:start + cfg.batch_size]
         prompts = [eval_prompt(p, tokenizer, cfg) for p in chunk]
@@ -124,7 +131,9 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
         out = sample(model, padded, scfg, seed=cfg.seed * 1_000_003 + op * 1009 + start, mesh=mesh)
         completions = out.completions()[:len(chunk) * cfg.n]
         for i, toks in enumerate(completions):
-          verdict = verify(chunk[i // cfg.n], tokenizer.decode(_strip_stop(toks, stops)))
+          text = tokenizer.decode(_strip_stop(toks, stops))
+          verdict = verify(chunk[i // cfg.n], text)
+          formats.append(format_ok(text, think))
           strict.append(verdict.strict_correct)
           answers.append(verdict.answer)
           lengths.append(len(toks))
@@ -138,6 +147,8 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
                                             for i, p in enumerate(problems)]))
       cell["answer@1"] = float(np.mean([a == problems[i // cfg.n].answer for i, a in enumerate(answers)]))
       cell["mean_length"] = float(np.mean(lengths))
+      cell["answered"] = float(np.mean([a is not None for a in answers]))
+      cell["format"] = float(np.mean(formats))
       cells.append(cell)
   if bar is not None:
     bar.close()
@@ -149,10 +160,11 @@ def _data_shards(mesh) -> int:
 
 
 def markdown_table(result: dict) -> str:
-  """One row per context, one column per (metric, op): pass@k for each k, then maj@n and answer@1."""
+  """One row per context, one column per (metric, op): pass@k for each k, then maj@n, answer@1, the answered and
+  well-formatted fractions and the mean length."""
   cells = result["cells"]
   ops = sorted({c["op"] for c in cells})
-  metrics = [m for m in cells[0] if m.startswith(("pass@", "maj@"))] + ["answer@1", "mean_length"]
+  metrics = [m for m in cells[0] if m.startswith(("pass@", "maj@"))] + ["answer@1", "answered", "format", "mean_length"]
   by = {(c["context"], c["op"]): c for c in cells}
   lines = ["| context | metric | " + " | ".join(f"op {o}" for o in ops) + " |",
            "| --- | --- |" + " ---: |" * len(ops)]
@@ -169,12 +181,8 @@ def load_stage(run_dir: str | Path, step: int | None = None, mesh=None):
   `mesh` (default: every device, data-parallel)."""
   run_dir = Path(run_dir)
   config = json.loads((run_dir / "config.json").read_text())
-  tokenizer = load_tokenizer(run_dir / "tokenizer")
-  cfg = stage_model_config(config["model"], tokenizer.vocab_size)
-  graphdef, target = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-  mesh = mesh or make_mesh()
-  params = restore_params(run_dir / "checkpoints", target, param_shardings(target, mesh), step=step)
-  return nnx.merge(graphdef, params), tokenizer, config
+  model = load_model(run_dir, mesh or make_mesh(), step=step)
+  return model, load_tokenizer(run_dir / "tokenizer"), config
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig, step: int | None = None, out_dir: str | Path | None = None,

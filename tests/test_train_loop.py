@@ -2,12 +2,6 @@
 run on 1 or 8 devices, and planning without training."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +17,10 @@ from jaxstages.metrics import read_metrics
 from jaxstages.model import model_config
 from jaxstages.sharding import DEFAULT_RULES, make_mesh
 from jaxstages.train import StageConfig, initial_model, plan_stage, run_stage
+from tests.stage_runs import SMALL as TINY
+from tests.stage_runs import kill_at, losses, run, train_cmd
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.intermediate_size=128", "data.seq_len=128", "data.batch_size=8", "stage.eval_batches=2"]
+SMALL = TINY + ["data.seq_len=128"]
 
 
 def small_config(name="pretrain-toy", *overrides):
@@ -111,45 +105,26 @@ def test_midtraining_hands_off_exact_params_learns_the_new_context_and_replay_ho
 
 
 def _train_cmd(workdir, *overrides):
-  args = [sys.executable, "-m", "jaxstages.cli", "train", "--config", "configs/train.py:pretrain-toy",
-          "--workdir", str(workdir)]
-  return args + [f"--config.{o}" for o in SMALL + list(overrides)]
+  return train_cmd("pretrain-toy", workdir, *SMALL, *overrides)
 
 
 RESUME = ["stage.steps=40", "stage.log_every=1", "stage.checkpoint_every=8", "stage.eval_batches=1"]
 
 
-def _losses(workdir) -> dict[int, float]:
-  """step -> loss, the last value written for each step (a resumed run rewrites the steps after its checkpoint)."""
-  return {r["step"]: r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl") if "loss" in r}
-
-
-def _last_step(workdir) -> int:
-  return max(_losses(workdir), default=0) if (Path(workdir) / "metrics.jsonl").exists() else 0
-
-
 def test_resume_after_sigkill_gives_the_same_losses_also_on_another_mesh(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   reference = tmp_path / "reference"
-  subprocess.run(_train_cmd(reference, *RESUME), cwd=REPO, env=env, check=True, capture_output=True)
-  expected = _losses(reference)
+  run(_train_cmd(reference, *RESUME))
+  expected = losses(reference)
   assert sorted(expected) == list(range(1, 41))
 
   for name, mesh in (("same-mesh", []), ("mesh-change", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
     workdir = tmp_path / name
-    proc = subprocess.Popen(_train_cmd(workdir, *RESUME), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and _last_step(workdir) < 19:
-      time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # mid-run, possibly mid-save
-    proc.wait()
-    killed_at = max(_losses(workdir))
+    killed_at = kill_at(_train_cmd(workdir, *RESUME), workdir, 19)
     assert 19 <= killed_at < 40
-    subprocess.run(_train_cmd(workdir, *RESUME, *mesh), cwd=REPO, env=env, check=True, capture_output=True)
+    run(_train_cmd(workdir, *RESUME, *mesh))
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["resumed_from"] is not None and 8 <= summary["resumed_from"] <= killed_at
-    got = _losses(workdir)
+    got = losses(workdir)
     assert sorted(got) == list(range(1, 41))
     tolerance = 1e-6 if not mesh else 1e-4
     for step in range(1, 41):
@@ -160,8 +135,8 @@ def test_same_run_on_one_or_eight_devices(tmp_path, devices):
   overrides = ["stage.steps=20", "stage.log_every=20", "stage.checkpoint_every=20", "stage.eval_batches=1"]
   one = run_stage(small_config("pretrain-toy", *overrides), tmp_path / "one", devices=devices[:1])
   eight = run_stage(small_config("pretrain-toy", *overrides), tmp_path / "eight")
-  loss_one = _losses(tmp_path / "one")[20]
-  loss_eight = _losses(tmp_path / "eight")[20]
+  loss_one = losses(tmp_path / "one")[20]
+  loss_eight = losses(tmp_path / "eight")[20]
   assert abs(loss_one - loss_eight) <= 1e-4 * loss_one
   assert abs(one["eval_loss"] - eight["eval_loss"]) <= 1e-4 * one["eval_loss"]
 

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxstages.config import ConfigError, from_config
+from jaxstages.config import ConfigError, check_keys, from_config
 from jaxstages.data import tasks
 from jaxstages.losses import token_log_probs
 
@@ -172,7 +172,7 @@ class DPOConfig:
   drift_seed: int = 0
 
   def __post_init__(self):
-    check_kind(self.loss)
+    check_keys([self.loss], KINDS, "dpo.loss")
     if self.beta <= 0:
       raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
     if not 0.0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.loss not in _SMOOTHABLE):

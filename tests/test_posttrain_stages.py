@@ -1,0 +1,181 @@
+"""DPO and distillation as stages of the shared loop: their batch-level losses against references computed another
+way (per-row unpadded forwards, NumPy KL), their values at equality, and their config errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxstages.config import ConfigError, apply_overrides, load_config
+from jaxstages.data.pipeline import data_config, make_pipeline
+from jaxstages.data.tokenizer import task_tokenizer
+from jaxstages.model import create_model
+from jaxstages.stages import objective_block
+from jaxstages.stages.distill import DistillConfig, check_same_tokenizer, distill_loss_fn, teacher_outputs
+from jaxstages.stages.dpo import DPOConfig, dpo_loss_fn, pair_log_probs
+from jaxstages.train import run_stage, vocab_size_for
+from tests.stage_runs import SMALL, kill_at, loss_rows, run, train_cmd
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return task_tokenizer(data_config("preference-symbolic").task, n_samples=300)
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_cfg, tok):
+  """The tiny model with the task tokenizer's vocabulary and spread-out logits."""
+  return tiny_cfg.replace(vocab_size=vocab_size_for(tok.vocab_size), init_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+  return create_model(cfg, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pairs(tok):
+  batch = next(make_pipeline(dict(kind="preference", task=dict(surface="symbolic", op_range=(1, 3)), seq_len=128,
+                                  prompt_len=80, batch_size=4, seed=3), tok, 0, 1))
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _unpadded_response_log_prob(model, tokens, mask):
+  """Sum of log p(token) over the response, from a forward over the row's real tokens alone (no padding)."""
+  n = int(np.nonzero(np.asarray(tokens))[0].max()) + 1
+  logits, _ = model(jnp.asarray(tokens[None, :n]))
+  logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), -1), np.float64)
+  return sum(logp[i - 1, int(tokens[i])] for i in range(1, n) if mask[i])
+
+
+def test_pair_log_probs_equal_unpadded_forwards(model, pairs):
+  chosen, rejected, chosen_len, rejected_len = pair_log_probs(model, pairs)
+  for side, got, lengths in (("chosen", chosen, chosen_len), ("rejected", rejected, rejected_len)):
+    tokens, mask = np.asarray(pairs[f"{side}_tokens"]), np.asarray(pairs[f"{side}_mask"])
+    for r in range(tokens.shape[0]):
+      want = _unpadded_response_log_prob(model, tokens[r], mask[r])
+      assert float(got[r]) == pytest.approx(want, rel=1e-5, abs=1e-4)
+      assert float(lengths[r]) == mask[r, 1:].sum()
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge"])
+def test_dpo_stage_loss_at_the_reference(model, pairs, kind):
+  """Policy = reference: sigmoid gives log 2, hinge 1, IPO (1/2β)², and every reward and margin is 0."""
+  chosen, rejected, _, _ = pair_log_probs(model, pairs)
+  cfg = DPOConfig(loss=kind, beta=0.2)
+  total, count, sums = dpo_loss_fn(cfg)(model, {**pairs, "ref_chosen": chosen, "ref_rejected": rejected})
+  expected = {"sigmoid": np.log(2.0), "hinge": 1.0, "ipo": (1 / (2 * 0.2)) ** 2}[kind]
+  assert float(count) == float(pairs["valid"].sum())
+  assert float(total / count) == pytest.approx(expected, rel=1e-6)
+  for k in ("rewards_chosen", "rewards_rejected", "margin", "accuracy"):
+    assert abs(float(sums[k])) < 1e-6
+
+
+def test_dpo_stage_ignores_padding_pairs(model, pairs):
+  chosen, rejected, _, _ = pair_log_probs(model, pairs)
+  batch = {**pairs, "ref_chosen": chosen - 1.0, "ref_rejected": rejected, "valid": pairs["valid"].at[1:].set(0)}
+  total, count, _ = dpo_loss_fn(DPOConfig())(model, batch)
+  assert float(count) == 1.0
+  assert float(total) == pytest.approx(-np.log(1 / (1 + np.exp(-0.1 * 1.0))), rel=1e-5)  # pair 0 only
+
+
+def _packed_batch(tok):
+  batch = next(make_pipeline(dict(kind="sft", task=dict(surface="symbolic", op_range=(1, 2)), seq_len=96,
+                                  batch_size=2, seed=2, think_mix=(0.5, 0.5, 0.0)), tok, 0, 1))
+  return {k: jnp.asarray(v) for k, v in batch.items() if k != "source"}
+
+
+def test_distill_stage_loss_equals_numpy_kl_over_trained_tokens(cfg, tok):
+  student = create_model(cfg, seed=1)
+  teacher = create_model(cfg.replace(num_layers=3), seed=2)
+  batch = _packed_batch(tok)
+  cfg = DistillConfig(teacher="unused", divergence="forward_kl", temperature=2.0)
+  full = {**batch, **teacher_outputs(cfg)(teacher, batch)}
+  total, count, sums = distill_loss_fn(cfg)(student, full)
+
+  def log_softmax(x):
+    x = np.asarray(x, np.float64) / 2.0
+    return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
+  args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+  log_t, log_s = log_softmax(teacher(*args)[0]), log_softmax(student(*args)[0])
+  kl = (np.exp(log_t) * (log_t - log_s)).sum(-1)
+  mask = np.asarray(batch["loss_mask"])
+  assert float(count) == mask.sum()
+  assert float(total) == pytest.approx((kl * mask).sum(), rel=1e-4)
+  # the aux NLL is the student's data NLL at temperature 1
+  logits = np.asarray(student(*args)[0], np.float64)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  nll = lse - np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+  assert float(sums["nll"]) == pytest.approx((nll * mask).sum(), rel=1e-4)
+
+
+@pytest.mark.parametrize("extra", [dict(divergence="forward_kl"), dict(divergence="reverse_kl"),
+                                   dict(divergence="jsd", beta=0.3), dict(divergence="forward_kl", top_k=8)])
+def test_distilling_a_model_into_itself_costs_nothing(cfg, tok, extra):
+  model = create_model(cfg, seed=1)
+  batch = _packed_batch(tok)
+  cfg = DistillConfig(teacher="unused", **extra)
+  total, count, _ = distill_loss_fn(cfg)(model, {**batch, **teacher_outputs(cfg)(model, batch)})
+  assert float(count) > 0 and abs(float(total / count)) < 1e-5
+
+
+def test_config_errors_name_the_problem(tok):
+  with pytest.raises(ConfigError, match="top_k"):
+    DistillConfig(teacher="t", divergence="reverse_kl", top_k=8)
+  with pytest.raises(ConfigError, match="on_policy_fraction=1"):
+    DistillConfig(teacher="t", divergence="sampled_reverse_kl", on_policy_fraction=0.5)
+  with pytest.raises(ConfigError, match="teacher is required"):
+    DistillConfig()
+  with pytest.raises(ConfigError, match="forwrd_kl.*forward_kl"):
+    DistillConfig(teacher="t", divergence="forwrd_kl")
+  with pytest.raises(ConfigError, match="'dpo' belongs to stage kind 'dpo'"):
+    objective_block("distill", {"dpo": {"beta": 0.1}})
+  from jaxstages.config import from_config
+  with pytest.raises(ConfigError, match="'bta'.*'beta'"):
+    from_config(DPOConfig, {"bta": 0.1}, where="dpo config")
+  with pytest.raises(ConfigError, match="'sigmod'.*'sigmoid'"):
+    DPOConfig(loss="sigmod")
+  other = task_tokenizer(data_config("pretrain-story").task, n_samples=100)
+  with pytest.raises(ConfigError, match="share one tokenizer"):
+    check_same_tokenizer(tok, other, "distill.teacher T")
+  check_same_tokenizer(tok, tok, "same")
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+  """A 2-step SFT stage of the tiny shape: the starting point of DPO and the teacher of distillation below."""
+  workdir = tmp_path_factory.mktemp("sft")
+  run_stage(apply_overrides(load_config("configs/train.py:sft-toy"), SMALL + [
+      "stage.init_from=None", "stage.steps=2", "stage.log_every=1", "stage.checkpoint_every=2", "stage.eval_every=0",
+      "data.seq_len=128"]), workdir)
+  return workdir
+
+
+RESUME = ["stage.steps=16", "stage.log_every=1", "stage.checkpoint_every=6", "stage.eval_every=0"]
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("dpo-toy", ["stage.init_from={sft}", "dpo.drift_prompts=0"]),
+    # on-policy distillation: each step samples from the student or the teacher (λ = 0.5), then the teacher scores
+    ("distill-toy", ["distill.teacher={sft}", "data.kind='rl'", "data.sources=()", "data.prompt_len=96",
+                     "distill.on_policy_fraction=0.5", "distill.off_policy='teacher'", "distill.max_new_tokens=24"]),
+])
+def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path, config, overrides):
+  """Killed mid-run, re-run: the steps after the last checkpoint are computed again and give the same losses bit
+  for bit (params, optimizer, data position, reference / teacher outputs and samples all restored or re-derived)."""
+  cmd = train_cmd(config, tmp_path, *SMALL, *RESUME, *(o.format(sft=tiny_sft) for o in overrides))
+  killed_at = kill_at(cmd, tmp_path, 9)
+  assert 9 <= killed_at < 16
+  run(cmd)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["step"] == 16 and summary["resumed_from"] in (6, 12) and summary["resumed_from"] < killed_at
+  first, again = {}, {}
+  for step, loss in loss_rows(tmp_path):
+    (again if step in first else first)[step] = loss
+  assert sorted(first) == list(range(1, 17))
+  assert sorted(again) == list(range(summary["resumed_from"] + 1, killed_at + 1))
+  for step, loss in again.items():
+    assert loss == first[step], (step, loss, first[step])
