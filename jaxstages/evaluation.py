@@ -22,7 +22,7 @@ from jaxstages.data.pipeline import data_config
 from jaxstages.data.tokenizer import load_tokenizer
 from jaxstages.metrics import progress
 from jaxstages.model import Transformer
-from jaxstages.rewards import format_ok, verify
+from jaxstages.rewards import format_ok, think_block, verify
 from jaxstages.sampling import SamplingConfig, sample
 from jaxstages.sharding import data_parallel_size, make_mesh
 from jaxstages.train import load_model
@@ -109,7 +109,8 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   """Samples, verifies and scores every (op, context) cell. Returns `{"cells": [...], "config": ...}`; each cell has
   `op`, `context`, `problems`, `samples`, `pass@k` for each k, `maj@n`, `answer@1`, `mean_length` (tokens),
   `answered` (samples with an answer line) and `format` (samples in the expected form: one answer line at the end,
-  after a think block, empty for `/no_think`, when `think` is set; `rewards.format_ok`)."""
+  after a think block, empty for `/no_think`, when `think` is set; `rewards.format_ok`) and, when `think` is set,
+  `think_followed`: samples whose think block is non-empty for `/think` and present but empty for `/no_think`."""
   contexts = cfg.contexts or tuple(dict.fromkeys(m.context for m in task_cfg.mixture))
   stops = _stop_tokens(tokenizer, cfg)
   cells = []
@@ -122,7 +123,7 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n,
                             stop_tokens=stops, think_budget=cfg.think_budget,
                             think_open_id=_id(tokenizer.think_open_id), think_close_id=_id(tokenizer.think_close_id))
-      strict, answers, lengths, formats = [], [], [], []
+      strict, answers, lengths, formats, followed = [], [], [], [], []
       think = cfg.think if cfg.prompt == "chat" else None
       for start in range(0, len(problems), cfg.batch_size):
         chunk = problems[start:start + cfg.batch_size]
@@ -134,6 +135,9 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
           text = tokenizer.decode(_strip_stop(toks, stops))
           verdict = verify(chunk[i // cfg.n], text)
           formats.append(format_ok(text, think))
+          if think is not None:
+            block = think_block(text)
+            followed.append(block is not None and bool(block) == think)
           strict.append(verdict.strict_correct)
           answers.append(verdict.answer)
           lengths.append(len(toks))
@@ -149,6 +153,8 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
       cell["mean_length"] = float(np.mean(lengths))
       cell["answered"] = float(np.mean([a is not None for a in answers]))
       cell["format"] = float(np.mean(formats))
+      if think is not None:
+        cell["think_followed"] = float(np.mean(followed))
       cells.append(cell)
   if bar is not None:
     bar.close()
@@ -164,7 +170,7 @@ def markdown_table(result: dict) -> str:
   well-formatted fractions and the mean length."""
   cells = result["cells"]
   ops = sorted({c["op"] for c in cells})
-  metrics = [m for m in cells[0] if m.startswith(("pass@", "maj@"))] + ["answer@1", "answered", "format", "mean_length"]
+  metrics = [m for m in cells[0] if m.startswith(("pass@", "maj@"))] + ["answer@1", "answered", "format"] + (["think_followed"] if "think_followed" in cells[0] else []) + ["mean_length"]
   by = {(c["context"], c["op"]): c for c in cells}
   lines = ["| context | metric | " + " | ".join(f"op {o}" for o in ops) + " |",
            "| --- | --- |" + " ---: |" * len(ops)]

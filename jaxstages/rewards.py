@@ -106,16 +106,23 @@ def verify(problem: Problem, completion: str) -> Verdict:
   return Verdict(answer, outcome, value_err, dep_err, missing, extra, score, outcome and errors == 0)
 
 
+def think_block(completion: str) -> str | None:
+  """The stripped text of the think block the completion opens with (`""` for an empty one), or None when it does not
+  start with `<think>` or never closes it."""
+  body = completion.strip()
+  if not body.startswith(THINK_OPEN) or THINK_CLOSE not in body:
+    return None
+  return body[len(THINK_OPEN):].split(THINK_CLOSE, 1)[0].strip()
+
+
 def format_ok(completion: str, think: bool | None = None) -> bool:
   """The completion ends with exactly one answer line, after a think block when `think` is True/False."""
   body = completion.strip()
   if think is not None:
-    if not body.startswith(THINK_OPEN) or body.count(THINK_CLOSE) != 1:
+    inner = think_block(body)
+    if inner is None or body.count(THINK_CLOSE) != 1 or (think is False and inner):
       return False
-    inner, body = body[len(THINK_OPEN):].split(THINK_CLOSE, 1)
-    if think is False and inner.strip():
-      return False
-    body = body.strip()
+    body = body.split(THINK_CLOSE, 1)[1].strip()
   lines = body.splitlines()
   return bool(lines) and len(_ANSWER.findall(body)) == 1 and _ANSWER.match(lines[-1]) is not None
 

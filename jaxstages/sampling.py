@@ -49,7 +49,8 @@ class SamplingConfig:
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS  # prompts are left-padded to the smallest bucket that fits
   pad_id: int = 0  # written after a row has stopped (its mask is 0 there)
   # thinking budget (Qwen3-style): after `think_budget` tokens inside a `think_open_id` ... `think_close_id` block
-  # the close token is forced, so the answer still follows; a prompt that ends with the open token starts inside
+  # the close token is forced, so the answer still follows, and outside a block the close token is never sampled;
+  # a prompt that ends with the open token starts inside
   think_budget: int | None = None
   think_open_id: int = -1
   think_close_id: int = -1
@@ -123,11 +124,15 @@ def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> d
   return dict(tokens=tokens, positions=positions, segment_ids=segments)
 
 
-def choose_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One token per row from float32 `logits [rows, vocab]` with per-row `keys [rows]`.
-  Returns (tokens, log-prob under the sampled-from distribution, log-prob under the untempered model), each `[rows]`."""
+def choose_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig,
+                  banned: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One token per row from float32 `logits [rows, vocab]` with per-row `keys [rows]`; `banned [rows, vocab]`
+  (bool) takes tokens out of the sampled-from distribution. Returns (tokens, log-prob under the sampled-from
+  distribution, log-prob under the untempered, unrestricted model), each `[rows]`."""
   logits = logits.astype(jnp.float32)
   model_lp = jax.nn.log_softmax(logits, axis=-1)
+  if banned is not None:
+    logits = jnp.where(banned, -jnp.inf, logits)
   if cfg.temperature == 0:
     tokens = jnp.argmax(logits, axis=-1)
     sampled_lp = jnp.zeros(tokens.shape, jnp.float32)
@@ -204,7 +209,12 @@ def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, 
   def body(carry):
     step, logits, done, pos, cache, (thinking, thought), out = carry
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-    token, lp, model_lp = choose_tokens(logits, step_keys, cfg)
+    banned = None
+    if cfg.think_budget is not None:
+      # a think block closes once: outside it the close token is not sampled (after a forced close, a model never
+      # trained on cut-off thoughts would otherwise close the block again before answering)
+      banned = (jnp.arange(logits.shape[-1]) == cfg.think_close_id)[None, :] & ~thinking[:, None]
+    token, lp, model_lp = choose_tokens(logits, step_keys, cfg, banned)
     live = ~done
     forced = jnp.zeros_like(live)
     if cfg.think_budget is not None:

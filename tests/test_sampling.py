@@ -194,7 +194,7 @@ def test_sampler_under_its_own_sharding_reshards_params_inside_jit(model, device
 
 def test_thinking_budget_forces_the_close_token(peaked_model):
   """A prompt ending in <think> starts inside the block: after `budget` tokens the close token is forced (unless
-  the model closed it itself), marked `forced`, and the model then continues freely."""
+  the model closed it itself), marked `forced`, and the model then continues, never closing a block again."""
   think_open, think_close, budget = 7, 9, 3
   prompts = [[11, 12, think_open], [5, think_open], [20, 21, 22]]  # the third never opens a block
   cfg = SamplingConfig(max_new_tokens=8, n=4, temperature=1.0, think_budget=budget, think_open_id=think_open,
@@ -209,6 +209,7 @@ def test_thinking_budget_forces_the_close_token(peaked_model):
         continue
       must_close = thinking and thought >= budget
       assert forced[r, t] == must_close, (r, t, row)
+      assert tok != think_close or thinking, "outside a think block the close token is never sampled"
       if must_close:
         assert tok == think_close
       if tok == think_open:

@@ -63,6 +63,9 @@ def test_round_trip_is_exact(toks, surface):
   assert not bad, f"{len(bad)} of {len(texts)} texts do not round-trip, e.g. {bad[0]!r}"
   assert all(tok.decode(ids) == t for ids, t in zip(tok.encode_batch(texts[:50]), texts[:50]))
   assert tok.decode(np.asarray(tok.encode(texts[0]))) == texts[0]  # arrays of ids as well as lists
+  # ids of the model's rounded-up, untrained embedding rows (a sampler may pick one) decode to nothing
+  ids = tok.encode(texts[0])
+  assert tok.decode(ids[:1] + [tok.vocab_size, tok.vocab_size + 100] + ids[1:]) == texts[0]
 
 
 def test_unigram_round_trip_and_words_whole(toks):

@@ -40,7 +40,7 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | Non
   tokenizer.save(out / "tokenizer")
   summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
   (out / "source.json").write_text(json.dumps(
-      {"run": str(run), "step": step or (summary or {}).get("step"), "config_hash": config_hash(config),
+      {"run": run.name, "step": step or (summary or {}).get("step"), "config_hash": config_hash(config),
        "param_dtype": dtype or "as trained", "summary": summary, "config": config}, indent=2))
   return out
 

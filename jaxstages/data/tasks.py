@@ -333,17 +333,28 @@ class Problem:
     return steps
 
   def perturbed_steps(self, rng: np.random.Generator) -> list[Step]:
-    """The gold solution with one step's result made wrong and every later value recomputed from it, so the final
-    answer follows from the error (a plausible wrong solution for preference pairs)."""
+    """The gold solution with one step made wrong and every later value recomputed from it, so the final answer
+    follows from the error (a plausible wrong solution for preference pairs). The error is, with equal odds, a
+    wrong result (off by 1..modulus-1, or 1..9 on bounded integers) or a mis-bound operand: the value of another
+    quantity of the problem read in place of the named one, the slip a small model makes most."""
     values = {n: self.nodes[n].value for n in self.needed}
     k = int(rng.integers(len(self.solution_order)))
+    misbind = rng.random() < 0.5
     steps = []
     for i, n in enumerate(self.solution_order):
       node = self.nodes[n]
       a, b = node.args
       va, vb = values[a], values[b]
       result = apply_op(node.op, va, vb, self.modulus)
-      if i == k:  # a wrong value: off by 1..modulus-1 (or 1..9 on bounded integers)
+      if i == k and misbind:
+        side = int(rng.integers(2))
+        true = (va, vb)[side]
+        others = sorted({m.value for j, m in enumerate(self.nodes) if j not in (a, b, n)} - {true})
+        if others:
+          wrong = others[int(rng.integers(len(others)))]
+          va, vb = (wrong, vb) if side == 0 else (va, wrong)
+          result = apply_op(node.op, va, vb, self.modulus)
+      if i == k and (not misbind or (va, vb) == (values[a], values[b])):
         result = result + int(rng.integers(1, self.modulus or 10))
         result = result % self.modulus if self.modulus else result
       values[n] = result

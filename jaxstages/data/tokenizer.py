@@ -192,8 +192,10 @@ class Tokenizer(_ChatMixin):
     return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    """The text of `ids` (a 1-D sequence); `<pad>` decodes to nothing."""
-    return self.sp.decode([int(i) for i in ids])
+    """The text of `ids` (a 1-D sequence); `<pad>` decodes to nothing, and so do ids beyond the vocabulary (the
+    model's embedding is rounded up, and a sampled completion may pick one of those untrained rows)."""
+    n = self.vocab_size
+    return self.sp.decode([int(i) for i in ids if 0 <= int(i) < n])
 
   def token_to_id(self, piece: str) -> int:
     i = self._maybe_id(piece)
@@ -424,7 +426,9 @@ class HFTokenizer(_ChatMixin):
     return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    """The text of `ids`; ids beyond the vocabulary (rounded-up embedding rows) decode to nothing."""
+    n = self.vocab_size
+    return self.tok.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens=False)
 
   def token_to_id(self, piece: str) -> int:
     i = self.tok.token_to_id(piece)

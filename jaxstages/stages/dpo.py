@@ -58,6 +58,7 @@ from jaxstages.sampling import SamplingConfig, completion_rows, sample
 from jaxstages.sharding import use_mesh
 
 KINDS = ("sigmoid", "ipo", "hinge", "simpo")
+PAIR_SOURCES = ("task", "reference", "policy")
 _SMOOTHABLE = ("sigmoid", "simpo")
 
 
@@ -166,7 +167,18 @@ class DPOConfig:
   beta: float = 0.1
   label_smoothing: float = 0.0  # > 0: conservative / robust DPO (sigmoid, simpo)
   simpo_gamma: float = 0.5
+  # RPO (Pang et al. 2024, arXiv:2404.19733; TRL's `rpo_alpha`): + α × the chosen response's per-token NLL, which
+  # keeps DPO from lowering the likelihood of the preferred answers (here averaged per pair, then over pairs)
+  rpo_alpha: float = 0.0
   reference: str | None = None  # a frozen reference other than the stage's starting params (a stage/params folder)
+  # where pairs come from: "task" (the pipeline's gold vs. perturbed solution), or samples scored by the task
+  # verifier: "reference" (the frozen reference's: offline, on-policy for the start model) or "policy" (the current
+  # params': online DPO). Chosen = a strictly correct sample, rejected = a wrong one; a prompt without one of them
+  # keeps the pipeline's side for it.
+  pairs: str = "task"
+  pair_samples: int = 4  # samples per prompt
+  pair_temperature: float = 1.0
+  pair_max_new_tokens: int = 64
   drift_prompts: int = 32  # held-out prompts for the KL-drift metric at every evaluation (0: off)
   drift_max_new_tokens: int = 96
   drift_seed: int = 0
@@ -175,6 +187,7 @@ class DPOConfig:
     check_keys([self.loss], KINDS, "dpo.loss")
     if self.beta <= 0:
       raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+    check_keys([self.pairs], PAIR_SOURCES, "dpo.pairs")
     if not 0.0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.loss not in _SMOOTHABLE):
       raise ConfigError(f"dpo.label_smoothing {self.label_smoothing} must be in [0, 0.5) and applies only to "
                         f"{', '.join(_SMOOTHABLE)}")
@@ -205,6 +218,13 @@ def dpo_loss_fn(cfg: DPOConfig):
                                         cfg.simpo_gamma)
     valid = batch["valid"].astype(jnp.float32)
     sums = {k: jnp.sum(v * valid) for k, v in metrics.items()}
+    for k in ("sampled_chosen", "sampled_rejected"):  # shares of pairs whose side came from samples
+      if k in batch:
+        sums[k] = jnp.sum(batch[k] * valid)
+    if cfg.rpo_alpha:
+      chosen_nll = -chosen / jnp.maximum(chosen_len, 1.0)
+      per_pair = per_pair + cfg.rpo_alpha * chosen_nll
+      sums["chosen_nll"] = jnp.sum(chosen_nll * valid)
     sums["logps_chosen"] = jnp.sum(chosen * valid)
     sums["logps_rejected"] = jnp.sum(rejected * valid)
     return jnp.sum(per_pair * valid), jnp.sum(valid), sums
@@ -216,6 +236,47 @@ def drift_prompts(data_cfg, tokenizer, n: int) -> list[list[int]]:
   """Chat prompts of the first `n` eval-split problems of the stage's task (never trained on)."""
   return [tokenizer.encode_chat(tasks.rl_prompt(tasks.generate(data_cfg.task, data_cfg.seed, "eval", i))["messages"],
                                 add_generation_prompt=True)[0] for i in range(n)]
+
+
+def sampled_pairs(model: nnx.Module, batch, cfg: DPOConfig, data_cfg, tokenizer, seed: int, mesh, rules) -> dict:
+  """The batch with each pair's sides replaced, where the samples allow, by `cfg.pair_samples` completions of its
+  prompt from `model`, scored by the task verifier: chosen = the first strictly correct one, rejected = the first
+  wrong one. Adds `sampled_chosen` / `sampled_rejected` `[batch]` (1 where that side is a sample). Host-side
+  (the verifier parses text); the global batch is gathered on every process and re-sharded."""
+  from jax.experimental import multihost_utils
+
+  from jaxstages.rewards import verify
+  from jaxstages.sharding import shard_batch
+
+  host = {k: np.array(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()}
+  prompts = [row[m == 1].tolist() for row, m in zip(host["prompt_tokens"], host["prompt_mask"])]
+  stops = tuple(i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None and i >= 0)
+  g = cfg.pair_samples
+  out = sample(model, prompts, SamplingConfig(max_new_tokens=cfg.pair_max_new_tokens, temperature=cfg.pair_temperature,
+                                              n=g, stop_tokens=stops, pad_id=tokenizer.pad_id), seed, mesh, rules)
+  completions = out.completions()
+  seq_len = host["chosen_tokens"].shape[1]
+  flags = {"sampled_chosen": np.zeros(len(prompts), np.float32), "sampled_rejected": np.zeros(len(prompts), np.float32)}
+  for i, prompt in enumerate(prompts):
+    if not host["valid"][i]:
+      continue
+    src = data_cfg.source_configs[int(host["source"][i])]
+    problem = tasks.generate(src.task, src.seed, data_cfg.split, int(host["index"][i]))
+    picks = {}
+    for c in completions[i * g:(i + 1) * g]:
+      text = tokenizer.decode(c[:-1] if c and c[-1] in stops else c)
+      side = "chosen" if verify(problem, text).strict_correct else "rejected"
+      if side not in picks and len(prompt) + len(c) <= seq_len:
+        picks[side] = c
+    for side, c in picks.items():
+      row = prompt + c
+      tokens, segments = np.full(seq_len, tokenizer.pad_id, np.int32), np.zeros(seq_len, np.int32)
+      tokens[:len(row)], segments[:len(row)] = row, 1
+      mask = np.zeros(seq_len, np.int32)
+      mask[len(prompt):len(row)] = 1
+      host[f"{side}_tokens"][i], host[f"{side}_segment_ids"][i], host[f"{side}_mask"][i] = tokens, segments, mask
+      flags[f"sampled_{side}"][i] = 1.0
+  return shard_batch({**host, **flags}, mesh, rules)
 
 
 def dpo_objective(ctx, block) -> Objective:
@@ -246,6 +307,14 @@ def dpo_objective(ctx, block) -> Objective:
   def add_reference(batch):
     return {**batch, **ref_fn(ref_params, batch)}
 
+  def prepare(state, batch, step: int):
+    if cfg.pairs != "task":
+      model = (nnx.merge(ref_graphdef, ref_params) if cfg.pairs == "reference"
+               else nnx.merge(ctx.graphdef, state.params))
+      seed = int(np.random.default_rng([ctx.stage.seed, step, 0x7061]).integers(2**31))
+      batch = sampled_pairs(model, batch, cfg, ctx.data, ctx.tokenizer, seed, ctx.mesh, ctx.rules)
+    return add_reference(batch) if needs_ref else batch
+
   prompts = drift_prompts(ctx.data, ctx.tokenizer, cfg.drift_prompts) if cfg.drift_prompts else []
   stops = tuple(i for i in (ctx.tokenizer.im_end_id, ctx.tokenizer.eos_id) if i is not None and i >= 0)
   sampling = SamplingConfig(max_new_tokens=cfg.drift_max_new_tokens, temperature=1.0, stop_tokens=stops,
@@ -272,8 +341,11 @@ def dpo_objective(ctx, block) -> Objective:
   flops = train_flops_per_token(ctx.model_cfg, d.seq_len) * tokens
   if needs_ref:
     flops += forward_flops_per_token(nnx.merge(ref_graphdef, ref_params).cfg, d.seq_len) * tokens
+  if cfg.pairs != "task":  # sampling: every row generates up to pair_max_new_tokens
+    flops += (forward_flops_per_token(ctx.model_cfg, d.prompt_len + cfg.pair_max_new_tokens)
+              * d.batch_size * cfg.pair_samples * (d.prompt_len + cfg.pair_max_new_tokens))
   return Objective(loss=dpo_loss_fn(cfg), data_kinds=("preference",),
-                   prepare=(lambda state, batch, step: add_reference(batch)) if needs_ref else None,
+                   prepare=prepare if needs_ref or cfg.pairs != "task" else None,
                    eval_prepare=add_reference if needs_ref else None,
                    evaluate=kl_drift if prompts else None, tokens_per_step=tokens, flops_per_step=flops,
                    eval_keys=("kl_from_reference", "drift_length"))

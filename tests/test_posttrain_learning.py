@@ -1,0 +1,106 @@
+"""Post-training stages teach what they should, at toy scale, from the committed toy models
+(`experiments/artifacts/`: `toy-base` pre-trained on the symbolic task world, `toy-sft` its SFT; their README says
+how they were made):
+
+- SFT on think-mode data teaches the base to follow `/think` and `/no_think`, and a thinking budget still ends in an
+  answer;
+- DPO on task-world pairs separates held-out pairs and raises the SFT model's greedy accuracy; the policy drifts
+  from the reference more with more steps and with a smaller β;
+- distilling `toy-sft` into a half-size student beats training the student on the same data for the same steps.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxstages.config import apply_overrides, load_config
+from jaxstages.evaluation import EvalConfig, evaluate, load_stage
+from jaxstages.data.pipeline import data_config
+from jaxstages.metrics import read_metrics
+from jaxstages.train import run_stage
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "experiments" / "artifacts"
+pytestmark = pytest.mark.slow
+
+
+def _config(name, *overrides):
+  return apply_overrides(load_config(f"configs/train.py:{name}"), list(overrides))
+
+
+def _cell(result, op):
+  return next(c for c in result["cells"] if c["op"] == op)
+
+
+def _eval(run_dir, think=None, budget=None, ops=(1,), problems=64, **kw):
+  model, tokenizer, config = load_stage(run_dir)
+  cfg = EvalConfig(ops=ops, contexts=("p",), problems=problems, prompt="chat", think=think, think_budget=budget,
+                   **kw)
+  return evaluate(model, tokenizer, data_config(config["data"]).task, cfg, show_progress=False)
+
+
+def test_sft_teaches_thinking_on_and_off(tmp_path):
+  run_stage(_config("sft-toy", f"stage.init_from={ARTIFACTS / 'toy-base'}", "stage.steps=120",
+                    "stage.checkpoint_every=120", "stage.eval_every=0", "stage.log_every=20"), tmp_path)
+  on = _eval(tmp_path, think=True, ops=(1, 2))
+  off = _eval(tmp_path, think=False, ops=(1, 2))
+  for op in (1, 2):
+    assert _cell(on, op)["think_followed"] >= 0.95, on  # a non-empty think block
+    assert _cell(off, op)["think_followed"] >= 0.95, off  # an empty one
+    assert _cell(off, op)["answered"] >= 0.95
+  budget = _eval(tmp_path, think=True, budget=4, ops=(2,))
+  assert _cell(budget, 2)["answered"] >= 0.95, budget  # cut off after 4 thinking tokens, it still answers
+  assert _cell(budget, 2)["mean_length"] < _cell(on, 2)["mean_length"]
+
+
+DPO_STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tmp_path_factory):
+  """DPO from `toy-sft` at two βs, same data and steps; KL drift measured halfway and at the end."""
+  runs = {}
+  for beta in (0.1, 0.5):
+    workdir = tmp_path_factory.mktemp(f"dpo-beta{beta}")
+    run_stage(_config("dpo-toy", f"stage.init_from={ARTIFACTS / 'toy-sft'}", f"dpo.beta={beta}",
+                      f"stage.steps={DPO_STEPS}", f"stage.eval_every={DPO_STEPS // 2}",
+                      f"stage.checkpoint_every={DPO_STEPS}", "data.batch_size=8", "stage.eval_batches=8"), workdir)
+    runs[beta] = workdir
+  return runs
+
+
+def _drift(workdir) -> dict[int, float]:
+  return {r["step"]: r["kl_from_reference"] for r in read_metrics(workdir / "metrics.jsonl")
+          if "kl_from_reference" in r}
+
+
+def test_dpo_separates_held_out_pairs_and_drifts_with_steps_and_small_beta(dpo_runs):
+  summary = json.loads((dpo_runs[0.1] / "summary.json").read_text())
+  assert summary["eval_accuracy"] > 0.8, summary  # 64 held-out pairs
+  drift = {beta: _drift(w) for beta, w in dpo_runs.items()}
+  half, end = DPO_STEPS // 2, DPO_STEPS
+  assert drift[0.1][end] > drift[0.1][half] > 0, drift
+  assert drift[0.1][end] > 1.5 * drift[0.5][end], drift
+
+
+def test_dpo_raises_greedy_accuracy_of_the_sft_model(dpo_runs):
+  before = _cell(_eval(ARTIFACTS / "toy-sft", problems=DPO_EVAL_PROBLEMS), 1)
+  after = _cell(_eval(dpo_runs[0.1], problems=DPO_EVAL_PROBLEMS), 1)
+  assert after["pass@1"] > before["pass@1"], (before, after)
+
+
+DISTILL_STEPS = 120
+
+
+def test_distillation_beats_training_the_student_on_data_alone(tmp_path):
+  """`toy-sft` (0.89M params) into the half-size `toy-small` (0.2M), forward KL on the SFT data, against SFT of the same
+  student from the same init on the same batches: lower held-out data NLL."""
+  common = ["distill.teacher=" + str(ARTIFACTS / "toy-sft"), f"stage.steps={DISTILL_STEPS}", "stage.eval_every=0",
+            f"stage.checkpoint_every={DISTILL_STEPS}", "data.batch_size=8"]
+  distilled = run_stage(_config("distill-toy", *common), tmp_path / "distill")
+  sft = _config("distill-toy", *common)
+  sft.stage.kind = "sft"
+  del sft["distill"]
+  alone = run_stage(sft, tmp_path / "sft")
+  assert distilled["eval_loss"] < alone["eval_loss"] - 0.03, (distilled["eval_loss"], alone["eval_loss"])
+  assert distilled["flops"] > 2 * alone["flops"]  # the teacher's forwards count
