@@ -64,6 +64,8 @@ class EvalConfig:
   think: bool | None = None  # with prompt="chat": the /think or /no_think flag, or neither
   max_new_tokens: int | None = None  # None: enough for the gold solution of the cell's op, with slack
   think_budget: int | None = None  # close the think block after this many thinking tokens (sampling.SamplingConfig)
+  # text forced after a budget's close: the start of the answer line, so the answer follows at once ("": none)
+  think_budget_suffix: str = "\n" + tasks.ANSWER_PREFIX
   batch_size: int = 64  # prompts per sampler call
   seed: int = 0
 
@@ -113,18 +115,20 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   `think_followed`: samples whose think block is non-empty for `/think` and present but empty for `/no_think`."""
   contexts = cfg.contexts or tuple(dict.fromkeys(m.context for m in task_cfg.mixture))
   stops = _stop_tokens(tokenizer, cfg)
+  think = cfg.think if cfg.prompt == "chat" else None
   cells = []
   bar = progress(len(cfg.ops) * len(contexts) * cfg.problems, "eval") if show_progress else None
   for context in contexts:
     for op in cfg.ops:
       problems = tasks.eval_set(task_cfg, op=op, context=context, n=cfg.problems, seed=cfg.seed)
-      scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens or (16 * op + 16) * (2 if task_cfg.surface == "story"
-                                                                                   else 1),
+      # the gold solution of an `op`-step problem with slack, and room for the think tags and the answer after them
+      default_new = (16 * op + 16) * (2 if task_cfg.surface == "story" else 1) + (16 if think is not None else 0)
+      scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens or default_new,
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n,
                             stop_tokens=stops, think_budget=cfg.think_budget,
-                            think_open_id=_id(tokenizer.think_open_id), think_close_id=_id(tokenizer.think_close_id))
+                            think_open_id=_id(tokenizer.think_open_id), think_close_id=_id(tokenizer.think_close_id),
+                            think_budget_suffix=tuple(tokenizer.encode(cfg.think_budget_suffix)))
       strict, answers, lengths, formats, followed = [], [], [], [], []
-      think = cfg.think if cfg.prompt == "chat" else None
       for start in range(0, len(problems), cfg.batch_size):
         chunk = problems[start:start + cfg.batch_size]
         prompts = [eval_prompt(p, tokenizer, cfg) for p in chunk]

@@ -54,6 +54,9 @@ class SamplingConfig:
   think_budget: int | None = None
   think_open_id: int = -1
   think_close_id: int = -1
+  # forced right after a forced close, like Qwen3's "... I have to give the solution based on the thinking directly
+  # now." transition: e.g. the tokens that open the answer line, so a model cut off mid-thought answers at once
+  think_budget_suffix: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.max_new_tokens < 1 or self.n < 1:
@@ -64,6 +67,7 @@ class SamplingConfig:
       raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={self.temperature}, "
                         f"top_p={self.top_p}, top_k={self.top_k}")
     object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+    object.__setattr__(self, "think_budget_suffix", tuple(int(t) for t in self.think_budget_suffix))
     object.__setattr__(self, "prompt_buckets", tuple(sorted(int(b) for b in self.prompt_buckets)))
 
   @classmethod
@@ -84,7 +88,7 @@ class Samples:
   model_logprobs  `[rows, max_new]` float32, log-prob under the untempered, untruncated model
   mask            `[rows, max_new]` float32, 1 for generated tokens (the stop token included), 0 after
   lengths         `[rows]` int32, generated tokens per row (the stop token included)
-  forced          `[rows, max_new]` float32, 1 where the thinking budget forced the close token (the policy did not
+  forced          `[rows, max_new]` float32, 1 where the thinking budget forced the close token or its suffix (the policy did not
                   choose it: an RL loss should leave it out; its `logprobs` entry is 0, `model_logprobs` the model's)
   """
 
@@ -207,7 +211,7 @@ def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, 
     return (step < max_new) & ~jnp.all(done)
 
   def body(carry):
-    step, logits, done, pos, cache, (thinking, thought), out = carry
+    step, logits, done, pos, cache, (thinking, thought, k), out = carry
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
     banned = None
     if cfg.think_budget is not None:
@@ -219,10 +223,15 @@ def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, 
     forced = jnp.zeros_like(live)
     if cfg.think_budget is not None:
       close = cfg.think_close_id
-      forced = live & thinking & (thought >= cfg.think_budget)
-      token = jnp.where(forced, close, token)
+      # row r forces `sequence[k[r]]` while k[r] < len(sequence): the close token, then the suffix
+      sequence = jnp.asarray((close,) + cfg.think_budget_suffix, jnp.int32)
+      k = jnp.where(live & thinking & (thought >= cfg.think_budget), 0, k)
+      forced = live & (k < sequence.shape[0])
+      token = jnp.where(forced, sequence[jnp.minimum(k, sequence.shape[0] - 1)], token)
+      k = jnp.where(forced, k + 1, k)
       lp = jnp.where(forced, 0.0, lp)
-      model_lp = jnp.where(forced, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, close], model_lp)
+      full_lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), token[:, None], -1)[:, 0]
+      model_lp = jnp.where(forced, full_lp, model_lp)
       opened = token == cfg.think_open_id
       thought = jnp.where(opened, 0, thought + thinking.astype(jnp.int32))
       thinking = (thinking | opened) & (token != close)
@@ -235,7 +244,7 @@ def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, 
     done = done | jnp.isin(token, stops)
     logits, cache = model(token[:, None], pos[:, None], jnp.ones((rows, 1), jnp.int32), cache)
     return (step + 1, constrain(logits[:, -1], ("batch", "act_vocab")), done, pos + 1, constrain_cache(cache),
-            (thinking, thought), out)
+            (thinking, thought, k), out)
 
   out = dict(tokens=jnp.full((rows, max_new), cfg.pad_id, jnp.int32),
              logprobs=jnp.zeros((rows, max_new), jnp.float32),
@@ -244,7 +253,8 @@ def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, 
   out = jax.tree.map(lambda x: constrain(x, ("batch", None)), out)
   thinking = jnp.repeat(tokens[:, -1] == cfg.think_open_id, cfg.n, axis=0)  # the prompt opened the think block
   carry = (jnp.int32(0), last_logits, jnp.zeros((rows,), bool), next_pos, cache,
-           (thinking, jnp.zeros((rows,), jnp.int32)), out)
+           (thinking, jnp.zeros((rows,), jnp.int32), jnp.full((rows,), 1 + len(cfg.think_budget_suffix), jnp.int32)),
+           out)
   out = jax.lax.while_loop(cond, body, carry)[-1]
   return Samples(**out, lengths=out["mask"].sum(-1).astype(jnp.int32))
 

@@ -4,8 +4,8 @@ how they were made):
 
 - SFT on think-mode data teaches the base to follow `/think` and `/no_think`, and a thinking budget still ends in an
   answer;
-- DPO on task-world pairs separates held-out pairs and raises the SFT model's greedy accuracy; the policy drifts
-  from the reference more with more steps and with a smaller β;
+- DPO on task-world pairs separates held-out pairs; the policy drifts from the reference more with more steps and
+  with a smaller β (it does not raise the toy SFT model's greedy accuracy: README, "Post-training stages");
 - distilling `toy-sft` into a half-size student beats training the student on the same data for the same steps.
 """
 
@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from jaxstages.config import apply_overrides, load_config
-from jaxstages.evaluation import EvalConfig, evaluate, load_stage
 from jaxstages.data.pipeline import data_config
+from jaxstages.data.tokenizer import load_tokenizer
+from jaxstages.evaluation import EvalConfig, evaluate
 from jaxstages.metrics import read_metrics
-from jaxstages.train import run_stage
+from jaxstages.sharding import make_mesh
+from jaxstages.train import load_model, run_stage
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "experiments" / "artifacts"
 pytestmark = pytest.mark.slow
@@ -32,39 +34,42 @@ def _cell(result, op):
   return next(c for c in result["cells"] if c["op"] == op)
 
 
-def _eval(run_dir, think=None, budget=None, ops=(1,), problems=64, **kw):
-  model, tokenizer, config = load_stage(run_dir)
-  cfg = EvalConfig(ops=ops, contexts=("p",), problems=problems, prompt="chat", think=think, think_budget=budget,
-                   **kw)
-  return evaluate(model, tokenizer, data_config(config["data"]).task, cfg, show_progress=False)
+def _eval(run_dir, think=None, budget=None, ops=(1,), problems=64):
+  """Greedy chat-prompt evaluation of a stage folder or a params folder on the SFT task (context p)."""
+  model = load_model(run_dir, make_mesh())
+  cfg = EvalConfig(ops=ops, contexts=("p",), problems=problems, prompt="chat", think=think, think_budget=budget)
+  return evaluate(model, load_tokenizer(Path(run_dir) / "tokenizer"), data_config("sft-symbolic").task, cfg,
+                  show_progress=False)
 
 
 def test_sft_teaches_thinking_on_and_off(tmp_path):
-  run_stage(_config("sft-toy", f"stage.init_from={ARTIFACTS / 'toy-base'}", "stage.steps=120",
-                    "stage.checkpoint_every=120", "stage.eval_every=0", "stage.log_every=20"), tmp_path)
+  # think on / off only (no plain chats), so the two modes are learned in few steps
+  run_stage(_config("sft-toy", f"stage.init_from={ARTIFACTS / 'toy-base'}", "stage.steps=150",
+                    "data.think_mix=(0.5, 0.5, 0.0)", "stage.checkpoint_every=150", "stage.eval_every=0",
+                    "stage.log_every=50"), tmp_path)
   on = _eval(tmp_path, think=True, ops=(1, 2))
   off = _eval(tmp_path, think=False, ops=(1, 2))
   for op in (1, 2):
-    assert _cell(on, op)["think_followed"] >= 0.95, on  # a non-empty think block
-    assert _cell(off, op)["think_followed"] >= 0.95, off  # an empty one
-    assert _cell(off, op)["answered"] >= 0.95
+    assert _cell(on, op)["think_followed"] >= 0.95, _cell(on, op)  # a non-empty think block
+    assert _cell(off, op)["think_followed"] >= 0.95, _cell(off, op)  # an empty one
+    assert _cell(off, op)["answered"] >= 0.95, _cell(off, op)
   budget = _eval(tmp_path, think=True, budget=4, ops=(2,))
-  assert _cell(budget, 2)["answered"] >= 0.95, budget  # cut off after 4 thinking tokens, it still answers
+  assert _cell(budget, 2)["answered"] >= 0.95, _cell(budget, 2)  # cut off after 4 thinking tokens, it answers
   assert _cell(budget, 2)["mean_length"] < _cell(on, 2)["mean_length"]
 
 
-DPO_STEPS = 100
+DPO_STEPS = 60
 
 
 @pytest.fixture(scope="module")
 def dpo_runs(tmp_path_factory):
-  """DPO from `toy-sft` at two βs, same data and steps; KL drift measured halfway and at the end."""
+  """Sigmoid DPO from `toy-sft` at two βs, same data and steps; KL drift measured halfway and at the end."""
   runs = {}
   for beta in (0.1, 0.5):
     workdir = tmp_path_factory.mktemp(f"dpo-beta{beta}")
-    run_stage(_config("dpo-toy", f"stage.init_from={ARTIFACTS / 'toy-sft'}", f"dpo.beta={beta}",
+    run_stage(_config("dpo-toy", f"stage.init_from={ARTIFACTS / 'toy-sft'}", f"dpo.beta={beta}", "optim.lr=2e-4",
                       f"stage.steps={DPO_STEPS}", f"stage.eval_every={DPO_STEPS // 2}",
-                      f"stage.checkpoint_every={DPO_STEPS}", "data.batch_size=8", "stage.eval_batches=8"), workdir)
+                      f"stage.checkpoint_every={DPO_STEPS}"), workdir)
     runs[beta] = workdir
   return runs
 
@@ -81,12 +86,6 @@ def test_dpo_separates_held_out_pairs_and_drifts_with_steps_and_small_beta(dpo_r
   half, end = DPO_STEPS // 2, DPO_STEPS
   assert drift[0.1][end] > drift[0.1][half] > 0, drift
   assert drift[0.1][end] > 1.5 * drift[0.5][end], drift
-
-
-def test_dpo_raises_greedy_accuracy_of_the_sft_model(dpo_runs):
-  before = _cell(_eval(ARTIFACTS / "toy-sft", problems=DPO_EVAL_PROBLEMS), 1)
-  after = _cell(_eval(dpo_runs[0.1], problems=DPO_EVAL_PROBLEMS), 1)
-  assert after["pass@1"] > before["pass@1"], (before, after)
 
 
 DISTILL_STEPS = 120

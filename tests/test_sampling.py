@@ -27,11 +27,8 @@ def peaked_model(tiny_cfg):
 
 
 def uncached_greedy(model, prompt, steps):
-  seq = list(prompt)
-  for _ in range(steps):
-    logits, _ = model(jnp.asarray([seq]))
-    seq.append(int(jnp.argmax(logits[0, -1])))
-  return seq[len(prompt):]
+  """The reference: a full forward over the whole sequence at every step, no cache (one compile per prompt length)."""
+  return np.asarray(greedy_uncached(model, np.asarray([prompt]), steps))[0].tolist()
 
 
 def test_greedy_cached_decoding_equals_uncached_argmax(model):
@@ -192,26 +189,29 @@ def test_sampler_under_its_own_sharding_reshards_params_inside_jit(model, device
   assert rules["embed"] is None and rules["mlp"] == "tensor" and rules["batch"] == ("data", "fsdp")
 
 
-def test_thinking_budget_forces_the_close_token(peaked_model):
+@pytest.mark.parametrize("suffix", [(), (13, 14)])
+def test_thinking_budget_forces_the_close_token(peaked_model, suffix):
   """A prompt ending in <think> starts inside the block: after `budget` tokens the close token is forced (unless
-  the model closed it itself), marked `forced`, and the model then continues, never closing a block again."""
+  the model closed it itself), then the suffix, all marked `forced`; the model then continues, never closing a block
+  again."""
   think_open, think_close, budget = 7, 9, 3
   prompts = [[11, 12, think_open], [5, think_open], [20, 21, 22]]  # the third never opens a block
-  cfg = SamplingConfig(max_new_tokens=8, n=4, temperature=1.0, think_budget=budget, think_open_id=think_open,
-                       think_close_id=think_close)
+  cfg = SamplingConfig(max_new_tokens=10, n=4, temperature=1.0, think_budget=budget, think_open_id=think_open,
+                       think_close_id=think_close, think_budget_suffix=suffix)
   out = sample(peaked_model, prompts, cfg, seed=1)
   tokens, forced, mask = np.asarray(out.tokens), np.asarray(out.forced), np.asarray(out.mask)
   for r, row in enumerate(tokens):  # the budget rule, replayed in Python
-    thinking, thought = prompts[r // 4][-1] == think_open, 0
+    thinking, thought, pending = prompts[r // 4][-1] == think_open, 0, []
     for t, tok in enumerate(row):
       if not mask[r, t]:
         assert not forced[r, t]
         continue
-      must_close = thinking and thought >= budget
-      assert forced[r, t] == must_close, (r, t, row)
+      if thinking and thought >= budget:
+        pending = [think_close, *suffix]
+      assert forced[r, t] == bool(pending), (r, t, row)
+      if pending:
+        assert tok == pending.pop(0)
       assert tok != think_close or thinking, "outside a think block the close token is never sampled"
-      if must_close:
-        assert tok == think_close
       if tok == think_open:
         thinking, thought = True, 0
       elif tok == think_close:
@@ -225,7 +225,11 @@ def test_thinking_budget_forces_the_close_token(peaked_model):
 
 
 def test_reference_uncached_decoder_equals_the_python_loop(model):
+  """The jitted reference decoder against the plainest loop: append the argmax of a full forward, step by step."""
   prompts = np.asarray([PROMPTS[0], [1, 2, 3], [60, 61, 62]], np.int32)
-  out = np.asarray(greedy_uncached(model, prompts, 6))
+  out = np.asarray(greedy_uncached(model, prompts, 4))
   for prompt, row in zip(prompts.tolist(), out.tolist()):
-    assert row == uncached_greedy(model, prompt, 6)
+    seq = list(prompt)
+    for _ in range(4):
+      seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0][0, -1])))
+    assert row == seq[len(prompt):]

@@ -72,7 +72,7 @@ def test_sft_losses_equal_numpy_and_do_not_depend_on_micro_batches(kind, wide_mo
     total, count = numpy_per_sequence(nll, batch["loss_mask"], batch["segment_ids"])
     expected = total / count
   losses, norms = [], []
-  for micro in (1, 2, 4):
+  for micro in (1, 4):
     mesh = make_mesh(MeshConfig(1, 1, 1), devices[:1])
     optimizer = optax.sgd(1.0)
     graphdef, state, shardings = init_train_state(create_model(wide_model_cfg, seed=0, mesh=mesh), optimizer, mesh)

@@ -4,10 +4,11 @@ context weights and templates, options."""
 import collections
 import re
 
+import numpy as np
 import pytest
 
 from jaxstages.config import ConfigError
-from jaxstages.data.tasks import (OPS, STORY_CONTEXTS, SYMBOLIC_CONTEXTS, TaskConfig, eval_set, generate,
+from jaxstages.data.tasks import (OPS, STORY_CONTEXTS, SYMBOLIC_CONTEXTS, TaskConfig, apply_op, eval_set, generate,
                                   instruction_document, preference_pair, pretrain_document, rl_prompt, sft_messages)
 
 
@@ -210,3 +211,29 @@ def test_gold_solution_reads_dependency_ordered_statements_top_to_bottom():
     position = {node: k for k, node in enumerate(p.order)}
     steps = [position[n] for n in p.solution_order]
     assert steps == sorted(steps) and set(p.solution_order) == set(p.needed_ops)
+
+
+def test_perturbation_kinds_make_the_error_they_name():
+  """`result`: one step's operands are right and its result is wrong; `operand`: one step reads another quantity's
+  value for an operand and computes correctly from it; later steps follow from the error either way."""
+  cfg = TaskConfig(op_range=(1, 4), distractors=(0, 2))
+  kinds = {"result": 0, "operand": 0}
+  for i in range(200):
+    p = generate(cfg, 5, "train", i)
+    gold = p.gold_steps()
+    values = {q: n.value for q, n in zip(p.names, p.nodes)}
+    for error in ("result", "operand", "mixed"):
+      steps = p.perturbed_steps(np.random.default_rng(i), error)
+      first = next(j for j, (s, g) in enumerate(zip(steps, gold)) if s != g)
+      s, g = steps[first], gold[first]
+      operands_right = (s.va, s.vb) == (g.va, g.vb)
+      if error == "result" or (error == "operand" and operands_right):  # no other value to mis-read: a result error
+        assert operands_right and s.result != g.result
+      elif error == "operand":
+        assert {s.va, s.vb} - {g.va, g.vb} <= set(values.values()) and s.result == apply_op(s.op, s.va, s.vb,
+                                                                                            p.modulus)
+      if error != "mixed":
+        kinds[error] += not operands_right
+      for later in steps[first + 1:]:  # every later step computes from the values before it
+        assert later.result == apply_op(later.op, later.va, later.vb, p.modulus)
+  assert kinds["result"] == 0 and kinds["operand"] > 150

@@ -117,18 +117,18 @@ def test_resume_after_sigkill_gives_the_same_losses_also_on_another_mesh(tmp_pat
   expected = losses(reference)
   assert sorted(expected) == list(range(1, 41))
 
-  for name, mesh in (("same-mesh", []), ("mesh-change", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
-    workdir = tmp_path / name
-    killed_at = kill_at(_train_cmd(workdir, *RESUME), workdir, 19)
-    assert 19 <= killed_at < 40
-    run(_train_cmd(workdir, *RESUME, *mesh))
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["resumed_from"] is not None and 8 <= summary["resumed_from"] <= killed_at
-    got = losses(workdir)
-    assert sorted(got) == list(range(1, 41))
-    tolerance = 1e-6 if not mesh else 1e-4
-    for step in range(1, 41):
-      assert abs(got[step] - expected[step]) <= tolerance * max(1.0, abs(expected[step])), (name, step)
+  # killed on the default 8-way data-parallel mesh, resumed on data x fsdp x tensor = 2 x 2 x 2 (bit-exact resume on
+  # the same mesh is checked for every post-training stage in test_posttrain_stages.py)
+  workdir = tmp_path / "mesh-change"
+  killed_at = kill_at(_train_cmd(workdir, *RESUME), workdir, 19)
+  assert 19 <= killed_at < 40
+  run(_train_cmd(workdir, *RESUME, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["resumed_from"] is not None and 8 <= summary["resumed_from"] <= killed_at
+  got = losses(workdir)
+  assert sorted(got) == list(range(1, 41))
+  for step in range(1, 41):
+    assert abs(got[step] - expected[step]) <= 1e-4 * max(1.0, abs(expected[step])), step
 
 
 def test_same_run_on_one_or_eight_devices(tmp_path, devices):

@@ -67,6 +67,7 @@ DEFAULT_FORMAT = {"pretrain": "pretrain", "midtrain": "instruction", "sft": "sft
                   "rl": "rl", "eval": "rl"}
 OVERFLOW = ("split", "truncate", "drop")
 LOSS_ON = ("assistant", "all")
+REJECTED = ("mixed", "result", "operand")
 INTERP = ("constant", "linear")
 # Contexts as int ids, so RL batches can carry them as arrays; stable because SURFACES is a fixed literal.
 CONTEXTS: tuple[str, ...] = tuple(c for surface in tasks.SURFACES.values() for c in surface)
@@ -130,6 +131,7 @@ class DataConfig:
   step_offset: int = 0  # the training step of this pipeline's first batch, for the schedule
   think_mix: tuple = (0.0, 0.0, 1.0)  # sft/rl: fractions of examples with think on / off / plain (no flag)
   loss_on: str = "assistant"  # sft: train on assistant tokens only, or on every token
+  rejected: str = "mixed"  # preference: the rejected solution's error (tasks.Problem.perturbed_steps)
   overflow: str = "split"  # packed documents longer than seq_len: split | truncate | drop
   pack_bins: int | None = None  # rows packed at once (more: fuller rows); default the per-process batch
   prompt_len: int = 128  # rl/eval/preference: left-padded prompt length
@@ -142,7 +144,7 @@ class DataConfig:
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
     for key, allowed in (("kind", KINDS), ("loss_on", LOSS_ON), ("overflow", OVERFLOW),
-                         ("schedule_interp", INTERP)):
+                         ("schedule_interp", INTERP), ("rejected", REJECTED)):
       if getattr(self, key) not in allowed:
         raise ConfigError(f"data {key}={getattr(self, key)!r} is not one of {list(allowed)}")
     task = self.task
@@ -422,10 +424,10 @@ def rl_example(tokenizer: Tokenizer, p: tasks.Problem, prompt_len: int, think: b
 
 
 def preference_example(tokenizer: Tokenizer, p: tasks.Problem, seq_len: int, prompt_len: int,
-                       valid: bool = True) -> dict:
+                       valid: bool = True, rejected: str = "mixed") -> dict:
   """The pair of `tasks.preference_pair(p)`: prompt left-padded `[prompt_len]`; chosen/rejected prompt + response
   right-padded `[seq_len]` with masks 1 on the response tokens."""
-  pair = tasks.preference_pair(p)
+  pair = tasks.preference_pair(p, error=rejected)
   prompt_ids, _ = tokenizer.encode_chat(pair["prompt"], add_generation_prompt=True)
   out = dict(zip(("prompt_tokens", "prompt_mask"),
                  _pad(prompt_ids, prompt_len, "left", tokenizer.pad_id, "preference prompt (prompt_len)")))
@@ -486,7 +488,8 @@ def _source_dataset(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer, pr
                        ).to_iter_dataset(_read_options(cfg))
   else:  # preference
     return indices.map(lambda i: preference_example(tokenizer, problem(i), cfg.seq_len, cfg.prompt_len,
-                                                    valid=i >= 0)).to_iter_dataset(_read_options(cfg))
+                                                    valid=i >= 0, rejected=cfg.rejected)
+                       ).to_iter_dataset(_read_options(cfg))
   return pack_documents(docs.to_iter_dataset(_read_options(cfg)), cfg.seq_len, cfg.pack_bins or local_batch,
                         cfg.overflow)
 

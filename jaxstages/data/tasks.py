@@ -332,14 +332,15 @@ class Problem:
                         self.nodes[b].value, node.value))
     return steps
 
-  def perturbed_steps(self, rng: np.random.Generator) -> list[Step]:
+  def perturbed_steps(self, rng: np.random.Generator, error: str = "mixed") -> list[Step]:
     """The gold solution with one step made wrong and every later value recomputed from it, so the final answer
-    follows from the error (a plausible wrong solution for preference pairs). The error is, with equal odds, a
-    wrong result (off by 1..modulus-1, or 1..9 on bounded integers) or a mis-bound operand: the value of another
-    quantity of the problem read in place of the named one, the slip a small model makes most."""
+    follows from the error (a plausible wrong solution for preference pairs). `error`: "result" (off by
+    1..modulus-1, or 1..9 on bounded integers), "operand" (a mis-bound operand: the value of another quantity of
+    the problem read in place of the named one, the slip a small model makes most; a wrong result where no other
+    value exists) or "mixed" (either, at equal odds)."""
     values = {n: self.nodes[n].value for n in self.needed}
     k = int(rng.integers(len(self.solution_order)))
-    misbind = rng.random() < 0.5
+    misbind = rng.random() < 0.5 if error == "mixed" else error == "operand"
     steps = []
     for i, n in enumerate(self.solution_order):
       node = self.nodes[n]
@@ -372,8 +373,11 @@ class Problem:
     return "\n".join([self.format_step(s) for s in steps] + [answer_line(steps[-1].result)])
 
 
+ANSWER_PREFIX = "answer:"
+
+
 def answer_line(value: int) -> str:
-  return f"answer: {value}"
+  return f"{ANSWER_PREFIX} {value}"
 
 
 def apply_op(op: str, a: int, b: int, modulus: int | None) -> int:
@@ -582,13 +586,14 @@ def rl_prompt(p: Problem, think: bool | None = None) -> dict:
           "seed": p.seed, "split": p.split, "index": p.index, "key": p.key}
 
 
-def preference_pair(p: Problem, rng: np.random.Generator | None = None) -> dict:
-  """Chosen = the gold solution; rejected = one perturbed step and the answer that follows from it."""
+def preference_pair(p: Problem, rng: np.random.Generator | None = None, error: str = "mixed") -> dict:
+  """Chosen = the gold solution; rejected = one perturbed step (`Problem.perturbed_steps`' `error`) and the answer
+  that follows from it."""
   rng = rng or np.random.default_rng([p.seed, SPLITS[p.split], p.index, 7])
   prompt = [{"role": "user", "content": p.text()}]
   return {"prompt": prompt,
           "chosen": [{"role": "assistant", "content": p.solution()}],
-          "rejected": [{"role": "assistant", "content": p.solution(p.perturbed_steps(rng))}],
+          "rejected": [{"role": "assistant", "content": p.solution(p.perturbed_steps(rng, error))}],
           "op": p.op, "context": p.context}
 
 
