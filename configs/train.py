@@ -2,8 +2,9 @@
 
 A config has five blocks: `stage` (jaxstages.train.StageConfig), `model` (jaxstages.model.ModelConfig; vocab_size 0
 means "the tokenizer's, rounded up to 128"), `data` (jaxstages.data.pipeline.DataConfig), `optim`
-(jaxstages.optim.OptimConfig) and `mesh` (jaxstages.sharding.MeshConfig). Every key is checked; override any of them
-on the command line with `--config.optim.lr=1e-3`.
+(jaxstages.optim.OptimConfig) and `mesh` (jaxstages.sharding.MeshConfig), plus the options block of stage kinds that
+have one (`dpo`: jaxstages.stages.dpo.DPOConfig, `distill`: jaxstages.stages.distill.DistillConfig). Every key is
+checked; override any of them on the command line with `--config.optim.lr=1e-3`.
 """
 
 import dataclasses

@@ -5,7 +5,8 @@ how they were made):
 - SFT on think-mode data teaches the base to follow `/think` and `/no_think`, and a thinking budget still ends in an
   answer;
 - DPO on task-world pairs separates held-out pairs; the policy drifts from the reference more with more steps and
-  with a smaller β (it does not raise the toy SFT model's greedy accuracy: README, "Post-training stages");
+  with a smaller β (README, "Post-training stages", has the longer runs: > 0.8 held-out accuracy after 400 steps,
+  and the greedy accuracy that DPO does not raise on this toy model);
 - distilling `toy-sft` into a half-size student beats training the student on the same data for the same steps.
 """
 
@@ -58,18 +59,20 @@ def test_sft_teaches_thinking_on_and_off(tmp_path):
   assert _cell(budget, 2)["mean_length"] < _cell(on, 2)["mean_length"]
 
 
-DPO_STEPS = 60
+# ops 1-2 pairs (shorter rows: cheaper steps), constant lr without warm-up, so the two runs below see the same lr
+# and the same batches at every step
+DPO = ["data.task.op_range=(1, 2)", "data.seq_len=96", "data.prompt_len=64", "optim.warmup_fraction=0.0",
+       "stage.eval_every=40", "stage.eval_batches=8"]
 
 
 @pytest.fixture(scope="module")
 def dpo_runs(tmp_path_factory):
-  """Sigmoid DPO from `toy-sft` at two βs, same data and steps; KL drift measured halfway and at the end."""
+  """Sigmoid DPO from `toy-sft`: β = 0.1 for 120 steps and β = 0.5 for 40; KL drift every 40 steps."""
   runs = {}
-  for beta in (0.1, 0.5):
+  for beta, steps in ((0.1, 120), (0.5, 40)):
     workdir = tmp_path_factory.mktemp(f"dpo-beta{beta}")
-    run_stage(_config("dpo-toy", f"stage.init_from={ARTIFACTS / 'toy-sft'}", f"dpo.beta={beta}", "optim.lr=2e-4",
-                      f"stage.steps={DPO_STEPS}", f"stage.eval_every={DPO_STEPS // 2}",
-                      f"stage.checkpoint_every={DPO_STEPS}"), workdir)
+    run_stage(_config("dpo-toy", f"stage.init_from={ARTIFACTS / 'toy-sft'}", f"dpo.beta={beta}",
+                      f"stage.steps={steps}", f"stage.checkpoint_every={steps}", *DPO), workdir)
     runs[beta] = workdir
   return runs
 
@@ -80,12 +83,12 @@ def _drift(workdir) -> dict[int, float]:
 
 
 def test_dpo_separates_held_out_pairs_and_drifts_with_steps_and_small_beta(dpo_runs):
+  # 128 held-out pairs; 0.5 at the start (policy = reference). Above 0.8 takes ~400 steps (README)
   summary = json.loads((dpo_runs[0.1] / "summary.json").read_text())
-  assert summary["eval_accuracy"] > 0.8, summary  # 64 held-out pairs
+  assert summary["eval_accuracy"] > 0.7, summary
   drift = {beta: _drift(w) for beta, w in dpo_runs.items()}
-  half, end = DPO_STEPS // 2, DPO_STEPS
-  assert drift[0.1][end] > drift[0.1][half] > 0, drift
-  assert drift[0.1][end] > 1.5 * drift[0.5][end], drift
+  assert drift[0.1][120] > 1.3 * drift[0.1][40] > 0, drift
+  assert drift[0.1][40] > 2 * drift[0.5][40], drift
 
 
 DISTILL_STEPS = 120
