@@ -29,6 +29,16 @@ def run(cmd: list[str]) -> None:
   assert done.returncode == 0, done.stderr[-3000:]
 
 
+def spawn(cmd: list[str]) -> subprocess.Popen:
+  """Starts `cmd` in the background (runs overlap: start-up and compilation are mostly single-threaded)."""
+  return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+  _, err = proc.communicate()
+  assert proc.returncode == 0, err[-3000:]
+
+
 def loss_rows(workdir) -> list[tuple[int, float]]:
   """Every (step, loss) written, in order: a resumed run writes again the steps after its checkpoint."""
   path = Path(workdir) / "metrics.jsonl"
@@ -47,10 +57,24 @@ def last_step(workdir) -> int:
 def kill_at(cmd: list[str], workdir, step: int, timeout: float = 240) -> int:
   """Starts `cmd`, SIGKILLs it once `step` has been logged (mid-run, possibly mid-save); returns the last logged
   step."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  return kill_all_at([(cmd, workdir, step)], timeout)[0]
+
+
+def kill_all_at(runs: list[tuple[list[str], object, int]], timeout: float = 240) -> list[int]:
+  """`kill_at` for several `(cmd, workdir, step)` runs at once; returns each one's last logged step."""
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           for cmd, _, _ in runs]
+  alive = set(range(len(runs)))
   deadline = time.time() + timeout
-  while time.time() < deadline and last_step(workdir) < step and proc.poll() is None:
+  while alive and time.time() < deadline:
+    for i in list(alive):
+      _, workdir, step = runs[i]
+      if last_step(workdir) >= step or procs[i].poll() is not None:
+        os.kill(procs[i].pid, signal.SIGKILL)
+        procs[i].wait()
+        alive.discard(i)
     time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  return last_step(workdir)
+  for i in alive:
+    os.kill(procs[i].pid, signal.SIGKILL)
+    procs[i].wait()
+  return [last_step(workdir) for _, workdir, _ in runs]

@@ -62,17 +62,18 @@ def test_sft_teaches_thinking_on_and_off(tmp_path):
 # ops 1-2 pairs (shorter rows: cheaper steps), constant lr without warm-up, so the two runs below see the same lr
 # and the same batches at every step
 DPO = ["data.task.op_range=(1, 2)", "data.seq_len=96", "data.prompt_len=64", "optim.warmup_fraction=0.0",
-       "stage.eval_every=40", "stage.eval_batches=8"]
+       "stage.eval_every=40", "dpo.drift_prompts=16"]
 
 
 @pytest.fixture(scope="module")
 def dpo_runs(tmp_path_factory):
   """Sigmoid DPO from `toy-sft`: β = 0.1 for 120 steps and β = 0.5 for 40; KL drift every 40 steps."""
   runs = {}
-  for beta, steps in ((0.1, 120), (0.5, 40)):
+  for beta, steps, eval_batches in ((0.1, 120, 8), (0.5, 40, 1)):  # held-out pairs: 128 for β = 0.1
     workdir = tmp_path_factory.mktemp(f"dpo-beta{beta}")
     run_stage(_config("dpo-toy", f"stage.init_from={ARTIFACTS / 'toy-sft'}", f"dpo.beta={beta}",
-                      f"stage.steps={steps}", f"stage.checkpoint_every={steps}", *DPO), workdir)
+                      f"stage.steps={steps}", f"stage.checkpoint_every={steps}",
+                      f"stage.eval_batches={eval_batches}", *DPO), workdir)
     runs[beta] = workdir
   return runs
 
@@ -91,7 +92,7 @@ def test_dpo_separates_held_out_pairs_and_drifts_with_steps_and_small_beta(dpo_r
   assert drift[0.1][40] > 2 * drift[0.5][40], drift
 
 
-DISTILL_STEPS = 120
+DISTILL_STEPS = 80
 
 
 def test_distillation_beats_training_the_student_on_data_alone(tmp_path):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxstages.config import ConfigError, apply_overrides, load_config
 from jaxstages.data.pipeline import data_config, make_pipeline
@@ -16,7 +17,7 @@ from jaxstages.stages import objective_block
 from jaxstages.stages.distill import DistillConfig, check_same_tokenizer, distill_loss_fn, teacher_outputs
 from jaxstages.stages.dpo import DPOConfig, dpo_loss_fn, pair_log_probs
 from jaxstages.train import run_stage, vocab_size_for
-from tests.stage_runs import SMALL, kill_at, loss_rows, run, train_cmd
+from tests.stage_runs import SMALL, finish, kill_all_at, loss_rows, spawn, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def pairs(tok):
 def _unpadded_response_log_prob(model, tokens, mask):
   """Sum of log p(token) over the response, from a forward over the row's real tokens alone (no padding)."""
   n = int(np.nonzero(np.asarray(tokens))[0].max()) + 1
-  logits, _ = model(jnp.asarray(tokens[None, :n]))
+  logits = nnx.jit(lambda m, t: m(t)[0])(model, jnp.asarray(tokens[None, :n]))
   logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), -1), np.float64)
   return sum(logp[i - 1, int(tokens[i])] for i in range(1, n) if mask[i])
 
@@ -157,25 +158,32 @@ def tiny_sft(tmp_path_factory):
 RESUME = ["stage.steps=16", "stage.log_every=1", "stage.checkpoint_every=6", "stage.eval_every=0"]
 
 
-@pytest.mark.parametrize("config, overrides", [
-    ("dpo-toy", ["stage.init_from={sft}", "dpo.drift_prompts=0"]),
+RESUMED = {
+    "dpo-toy": ["stage.init_from={sft}", "dpo.drift_prompts=0"],
     # on-policy distillation: each step samples from the student or the teacher (λ = 0.5), then the teacher scores
-    ("distill-toy", ["distill.teacher={sft}", "data.kind='rl'", "data.sources=()", "data.prompt_len=96",
-                     "distill.on_policy_fraction=0.5", "distill.off_policy='teacher'", "distill.max_new_tokens=24"]),
-])
-def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path, config, overrides):
+    "distill-toy": ["distill.teacher={sft}", "data.kind='rl'", "data.sources=()", "data.prompt_len=96",
+                    "distill.on_policy_fraction=0.5", "distill.off_policy='teacher'", "distill.max_new_tokens=24"],
+}
+
+
+def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path):
   """Killed mid-run, re-run: the steps after the last checkpoint are computed again and give the same losses bit
-  for bit (params, optimizer, data position, reference / teacher outputs and samples all restored or re-derived)."""
-  cmd = train_cmd(config, tmp_path, *SMALL, *RESUME, *(o.format(sft=tiny_sft) for o in overrides))
-  killed_at = kill_at(cmd, tmp_path, 9)
-  assert 9 <= killed_at < 16
-  run(cmd)
-  summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["step"] == 16 and summary["resumed_from"] in (6, 12) and summary["resumed_from"] < killed_at
-  first, again = {}, {}
-  for step, loss in loss_rows(tmp_path):
-    (again if step in first else first)[step] = loss
-  assert sorted(first) == list(range(1, 17))
-  assert sorted(again) == list(range(summary["resumed_from"] + 1, killed_at + 1))
-  for step, loss in again.items():
-    assert loss == first[step], (step, loss, first[step])
+  for bit (params, optimizer, data position, reference / teacher outputs and samples all restored or re-derived).
+  Both stages run side by side."""
+  cmds = {name: train_cmd(name, tmp_path / name, *SMALL, *RESUME, *(o.format(sft=tiny_sft) for o in overrides))
+          for name, overrides in RESUMED.items()}
+  killed = dict(zip(cmds, kill_all_at([(cmd, tmp_path / name, 9) for name, cmd in cmds.items()])))
+  for proc in [spawn(cmd) for cmd in cmds.values()]:
+    finish(proc)
+  for name, killed_at in killed.items():
+    workdir = tmp_path / name
+    assert 9 <= killed_at < 16, name
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["step"] == 16 and summary["resumed_from"] in (6, 12) and summary["resumed_from"] < killed_at
+    first, again = {}, {}
+    for step, loss in loss_rows(workdir):
+      (again if step in first else first)[step] = loss
+    assert sorted(first) == list(range(1, 17)), name
+    assert sorted(again) == list(range(summary["resumed_from"] + 1, killed_at + 1)), name
+    for step, loss in again.items():
+      assert loss == first[step], (name, step, loss, first[step])
