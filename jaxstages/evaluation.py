@@ -174,7 +174,8 @@ def markdown_table(result: dict) -> str:
   well-formatted fractions and the mean length."""
   cells = result["cells"]
   ops = sorted({c["op"] for c in cells})
-  metrics = [m for m in cells[0] if m.startswith(("pass@", "maj@"))] + ["answer@1", "answered", "format"] + (["think_followed"] if "think_followed" in cells[0] else []) + ["mean_length"]
+  metrics = [m for m in cells[0] if m.startswith(("pass@", "maj@"))] + ["answer@1", "answered", "format"]
+  metrics += (["think_followed"] if "think_followed" in cells[0] else []) + ["mean_length"]
   by = {(c["context"], c["op"]): c for c in cells}
   lines = ["| context | metric | " + " | ".join(f"op {o}" for o in ops) + " |",
            "| --- | --- |" + " ---: |" * len(ops)]

@@ -88,8 +88,9 @@ class Samples:
   model_logprobs  `[rows, max_new]` float32, log-prob under the untempered, untruncated model
   mask            `[rows, max_new]` float32, 1 for generated tokens (the stop token included), 0 after
   lengths         `[rows]` int32, generated tokens per row (the stop token included)
-  forced          `[rows, max_new]` float32, 1 where the thinking budget forced the close token or its suffix (the policy did not
-                  choose it: an RL loss should leave it out; its `logprobs` entry is 0, `model_logprobs` the model's)
+  forced          `[rows, max_new]` float32, 1 where the thinking budget forced the close token or its suffix (the
+                  policy did not choose it: an RL loss should leave it out; its `logprobs` entry is 0,
+                  `model_logprobs` the model's)
   """
 
   tokens: jax.Array

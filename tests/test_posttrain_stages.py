@@ -187,3 +187,35 @@ def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path):
     assert sorted(again) == list(range(summary["resumed_from"] + 1, killed_at + 1)), name
     for step, loss in again.items():
       assert loss == first[step], (name, step, loss, first[step])
+
+
+def test_sampled_pairs_replace_sides_with_verified_samples(model, pairs, tok, devices, monkeypatch):
+  """A sample judged correct becomes the chosen side, a wrong one the rejected side: prompt + completion, trained
+  only on the completion; a side with no such sample keeps the pipeline's."""
+  import types
+
+  from jaxstages import rewards
+  from jaxstages.sharding import DEFAULT_RULES, MeshConfig, make_mesh
+  from jaxstages.stages.dpo import sampled_pairs
+
+  calls = []
+
+  def scripted_verify(problem, text):  # the first sample of every prompt is "correct", the rest wrong
+    calls.append(text)
+    return types.SimpleNamespace(strict_correct=(len(calls) - 1) % 2 == 0)
+
+  monkeypatch.setattr(rewards, "verify", scripted_verify)
+  cfg = DPOConfig(pairs="reference", pair_samples=2, pair_max_new_tokens=8)
+  data = data_config(dict(kind="preference", task=dict(surface="symbolic", op_range=(1, 3)), seq_len=128,
+                          prompt_len=80, batch_size=4, seed=3))
+  mesh = make_mesh(MeshConfig(1, 1, 1), devices[:1])
+  out = {k: np.asarray(v) for k, v in sampled_pairs(model, pairs, cfg, data, tok, 0, mesh, DEFAULT_RULES).items()}
+  assert len(calls) == 8 and (out["sampled_chosen"] == 1).all() and (out["sampled_rejected"] == 1).all()
+  for side in ("chosen", "rejected"):
+    for r in range(4):
+      prompt = np.asarray(pairs["prompt_tokens"][r])[np.asarray(pairs["prompt_mask"][r]) == 1]
+      n = len(prompt)
+      assert (out[f"{side}_tokens"][r, :n] == prompt).all() and out[f"{side}_mask"][r, :n].sum() == 0
+      completion = out[f"{side}_mask"][r].sum()
+      assert 1 <= completion <= 8 and out[f"{side}_segment_ids"][r].sum() == n + completion
+      assert not (out[f"{side}_tokens"][r] == np.asarray(pairs[f"{side}_tokens"][r])).all()
