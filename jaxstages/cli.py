@@ -107,7 +107,7 @@ def _sample(args: argparse.Namespace) -> None:
   from jaxstages.data import tasks
   from jaxstages.evaluation import load_stage
   from jaxstages.rewards import verify
-  from jaxstages.sampling import SamplingConfig, sample
+  from jaxstages.sampling import SamplingConfig, sample, stop_ids
 
   model, tokenizer, config = load_stage(args.checkpoint, args.step)
   if args.prompt is None:  # an eval-split problem of the run's task world
@@ -123,7 +123,7 @@ def _sample(args: argparse.Namespace) -> None:
     ids = tokenizer.encode_chat([{"role": "user", "content": text.rstrip()}], add_generation_prompt=True)[0]
   else:
     ids = tokenizer.encode(text)
-  stops = tuple(i for i in (tokenizer.eos_id, getattr(tokenizer, "im_end_id", None)) if i is not None and i >= 0)
+  stops = stop_ids(tokenizer)
   cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, n=args.n, stop_tokens=stops)
   out = sample(model, [ids], cfg, seed=args.seed)

@@ -23,7 +23,7 @@ from jaxstages.data.tokenizer import load_tokenizer
 from jaxstages.metrics import progress
 from jaxstages.model import Transformer
 from jaxstages.rewards import format_ok, think_block, verify
-from jaxstages.sampling import SamplingConfig, sample
+from jaxstages.sampling import SamplingConfig, sample, stop_ids
 from jaxstages.sharding import data_parallel_size, make_mesh
 from jaxstages.train import load_model
 
@@ -93,11 +93,6 @@ def eval_prompt(problem: tasks.Problem, tokenizer, cfg: EvalConfig) -> list[int]
   return tokenizer.encode_chat(tasks.rl_prompt(problem, cfg.think)["messages"], add_generation_prompt=True)[0]
 
 
-def _stop_tokens(tokenizer, cfg: EvalConfig) -> tuple[int, ...]:
-  ids = [tokenizer.eos_id] + ([tokenizer.im_end_id] if cfg.prompt == "chat" else [])
-  return tuple(int(i) for i in ids if i is not None and i >= 0)
-
-
 def _id(token_id: int | None) -> int:
   return -1 if token_id is None else int(token_id)
 
@@ -114,7 +109,7 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   after a think block, empty for `/no_think`, when `think` is set; `rewards.format_ok`) and, when `think` is set,
   `think_followed`: samples whose think block is non-empty for `/think` and present but empty for `/no_think`."""
   contexts = cfg.contexts or tuple(dict.fromkeys(m.context for m in task_cfg.mixture))
-  stops = _stop_tokens(tokenizer, cfg)
+  stops = stop_ids(tokenizer, chat=cfg.prompt == "chat")
   think = cfg.think if cfg.prompt == "chat" else None
   cells = []
   bar = progress(len(cfg.ops) * len(contexts) * cfg.problems, "eval") if show_progress else None

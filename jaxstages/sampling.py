@@ -114,6 +114,17 @@ def prompt_bucket(length: int, buckets: Sequence[int]) -> int:
                     f"add a bigger bucket to SamplingConfig.prompt_buckets")
 
 
+def stop_ids(tokenizer, chat: bool = True) -> tuple[int, ...]:
+  """The ids a completion stops at: the end of a document and, for chat prompts, the end of a turn (`<|im_end|>`)."""
+  ids = [tokenizer.eos_id] + ([getattr(tokenizer, "im_end_id", None)] if chat else [])
+  return tuple(int(i) for i in ids if i is not None and i >= 0)
+
+
+def unpad_prompts(prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> list[list[int]]:
+  """A pipeline's left-padded prompts (`[batch, prompt_len]` tokens and mask) as token lists, for `sample`."""
+  return [row[mask == 1].tolist() for row, mask in zip(np.asarray(prompt_tokens), np.asarray(prompt_mask))]
+
+
 def left_pad(prompts: Sequence[Sequence[int]], width: int, pad_id: int = 0) -> dict[str, np.ndarray]:
   """`tokens`, `positions`, `segment_ids`, all `[len(prompts), width]`: each prompt right-aligned, padding slots with
   segment 0 (invisible) and positions counting from 0 at each prompt's first token."""

@@ -195,6 +195,14 @@ def global_batch_from_process_local(local_batch: Mapping[str, np.ndarray], mesh:
   return out
 
 
+def gather_to_host(batch: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+  """Every row of a global batch, as numpy arrays on every process: for host-side work on a batch (sampling from
+  its prompts, verifying text). `shard_batch` puts the result back on the mesh."""
+  from jax.experimental import multihost_utils
+
+  return {k: np.array(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()}
+
+
 # -- activation constraints -------------------------------------------------------------------------------------
 
 _ACTIVE_RULES: contextvars.ContextVar[LogicalRules | None] = contextvars.ContextVar("jaxstages_rules", default=None)

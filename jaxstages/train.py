@@ -217,10 +217,10 @@ def stage_model_config(model_block: Mapping[str, Any], tokenizer_vocab: int):
 
 def _parse_blocks(config, devices):
   """(config dict, StageConfig, mesh, rules, DataConfig): what both running and planning a stage start from."""
-  from jaxstages.stages import OBJECTIVE_BLOCKS
+  from jaxstages.stages import OPTION_BLOCKS
 
   config = to_dict(config)
-  check_keys(config, CONFIG_BLOCKS + tuple(OBJECTIVE_BLOCKS.values()), "training config")
+  check_keys(config, CONFIG_BLOCKS + OPTION_BLOCKS, "training config")
   stage = StageConfig.from_config(config.get("stage"))
   mesh_cfg = MeshConfig.from_config(config.get("mesh"))
   return config, stage, make_mesh(mesh_cfg, devices), mesh_cfg.rules, data_config(config["data"])
@@ -306,7 +306,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   The stage's objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own config block, e.g. `dpo`)
   gives the loss, and optionally a `prepare` that adds frozen-model outputs or samples to each batch before the
   jitted step, and held-out metrics of its own."""
-  from jaxstages.stages import StageContext, build_objective, objective_block
+  from jaxstages.stages import OBJECTIVES, StageContext, objective_block
 
   initialize_distributed()
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
@@ -325,9 +325,9 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   graphdef, state, shardings = init_train_state(model, optimizer, mesh, stage.seed, rules)
   del model
   # built before any resume, so `initial_params` are the stage's starting params (a DPO reference)
-  objective = build_objective(stage.kind, StageContext(
+  objective = OBJECTIVES[stage.kind](StageContext(
       stage=stage, data=data_cfg, model_cfg=model_cfg, graphdef=graphdef, mesh=mesh, rules=rules,
-      tokenizer=tokenizer, params_sharding=shardings.params, initial_params=state.params), block)
+      tokenizer=tokenizer, initial_params=state.params), block)
   if data_cfg.kind not in objective.data_kinds:
     raise ConfigError(f"stage kind {stage.kind!r} trains on data kinds {list(objective.data_kinds)}, but the data "
                       f"block has kind {data_cfg.kind!r}")
@@ -395,8 +395,10 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
              "tokens": final_step * tokens_per_step, "flops": flops_per_step * final_step,
              "wall_s_this_run": time.perf_counter() - start_time}
   if final_step == stage.steps:
-    summary.update(evaluate(state.params))
-    writer.write(final_step, {k: v for k, v in summary.items() if k.startswith("eval_") or k in objective.eval_keys})
+    held_out = evaluate(state.params)
+    summary.update(held_out)
+    if held_out:
+      writer.write(final_step, held_out)
   writer.close()
   if jax.process_index() == 0:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))

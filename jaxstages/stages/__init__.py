@@ -3,8 +3,8 @@ its pure loss `loss(model, batch) -> (sum, count, aux sums)`, the data kinds it 
 a `prepare` that adds frozen-model outputs or fresh samples to each batch before the jitted step (DPO's reference
 log-probs, a distillation teacher's log-probs, on-policy samples) and held-out metrics of its own.
 
-A stage's `kind` picks the objective; an objective with options reads them from its own config block, named in
-`OBJECTIVE_BLOCKS` (e.g. `dpo.beta`), checked key by key like every other block.
+A stage's `kind` picks the objective; an objective with options reads them from the config block named like its
+kind (`OPTION_BLOCKS`, e.g. `dpo.beta`), checked key by key like every other block.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class StageContext:
   mesh: Mesh
   rules: tuple
   tokenizer: Any
-  params_sharding: Any
   initial_params: nnx.State
 
 
@@ -71,7 +70,6 @@ class Objective:
   evaluate: Callable[[nnx.State], dict[str, float]] | None = None
   tokens_per_step: int | None = None
   flops_per_step: float | None = None
-  eval_keys: tuple[str, ...] = ()  # names `evaluate` returns, also written to the metrics at the end
 
 
 def _packed(loss: LossFn) -> Callable[[StageContext, Mapping], Objective]:
@@ -90,18 +88,14 @@ def _distill(ctx: StageContext, block: Mapping) -> Objective:
 
 OBJECTIVES: dict[str, Callable[[StageContext, Mapping], Objective]] = {
     **{kind: _packed(loss) for kind, loss in LOSSES.items()}, "dpo": _dpo, "distill": _distill}
-OBJECTIVE_BLOCKS = {"dpo": "dpo", "distill": "distill"}  # kind -> the config block holding its options
+OPTION_BLOCKS = ("dpo", "distill")  # kinds with options, each in the config block of the same name
 
 
 def objective_block(kind: str, config: Mapping[str, Any]) -> dict:
   """The options block of `kind` from a training config (empty if it has none); rejects an unknown kind and the
   block of another kind (a `dpo` block in a distillation stage is a mistake, not a no-op)."""
   check_keys([kind], OBJECTIVES, "stage kinds")
-  for other, name in OBJECTIVE_BLOCKS.items():
-    if other != kind and config.get(name):
-      raise ConfigError(f"config block {name!r} belongs to stage kind {other!r}, but stage.kind is {kind!r}")
-  return dict(config.get(OBJECTIVE_BLOCKS.get(kind, ""), None) or {})
-
-
-def build_objective(kind: str, ctx: StageContext, block: Mapping) -> Objective:
-  return OBJECTIVES[kind](ctx, block)
+  for other in OPTION_BLOCKS:
+    if other != kind and config.get(other):
+      raise ConfigError(f"config block {other!r} belongs to stage kind {other!r}, but stage.kind is {kind!r}")
+  return dict(config.get(kind) or {}) if kind in OPTION_BLOCKS else {}

@@ -232,7 +232,8 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer, where: str) -> No
 
 
 def distill_loss_fn(cfg: DistillConfig):
-  """Pure loss over packed-style rows with the teacher's outputs added by `prepare`: (sum of the per-token divergence
+  """Pure loss over packed-style rows (`tokens`, `targets`, `loss_mask`, `positions`, `segment_ids`, each
+  `[batch, seq]`) with the teacher's outputs added by `prepare` (`teacher_outputs`): (sum of the per-token divergence
   over `loss_mask`, trained tokens, {nll: the student's NLL of the row's tokens})."""
 
   def loss(model: nnx.Module, batch):
@@ -259,7 +260,10 @@ def distill_loss_fn(cfg: DistillConfig):
 
 
 def teacher_outputs(cfg: DistillConfig):
-  """`(teacher, batch) -> {...}`: what the loss needs from the teacher on the batch's rows."""
+  """`(teacher, batch) -> {...}`: what the loss needs from the teacher on the batch's `[batch, seq]` rows:
+  `teacher_logits [batch, seq, vocab]` (float32); with `top_k`, `teacher_topk_ids [batch, seq, k]` and
+  `teacher_topk_logprobs [batch, seq, k + 1]` (the last entry the tail); for `sampled_reverse_kl`,
+  `teacher_token_logprobs [batch, seq]` of the row's own next tokens."""
 
   def fn(teacher: nnx.Module, batch):
     logits, _ = teacher(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
@@ -278,12 +282,10 @@ def distill_objective(ctx, block) -> Objective:
   with sampling, the batch is first generated from the prompts by the student or the teacher. The held-out loss is
   the student's data NLL, comparable with any LM or SFT stage; the teacher's forwards and the sampling count in the
   stage's FLOPs."""
-  from jax.experimental import multihost_utils
-
   from jaxstages.data.tokenizer import load_tokenizer
   from jaxstages.flops import forward_flops_per_token, train_flops_per_token
-  from jaxstages.sampling import SamplingConfig, completion_rows, sample
-  from jaxstages.sharding import shard_batch
+  from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, unpad_prompts
+  from jaxstages.sharding import gather_to_host, shard_batch
   from jaxstages.stages import PACKED, Objective  # noqa: F811
   from jaxstages.stages.lm import lm_loss
   from jaxstages.train import load_model, make_apply
@@ -298,21 +300,19 @@ def distill_objective(ctx, block) -> Objective:
   teacher_fn = make_apply(teacher_graphdef, teacher_outputs(cfg), ctx.mesh,
                           jax.tree.map(lambda x: x.sharding, teacher_params), ctx.rules, out_batch_sharded=True)
   tok = ctx.tokenizer
-  stops = tuple(i for i in (tok.im_end_id, tok.eos_id) if i is not None and i >= 0)
   sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
-                            stop_tokens=stops, pad_id=tok.pad_id)
+                            stop_tokens=stop_ids(tok), pad_id=tok.pad_id)
   d = ctx.data
 
   def generate(state, batch, step: int) -> dict:
     """Rows of prompt + completion, sampled by the student (probability λ, from the step's seed) or the teacher."""
     on_policy = np.random.default_rng([cfg.seed, step, 0x6B64]).random() < cfg.on_policy_fraction
-    prompt_tokens, prompt_mask = (np.asarray(multihost_utils.process_allgather(batch[k], tiled=True))
-                                  for k in ("prompt_tokens", "prompt_mask"))
-    prompts = [row[m == 1].tolist() for row, m in zip(prompt_tokens, prompt_mask)]
+    host = gather_to_host({k: batch[k] for k in ("prompt_tokens", "prompt_mask")})
+    prompts = unpad_prompts(host["prompt_tokens"], host["prompt_mask"])
     model = nnx.merge(ctx.graphdef, state.params) if on_policy else teacher
     samples = sample(model, prompts, sampling, int(np.random.default_rng([cfg.seed, step]).integers(2**31)),
                      ctx.mesh, ctx.rules)
-    rows = completion_rows(prompts, samples, 1, tok.pad_id, width=prompt_tokens.shape[1])
+    rows = completion_rows(prompts, samples, 1, tok.pad_id, width=host["prompt_tokens"].shape[1])
     rows["loss_mask"] = rows.pop("completion_mask")
     rows["on_policy"] = np.full((len(prompts),), float(on_policy), np.float32)
     return shard_batch(rows, ctx.mesh, ctx.rules)

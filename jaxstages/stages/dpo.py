@@ -54,7 +54,7 @@ from jaxstages.losses import token_log_probs
 
 if TYPE_CHECKING:
   from jaxstages.stages import Objective
-from jaxstages.sampling import SamplingConfig, completion_rows, sample
+from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, unpad_prompts
 from jaxstages.sharding import use_mesh
 
 KINDS = ("sigmoid", "ipo", "hinge", "simpo")
@@ -243,14 +243,12 @@ def sampled_pairs(model: nnx.Module, batch, cfg: DPOConfig, data_cfg, tokenizer,
   prompt from `model`, scored by the task verifier: chosen = the first strictly correct one, rejected = the first
   wrong one. Adds `sampled_chosen` / `sampled_rejected` `[batch]` (1 where that side is a sample). Host-side
   (the verifier parses text); the global batch is gathered on every process and re-sharded."""
-  from jax.experimental import multihost_utils
-
   from jaxstages.rewards import verify
-  from jaxstages.sharding import shard_batch
+  from jaxstages.sharding import gather_to_host, shard_batch
 
-  host = {k: np.array(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()}
-  prompts = [row[m == 1].tolist() for row, m in zip(host["prompt_tokens"], host["prompt_mask"])]
-  stops = tuple(i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None and i >= 0)
+  host = gather_to_host(batch)
+  prompts = unpad_prompts(host["prompt_tokens"], host["prompt_mask"])
+  stops = stop_ids(tokenizer)
   g = cfg.pair_samples
   out = sample(model, prompts, SamplingConfig(max_new_tokens=cfg.pair_max_new_tokens, temperature=cfg.pair_temperature,
                                               n=g, stop_tokens=stops, pad_id=tokenizer.pad_id), seed, mesh, rules)
@@ -316,9 +314,8 @@ def dpo_objective(ctx, block) -> Objective:
     return add_reference(batch) if needs_ref else batch
 
   prompts = drift_prompts(ctx.data, ctx.tokenizer, cfg.drift_prompts) if cfg.drift_prompts else []
-  stops = tuple(i for i in (ctx.tokenizer.im_end_id, ctx.tokenizer.eos_id) if i is not None and i >= 0)
-  sampling = SamplingConfig(max_new_tokens=cfg.drift_max_new_tokens, temperature=1.0, stop_tokens=stops,
-                            pad_id=ctx.tokenizer.pad_id)
+  sampling = SamplingConfig(max_new_tokens=cfg.drift_max_new_tokens, temperature=1.0,
+                            stop_tokens=stop_ids(ctx.tokenizer), pad_id=ctx.tokenizer.pad_id)
 
   def sequence_kl(policy, reference, rows):
     inputs = (rows["tokens"], rows["positions"], rows["segment_ids"])
@@ -347,5 +344,4 @@ def dpo_objective(ctx, block) -> Objective:
   return Objective(loss=dpo_loss_fn(cfg), data_kinds=("preference",),
                    prepare=prepare if needs_ref or cfg.pairs != "task" else None,
                    eval_prepare=add_reference if needs_ref else None,
-                   evaluate=kl_drift if prompts else None, tokens_per_step=tokens, flops_per_step=flops,
-                   eval_keys=("kl_from_reference", "drift_length"))
+                   evaluate=kl_drift if prompts else None, tokens_per_step=tokens, flops_per_step=flops)
