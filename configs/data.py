@@ -34,6 +34,13 @@ CONFIGS = {
     # RL: a fixed set of prompts revisited every epoch (reshuffled), harder than pre-training
     "rl-symbolic": dict(kind="rl", task=dict(SYMBOLIC, contexts="q", op_range=(3, 8)), num_examples=4096,
                         prompt_len=160, batch_size=64, seed=4),
+    # RL at toy scale: context p at op 1, where the toy SFT model is right about a third of the time (greedy, strict);
+    # an endless prompt stream (set num_examples / epochs for a finite set revisited over epochs)
+    "rl-toy": dict(kind="rl", task=dict(SYMBOLIC, contexts="p", op_range=(1, 1)), prompt_len=48, batch_size=16,
+                   seed=4),
+    # the interplay study's RL sets on the story surface: op 11-14 is its "edge of competence" range (op 7-10
+    # in-distribution, 17-20 too hard); 1024 prompts per step (shared REFERENCES)
+    "rl-interplay": dict(kind="rl", task=dict(STORY, op_range=(11, 14)), prompt_len=1024, batch_size=1024, seed=4),
     # evaluation grid: 64 eval-split problems per (op, context) cell, one pass, padded with valid=0
     "eval-symbolic": dict(kind="eval", task=dict(SYMBOLIC, contexts="pqr-uniform"), eval_ops=(2, 3, 4, 5, 6, 8, 10),
                           eval_per_cell=64, prompt_len=192, batch_size=64, seed=0),

@@ -3,7 +3,8 @@
 A config has five blocks: `stage` (jaxstages.train.StageConfig), `model` (jaxstages.model.ModelConfig; vocab_size 0
 means "the tokenizer's, rounded up to 128"), `data` (jaxstages.data.pipeline.DataConfig), `optim`
 (jaxstages.optim.OptimConfig) and `mesh` (jaxstages.sharding.MeshConfig), plus the options block of stage kinds that
-have one (`dpo`: jaxstages.stages.dpo.DPOConfig, `distill`: jaxstages.stages.distill.DistillConfig). Every key is
+have one (`dpo`: jaxstages.stages.dpo.DPOConfig, `distill`: jaxstages.stages.distill.DistillConfig, `grpo` and
+`ppo`: jaxstages.stages.rl.RLConfig). Every key is
 checked; override any of them on the command line with `--config.optim.lr=1e-3`.
 """
 
@@ -17,6 +18,7 @@ from jaxstages.optim import OptimConfig
 from jaxstages.sharding import MeshConfig
 from jaxstages.stages.distill import DistillConfig
 from jaxstages.stages.dpo import DPOConfig
+from jaxstages.stages.rl import RLConfig
 from jaxstages.train import StageConfig
 
 
@@ -76,7 +78,31 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
                   distill=DistillConfig(teacher="runs/sft-toy", divergence="forward_kl"))
     cfg.data.seq_len = 256
     return cfg
+  if name in ("grpo-toy", "ppo-toy"):
+    # online RL from the committed SFT model on op-1 prompts (strict pass@1 about a third, greedy): the strict
+    # (process-verified) reward, G = 8, a held-out greedy evaluation every 20 steps. configs/recipes/rl.py has the
+    # published recipes at this scale and at the interplay study's.
+    kind = name.split("-")[0]
+    cfg = _config(dict(name=kind, kind=kind, steps=60, log_every=5, checkpoint_every=20, eval_every=20,
+                       init_from="experiments/artifacts/toy-sft"),
+                  "toy", "rl-toy", dict(lr=3e-4, schedule="constant", warmup_fraction=0.0, weight_decay=0.0),
+                  **{kind: RLConfig(group_size=8, max_new_tokens=40, reward="strict", eval_problems=64,
+                                    advantage="gae" if kind == "ppo" else "grpo")})
+    return cfg
+  if name == "grpo-interplay":
+    # the interplay study's RL stage (shared REFERENCES): the ~100M Qwen2-shape model after mid-training, GRPO on
+    # the edge range op 11-14, 1024 prompts x 6, 4 minibatches, token-mean, KL loss 1e-3 (k3), clip 0.2, dual-clip
+    # 3, lr 1e-6 constant, ~200 steps; set stage.init_from to the mid-trained stage folder
+    cfg = _config(dict(name="grpo", kind="grpo", steps=200, log_every=1, checkpoint_every=20, eval_every=20,
+                       init_from="runs/interplay/midtrain"),
+                  "interplay-100m", "rl-interplay", dict(lr=1e-6, schedule="constant", warmup_fraction=0.0,
+                                                         weight_decay=0.1, clip_norm=1.0),
+                  grpo=RLConfig(group_size=6, max_new_tokens=1024, temperature=1.0, minibatches=4, epochs=1,
+                                loss_agg="token-mean", clip_low=0.2, clip_high=0.2, dual_clip=3.0, kl_coef=1e-3,
+                                kl_placement="loss", kl_estimator="k3", eval_problems=128))
+    return cfg
   import difflib
-  names = ["pretrain-toy", "midtrain-toy", "sft-toy", "dpo-toy", "distill-toy"]
+  names = ["pretrain-toy", "midtrain-toy", "sft-toy", "dpo-toy", "distill-toy", "grpo-toy", "ppo-toy",
+           "grpo-interplay"]
   raise KeyError(f"unknown training config {name!r}; did you mean {difflib.get_close_matches(name, names)}? "
                  f"Known: {names}")

@@ -62,12 +62,20 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_fn: LossFn,
                     mesh: Mesh, shardings: TrainState, schedule: optax.Schedule | None = None,
-                    micro_batches: int = 1, rules: LogicalRules = DEFAULT_RULES):
+                    micro_batches: int = 1, rules: LogicalRules = DEFAULT_RULES, minibatches: int = 1,
+                    epochs: int = 1):
   """The jitted, sharded `step(state, batch) -> (state, metrics)`; `state` is donated.
 
-  metrics: `loss` (mean over the global batch), `count` (units counted: tokens, sequences or pairs), `grad_norm`,
-  `lr`, and the loss function's aux metrics, which it returns as sums over the same units and which are reported
-  divided by `count` (means over the global batch, however it was split).
+  One step is one optimizer update of the whole batch, or, with `minibatches` / `epochs` (RL's inner loop: several
+  passes over one rollout), `epochs x minibatches` updates, each on a minibatch of the rows, reshuffled every epoch
+  with the state's rng (`fold_in(rng, step)`). Each update splits its rows into `micro_batches` and accumulates.
+
+  metrics: `loss` (mean over the (mini)batch), `count` (units counted: tokens, sequences or pairs), `grad_norm`,
+  `lr`, and the loss function's aux metrics, which it returns either as sums over the same units (reported divided by
+  `count`) or as `(sum, count)` pairs of their own (reported as sum / count, e.g. a token mean under a sequence-level
+  loss). With several updates, every metric is the mean over the updates, and `<name>_first` holds the first
+  update's value of `loss`, `ratio` and `abs_log_ratio` (where the loss reports them): at the first update the
+  params are those that sampled the rollout.
   """
 
   def loss_sum(params, micro_batch):
@@ -75,32 +83,63 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return total, (count, aux)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  is_pair = lambda x: isinstance(x, tuple)
 
-  def step(state: TrainState, batch: Batch):
+  def gradients(params, batch):
+    """(grads, loss, count, aux) of one update's batch, accumulated over its micro-batches; aux not yet divided."""
     if micro_batches == 1:
-      (total, (count, aux)), grads = grad_fn(state.params, batch)
-    else:
-      micro = split_micro_batches(batch, micro_batches)
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (total, (count, aux)), grads = grad_fn(params, batch)
+      return grads, total, count, aux
+    micro = split_micro_batches(batch, micro_batches)
+    zeros = jax.tree.map(jnp.zeros_like, params)
 
-      def accumulate(carry, micro_batch):
-        grads_acc, total_acc, count_acc, aux_acc = carry
-        (total, (count, aux)), grads = grad_fn(state.params, micro_batch)
-        return (jax.tree.map(jnp.add, grads_acc, grads), total_acc + total, count_acc + count,
-                jax.tree.map(jnp.add, aux_acc, aux)), None
+    def accumulate(carry, micro_batch):
+      grads_acc, total_acc, count_acc, aux_acc = carry
+      (total, (count, aux)), grads = grad_fn(params, micro_batch)
+      return (jax.tree.map(jnp.add, grads_acc, grads), total_acc + total, count_acc + count,
+              jax.tree.map(jnp.add, aux_acc, aux)), None
 
-      first = jax.tree.map(lambda x: x[0], micro)
-      aux_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: loss_fn(nnx.merge(graphdef, state.params),
-                                                                              first)[2]))
-      (grads, total, count, aux), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, aux_zeros), micro)
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: loss_fn(nnx.merge(graphdef, params), first)[2]))
+    (grads, total, count, aux), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, aux_zeros), micro)
+    return grads, total, count, aux
+
+  def update(params, opt_state, batch):
+    grads, total, count, aux = gradients(params, batch)
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": total / denominator, "count": count, "grad_norm": optax.global_norm(grads),
-               **{k: v / denominator for k, v in aux.items()}}
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": total / denominator, "count": count, "grad_norm": optax.global_norm(grads)}
+    for k, v in aux.items():
+      metrics[k] = v[0] / jnp.maximum(v[1], 1.0) if is_pair(v) else v / denominator
+    return params, opt_state, metrics
+
+  def step(state: TrainState, batch: Batch):
+    if minibatches == 1 and epochs == 1:
+      params, opt_state, metrics = update(state.params, state.opt_state, batch)
+    else:
+      rows = next(iter(batch.values())).shape[0]
+      key = jax.random.fold_in(state.rng, state.step)
+
+      def one_epoch(carry, epoch):
+        order = jax.random.permutation(jax.random.fold_in(key, epoch), rows)
+        shuffled = split_micro_batches({k: v[order] for k, v in batch.items()}, minibatches)
+
+        def one_update(carry, minibatch):
+          params, opt_state = carry
+          params, opt_state, metrics = update(params, opt_state, minibatch)
+          return (params, opt_state), metrics
+
+        return jax.lax.scan(one_update, carry, shuffled)
+
+      (params, opt_state), per_update = jax.lax.scan(one_epoch, (state.params, state.opt_state),
+                                                     jnp.arange(epochs))
+      metrics = jax.tree.map(lambda x: jnp.mean(x), per_update)
+      metrics.update({f"{k}_first": per_update[k][0, 0] for k in ("loss", "ratio", "abs_log_ratio")
+                      if k in per_update})
     if schedule is not None:
-      metrics["lr"] = schedule(state.step)
+      metrics["lr"] = schedule(state.step * minibatches * epochs)
     return TrainState(params, opt_state, state.step + 1, state.rng), metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -110,9 +149,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
     if key not in compiled:
       rows, shards = next(iter(batch.values())).shape[0], data_parallel_size(mesh, rules)
-      if rows % (micro_batches * shards):
-        raise ConfigError(f"global batch of {rows} rows must be a multiple of micro_batches ({micro_batches}) x "
-                          f"data-parallel shards ({shards}) of mesh {dict(mesh.shape)}")
+      if rows % (minibatches * micro_batches * shards):
+        raise ConfigError(f"global batch of {rows} rows must be a multiple of minibatches ({minibatches}) x "
+                          f"micro_batches ({micro_batches}) x data-parallel shards ({shards}) of mesh "
+                          f"{dict(mesh.shape)}")
       in_batch = {k: batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
       compiled[key] = jax.jit(step, in_shardings=(shardings, in_batch), out_shardings=(shardings, replicated),
                               donate_argnums=0)
@@ -260,12 +300,19 @@ def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RUL
   if not checkpoints.exists():
     raise FileNotFoundError(f"{source}: neither a stage folder (with checkpoints/), a params folder (with "
                             "model_config.json) nor hf:FOLDER")
+  config = json.loads((stage_dir / "config.json").read_text()) if (stage_dir / "config.json").exists() else {}
   if model_cfg is None:
-    config = json.loads((stage_dir / "config.json").read_text())
     model_cfg = stage_model_config(config["model"], load_tokenizer(stage_dir / "tokenizer").vocab_size)
-  graphdef, target = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, 0)))
+  kind = config.get("stage", {}).get("kind", "")
+  if kind == "ppo":  # the checkpoint holds the policy and its critic: build both, keep the policy
+    from jaxstages.stages import objective_block, stage_model
+    build = lambda: stage_model(kind, objective_block(kind, config), create_model(model_cfg, 0), None, rules)
+  else:
+    build = lambda: create_model(model_cfg, 0)
+  graphdef, target = nnx.split(nnx.eval_shape(build))
   params = restore_params(checkpoints, target, param_shardings(target, mesh, rules), step=step)
-  return nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params)
+  return model.policy if kind == "ppo" else model
 
 
 def initial_model(stage: StageConfig, model_cfg, mesh: Mesh, rules: LogicalRules):
@@ -297,18 +344,38 @@ def held_out_metrics(eval_fn, params, data_cfg, tokenizer, batches: int, mesh: M
 EVAL_KINDS = ("pretrain", "midtrain", "sft", "preference")  # data kinds whose eval split gives a held-out loss
 
 
-def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
-              devices: Sequence[jax.Device] | None = None, stop_after: int | None = None) -> dict:
-  """Trains one stage to `stage.steps` (resuming from `workdir/checkpoints` when there are any) and returns its
-  summary (also written to `workdir/summary.json`). `stop_after` ends the loop early after that many steps of this
-  call (tests); `devices` restricts the mesh (default: every device of every process).
+@dataclasses.dataclass
+class Stage:
+  """Everything a stage's loop runs on, before any resume: `build_stage`'s result (also for tests and benchmarks
+  that drive an objective's steps by hand)."""
 
-  The stage's objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own config block, e.g. `dpo`)
-  gives the loss, and optionally a `prepare` that adds frozen-model outputs or samples to each batch before the
-  jitted step, and held-out metrics of its own."""
-  from jaxstages.stages import OBJECTIVES, StageContext, objective_block
+  stage: StageConfig
+  config: dict
+  mesh: Mesh
+  rules: LogicalRules
+  data: Any  # DataConfig
+  tokenizer: Any
+  model_cfg: Any
+  graphdef: nnx.GraphDef
+  state: TrainState
+  shardings: TrainState
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  objective: Any  # jaxstages.stages.Objective
 
-  initialize_distributed()
+  def train_step(self):
+    """The stage's jitted `step(state, batch) -> (state, metrics)`."""
+    return make_train_step(self.graphdef, self.optimizer, self.objective.loss, self.mesh, self.shardings,
+                           self.schedule, self.stage.micro_batches, self.rules, self.objective.minibatches,
+                           self.objective.epochs)
+
+
+def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
+                devices: Sequence[jax.Device] | None = None) -> Stage:
+  """Parses a stage's config and builds its mesh, tokenizer (saved in `workdir`), model, optimizer, train state and
+  objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own block, e.g. `grpo`)."""
+  from jaxstages.stages import OBJECTIVES, StageContext, objective_block, stage_model, updates_per_step
+
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
   block = objective_block(stage.kind, config)
   workdir = Path(workdir)
@@ -320,8 +387,8 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
-  model = initial_model(stage, model_cfg, mesh, rules)
-  optimizer, schedule = make_optimizer(optim_cfg, stage.steps)
+  model = stage_model(stage.kind, block, initial_model(stage, model_cfg, mesh, rules), mesh, rules)
+  optimizer, schedule = make_optimizer(optim_cfg, stage.steps * updates_per_step(stage.kind, block))
   graphdef, state, shardings = init_train_state(model, optimizer, mesh, stage.seed, rules)
   del model
   # built before any resume, so `initial_params` are the stage's starting params (a DPO reference)
@@ -331,15 +398,36 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   if data_cfg.kind not in objective.data_kinds:
     raise ConfigError(f"stage kind {stage.kind!r} trains on data kinds {list(objective.data_kinds)}, but the data "
                       f"block has kind {data_cfg.kind!r}")
+  return Stage(stage, config, mesh, rules, data_cfg, tokenizer, model_cfg, graphdef, state, shardings, optimizer,
+               schedule, objective)
+
+
+def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
+              devices: Sequence[jax.Device] | None = None, stop_after: int | None = None) -> dict:
+  """Trains one stage to `stage.steps` (resuming from `workdir/checkpoints` when there are any) and returns its
+  summary (also written to `workdir/summary.json`). `stop_after` ends the loop early after that many steps of this
+  call (tests); `devices` restricts the mesh (default: every device of every process).
+
+  The stage's objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own config block, e.g. `dpo`)
+  gives the loss, and optionally a `prepare` that adds frozen-model outputs or samples to each batch before the
+  jitted step, and held-out metrics of its own."""
+  initialize_distributed()
+  built = build_stage(config, workdir, devices)
+  workdir = Path(workdir)
+  stage, mesh, rules, data_cfg, tokenizer, model_cfg = (built.stage, built.mesh, built.rules, built.data,
+                                                        built.tokenizer, built.model_cfg)
+  graphdef, state, shardings, objective = built.graphdef, built.state, built.shardings, built.objective
   checkpointer = Checkpointer(workdir / "checkpoints", stage.checkpoint_every, stage.keep_checkpoints,
                               stage.async_checkpoints)
   data_iter = make_pipeline(data_cfg, tokenizer)
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
     state, data_state = checkpointer.restore(state, shardings)
+    objective_state = data_state.pop("objective", None)
     data_iter.set_state(data_state)
-  step_fn = make_train_step(graphdef, optimizer, objective.loss, mesh, shardings, schedule, stage.micro_batches,
-                            rules)
+    if objective.set_state is not None and objective_state is not None:
+      objective.set_state(objective_state)
+  step_fn = built.train_step()
   eval_fn = make_apply(graphdef, objective.eval_loss or objective.loss, mesh, shardings.params, rules)
   eval_cfg = dataclasses.replace(data_cfg, split="eval") if data_cfg.kind in EVAL_KINDS else None
 
@@ -352,6 +440,14 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
       out.update(objective.evaluate(params))
     return out
 
+  def loader_state() -> dict:
+    """The data iterator's position, and the objective's own state when it has one (saved together)."""
+    out = data_iter.get_state()
+    return {**out, "objective": objective.get_state()} if objective.get_state is not None else out
+
+  def next_batch() -> Batch:
+    return global_batch_from_process_local(next(data_iter), mesh, rules)
+
   writer = MetricsWriter(workdir)
   tokens_per_step = objective.tokens_per_step or data_cfg.batch_size * data_cfg.seq_len
   flops_per_step = objective.flops_per_step or train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens_per_step
@@ -361,10 +457,12 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   pending, last_time, last_step, start_time = [], time.perf_counter(), start, time.perf_counter()
   end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
   for step in range(start, end):
-    batch = global_batch_from_process_local(next(data_iter), mesh, rules)
+    batch = next_batch()
     if objective.prepare is not None:
-      batch = objective.prepare(state, batch, step)
+      batch = objective.prepare(state, batch, step, next_batch)
     state, metrics = step_fn(state, batch)
+    if objective.host_metrics is not None:
+      metrics = {**metrics, **objective.host_metrics()}
     pending.append(metrics)
     done = step + 1
     if done % stage.log_every == 0 or done == end:
@@ -381,13 +479,13 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
       bar.set_postfix(loss=f"{row['loss']:.4f}")
       pending, last_time, last_step = [], now, done
     if done % stage.checkpoint_every == 0:
-      checkpointer.save(state, data_iter.get_state(), step=done)
+      checkpointer.save(state, loader_state(), step=done)
     if stage.eval_every and done % stage.eval_every == 0 and done != stage.steps:
       writer.write(done, evaluate(state.params))
   bar.close()
   final_step = int(state.step)
   if checkpointer.latest_step() != final_step:
-    checkpointer.save(state, data_iter.get_state(), force=True)
+    checkpointer.save(state, loader_state(), force=True)
   checkpointer.wait()
   checkpointer.close()
   summary = {"stage": stage.name, "kind": stage.kind, "step": final_step, "steps": stage.steps,

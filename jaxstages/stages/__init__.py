@@ -52,14 +52,19 @@ class Objective:
 
   loss            pure `(model, batch) -> (sum, count, aux sums)`; the step reports `sum / count` and aux / count
   data_kinds      pipeline kinds it trains on
-  prepare         `(state, global batch, step) -> batch` run on the host side before each step (may call jitted
-                  functions: frozen-model forwards, the sampler); deterministic in (batch, step, params) so a
-                  resumed run repeats it exactly
+  prepare         `(state, global batch, step, next_batch) -> batch` run on the host side before each step (may call
+                  jitted functions: frozen-model forwards, the sampler; `next_batch()` draws one more global batch
+                  from the stage's checkpointed data iterator, e.g. to refill dropped RL groups); deterministic in
+                  (batch, step, params, objective state) so a resumed run repeats it exactly
   eval_loss       the held-out loss, if not `loss` (distillation reports the data NLL)
   eval_prepare    `batch -> batch` for held-out batches
   evaluate        `params -> {name: value}`: extra held-out metrics at every evaluation (DPO's KL drift)
   tokens_per_step, flops_per_step: the stage's compute per step when not the plain LM count (pairs, teacher
                   forwards, sampling)
+  host_metrics    `() -> {name: value}`: what `prepare` measured for the step just taken (rewards, sampling time),
+                  logged with the step's metrics
+  get_state, set_state: the objective's own state (e.g. an adaptive KL coefficient), saved with every checkpoint
+  minibatches, epochs: optimizer updates per step (`train.make_train_step`): RL's passes over one rollout
   """
 
   loss: LossFn
@@ -70,6 +75,11 @@ class Objective:
   evaluate: Callable[[nnx.State], dict[str, float]] | None = None
   tokens_per_step: int | None = None
   flops_per_step: float | None = None
+  host_metrics: Callable[[], dict[str, float]] | None = None
+  get_state: Callable[[], dict] | None = None
+  set_state: Callable[[dict], None] | None = None
+  minibatches: int = 1
+  epochs: int = 1
 
 
 def _packed(loss: LossFn) -> Callable[[StageContext, Mapping], Objective]:
@@ -86,9 +96,39 @@ def _distill(ctx: StageContext, block: Mapping) -> Objective:
   return distill_objective(ctx, block)
 
 
+def _grpo(ctx: StageContext, block: Mapping) -> Objective:
+  from jaxstages.stages.rl import rl_objective
+  return rl_objective(ctx, block, "grpo")
+
+
+def _ppo(ctx: StageContext, block: Mapping) -> Objective:
+  from jaxstages.stages.rl import rl_objective
+  return rl_objective(ctx, block, "ppo")
+
+
 OBJECTIVES: dict[str, Callable[[StageContext, Mapping], Objective]] = {
-    **{kind: _packed(loss) for kind, loss in LOSSES.items()}, "dpo": _dpo, "distill": _distill}
-OPTION_BLOCKS = ("dpo", "distill")  # kinds with options, each in the config block of the same name
+    **{kind: _packed(loss) for kind, loss in LOSSES.items()}, "dpo": _dpo, "distill": _distill, "grpo": _grpo,
+    "ppo": _ppo}
+OPTION_BLOCKS = ("dpo", "distill", "grpo", "ppo")  # kinds with options, each in the config block of the same name
+
+
+def updates_per_step(kind: str, block: Mapping[str, Any]) -> int:
+  """Optimizer updates in one step of a stage (RL: epochs x minibatches over each rollout), for the lr schedule."""
+  if kind in ("grpo", "ppo"):
+    from jaxstages.stages.rl import rl_config
+    cfg = rl_config(block, kind)
+    return cfg.epochs * cfg.minibatches
+  return 1
+
+
+def stage_model(kind: str, block: Mapping[str, Any], model: nnx.Module, mesh: Mesh, rules: tuple) -> nnx.Module:
+  """The module a stage trains, built around the loaded policy: PPO adds its critic; every other kind trains the
+  model itself."""
+  if kind == "ppo":
+    from jaxstages.stages.ppo import actor_critic
+    from jaxstages.stages.rl import rl_config
+    return actor_critic(model, rl_config(block, kind), mesh, rules)
+  return model
 
 
 def objective_block(kind: str, config: Mapping[str, Any]) -> dict:

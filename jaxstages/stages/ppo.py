@@ -1,0 +1,136 @@
+"""PPO with a learned critic: the value model, GAE and the clipped value loss. The rollout is `rl.py`'s; the policy
+loss is `grpo.policy_terms` (the same clipped surrogate) with GAE advantages.
+
+The stage trains one module, `ActorCritic`: the policy (the loaded model, unchanged) and either a separate critic
+(its own trunk, started from the policy's starting params, plus a value head) or only a value head on the policy's
+trunk (`critic="shared"`: one forward pass gives both). Its checkpoints hold both; `train.load_model` hands a later
+stage the policy alone.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxstages.sharding import param_shardings
+from jaxstages.stages.grpo import AGGREGATIONS, policy_terms
+
+
+class ValueHead(nnx.Module):
+  """`[batch, seq, embed]` hidden states -> `[batch, seq]` float32 values; starts at zero (an uninformed baseline)."""
+
+  def __init__(self, hidden_size: int, dtype):
+    self.w = nnx.Param(jnp.zeros((hidden_size,), dtype), logical_axes=("embed",))
+    self.b = nnx.Param(jnp.zeros((), dtype), logical_axes=())
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    return (jnp.einsum("bte,e->bt", hidden.astype(jnp.float32), self.w[...].astype(jnp.float32))
+            + self.b[...].astype(jnp.float32))
+
+
+class ActorCritic(nnx.Module):
+  """The policy and its critic. `critic_trunk` None: the value head reads the policy's own hidden states."""
+
+  def __init__(self, policy: nnx.Module, critic_trunk: nnx.Module | None, head: ValueHead):
+    self.policy = policy
+    self.critic_trunk = critic_trunk
+    self.value_head = head
+
+  def logits_and_values(self, tokens, positions, segment_ids) -> tuple[jax.Array, jax.Array]:
+    """Policy logits `[batch, seq, vocab]` and values `[batch, seq]` (the value of the state after each token)."""
+    hidden, _ = self.policy.hidden_states(tokens, positions, segment_ids)
+    logits = self.policy.logits(hidden)
+    if self.critic_trunk is not None:
+      hidden, _ = self.critic_trunk.hidden_states(tokens, positions, segment_ids)
+    return logits, self.value_head(hidden)
+
+
+def actor_critic(policy: nnx.Module, cfg, mesh, rules) -> ActorCritic:
+  """Wraps the stage's starting policy with a critic per `cfg.critic`; on `mesh`, the new params are laid out by
+  the rules (`mesh=None`: abstract use under `nnx.eval_shape`)."""
+  dtype = policy.embed[...].dtype
+  trunk = None
+  if cfg.critic == "separate":
+    graphdef, state = nnx.split(policy)
+    trunk = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  model = ActorCritic(policy, trunk, ValueHead(policy.cfg.hidden_size, dtype))
+  if mesh is not None:
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, param_shardings(state, mesh, rules))
+    model = nnx.merge(graphdef, state)
+  return model
+
+
+def values_fn(width: int):
+  """`(model, rows) -> [rows, width]` values at the positions that predict the completion tokens: entry t is the
+  value of the state before completion token t."""
+
+  def fn(model: ActorCritic, batch):
+    _, values = model.logits_and_values(batch["tokens"], batch["positions"], batch["segment_ids"])
+    return values[:, values.shape[1] - width:]
+
+  return fn
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float
+        ) -> tuple[jax.Array, jax.Array]:
+  """Generalised advantage estimation over completion tokens (Schulman et al. 2016), `[rows, T]` each:
+  `δ_t = r_t + γ V_{t+1} − V_t` (V after the last token is 0), `A_t = δ_t + γλ A_{t+1}`, returns `A + V`.
+  Positions where `mask` is 0 are skipped (they carry no reward and pass nothing back)."""
+  chex.assert_equal_shape([rewards, values, mask])
+  rewards, values, mask = (x.astype(jnp.float32) for x in (rewards, values, mask))
+
+  def back(carry, xs):
+    next_value, next_adv = carry
+    r, v, m = xs
+    delta = r + gamma * next_value - v
+    adv = delta + gamma * lam * next_adv
+    # a masked position hands its successor's values back unchanged
+    return (jnp.where(m > 0, v, next_value), jnp.where(m > 0, adv, next_adv)), adv * m
+
+  zeros = jnp.zeros(rewards.shape[0], jnp.float32)
+  _, adv = jax.lax.scan(back, (zeros, zeros), (rewards.T, values.T, mask.T), reverse=True)
+  adv = adv.T
+  return adv, (adv + values) * mask
+
+
+def whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """`(x − mean) / std` over the masked entries (population std), 0 elsewhere."""
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  mean = jnp.sum(x * mask) / n
+  std = jnp.sqrt(jnp.sum((x - mean) ** 2 * mask) / n)
+  return (x - mean) / (std + eps) * mask
+
+
+def clipped_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, clip: float) -> jax.Array:
+  """`½ max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²)` per token (`clip=0`: the plain squared error)."""
+  loss = (values - returns) ** 2
+  if clip:
+    clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+    loss = jnp.maximum(loss, (clipped - returns) ** 2)
+  return 0.5 * loss
+
+
+def ppo_loss_fn(cfg):
+  """PPO's loss `(ActorCritic, batch) -> (sum, count, aux)`: the clipped surrogate of `grpo.policy_terms` plus
+  `value_coef` times the clipped value loss, aggregated the same way. batch adds `returns` and `old_values`
+  `[rows, T]` to the GRPO rollout arrays."""
+  policy_cfg = cfg.policy_loss_config()
+
+  def loss(model: ActorCritic, batch):
+    logits, values = model.logits_and_values(batch["tokens"], batch["positions"], batch["segment_ids"])
+    mask = batch["mask"].astype(jnp.float32)
+    values = values[:, values.shape[1] - mask.shape[1]:]
+    v_loss = clipped_value_loss(values, batch["old_values"], batch["returns"], cfg.value_clip)
+    total, count, aux = policy_terms(logits, batch, policy_cfg)
+    v_total, _ = AGGREGATIONS[cfg.loss_agg](cfg.value_coef * v_loss, mask, float(cfg.max_new_tokens))
+    tokens = jnp.sum(mask)
+    aux["value_loss"] = (jnp.sum(jax.lax.stop_gradient(v_loss) * mask), tokens)
+    if cfg.value_clip:
+      aux["value_clip_fraction"] = (jnp.sum((jnp.abs(values - batch["old_values"]) > cfg.value_clip) * mask), tokens)
+    return total + v_total, count, aux
+
+  return loss
+

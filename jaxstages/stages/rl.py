@@ -1,0 +1,410 @@
+"""Online RL as a stage: the rollout loop shared by GRPO and PPO.
+
+Per step, on the host side of the shared train loop (`Objective.prepare`), top to bottom:
+
+1. **prompts**: B prompts of the stage's `rl` pipeline (its op range is the difficulty the RL runs on; a finite
+   prompt set is revisited over epochs, or the stream is endless: `data.num_examples`, `data.epochs`);
+2. **rollout**: G samples of each from the current params through the one jitted sampler (`sampling.sample`,
+   one prefill per prompt), optionally with params rounded to a lower precision (`rollout_dtype`);
+3. **rewards** from the task verifier (`rewards.verify`): outcome, process score, the interplay study's mix or
+   strict correctness, plus a format reward and DAPO's soft overlong penalty; a right answer reached through a wrong
+   step counts as a *hack*;
+4. **dynamic sampling** (DAPO): groups whose rewards are all equal carry no signal and are dropped; more prompts are
+   drawn from the same checkpointed data iterator until B groups are kept or `max_sampling_rounds` is hit (then
+   the batch is filled with dropped groups, masked out);
+5. **log-probs**: the sampler's own (or recomputed by the trainer), the reference model's only when β > 0, the
+   critic's values for PPO;
+6. **advantages**: a GRPO-family estimator of the group rewards (`grpo.ADVANTAGES`), or GAE over the critic's
+   values (`ppo.gae`); KL to the reference either in the reward (fixed or adaptive β) or in the loss;
+7. then the jitted train step runs `epochs x minibatches` clipped-surrogate updates over the rollout
+   (`train.make_train_step`), with the loss of `grpo.py` / `ppo.py`.
+
+Everything random is keyed by (seed, step, round), so a resumed run repeats the same rollouts; the adaptive KL
+coefficient is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxstages.config import ConfigError, check_keys, from_config
+from jaxstages.data import tasks
+from jaxstages.rewards import Verdict, format_ok, mixed_reward, verify
+from jaxstages.stages.grpo import (ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, Clip, PolicyLossConfig,
+                                   completion_logits, grpo_loss_fn)
+from jaxstages.losses import token_log_probs
+
+REWARDS = ("outcome", "process", "mixed", "strict")
+KL_PLACEMENTS = ("loss", "reward")
+TIS_LEVELS = ("none", "token", "sequence")
+CRITICS = ("separate", "shared")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """The `grpo` (or `ppo`) block of an RL stage. The data block (kind `rl`) gives B = `data.batch_size` prompts per
+  step and their op range; each step samples `group_size` completions of each.
+
+  PPO-only keys (`gamma`, `lam`, `value_coef`, `value_clip`, `critic`, `whiten_advantages`) are ignored by GRPO."""
+
+  # rollout
+  group_size: int = 8  # G samples per prompt
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  rollout_dtype: str = ""  # e.g. "bfloat16": sample with params rounded to it (the update stays in full precision)
+  # rewards
+  reward: str = "outcome"  # outcome | process | mixed ([α·outcome + (1−α)·process]·1[outcome]) | strict
+  process_alpha: float = 0.5  # the mix's α
+  format_weight: float = 0.0  # + weight · 1[one answer line at the end]
+  overlong_buffer: int = 0  # DAPO soft overlong penalty: ramps to −overlong_penalty over the last N allowed tokens
+  overlong_penalty: float = 1.0
+  mask_truncated: bool = False  # completions that hit max_new_tokens without stopping are left out of the loss
+  # groups
+  dynamic_sampling: bool = False  # drop groups whose rewards are all equal, refill from more prompts
+  max_sampling_rounds: int = 4
+  # advantages and loss
+  advantage: str = ""  # grpo | rloo | reinforce++ (GRPO; default grpo) | gae (PPO's only)
+  scale_rewards: bool = True  # divide by the group std (Dr.GRPO: False)
+  policy_loss: str = "ppo_clip"  # ppo_clip | gspo
+  loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+  clip_low: float = 0.2
+  clip_high: float = 0.2  # DAPO clip-higher: 0.28
+  dual_clip: float = 0.0  # > 1: dual-clip PPO's c (e.g. 3); 0: off
+  entropy_coef: float = 0.0
+  # KL to the reference (the stage's starting params unless `reference` names a model); β = 0: no reference at all
+  kl_coef: float = 0.0
+  kl_placement: str = "loss"  # loss | reward
+  kl_estimator: str = "k3"  # k1 | k2 | k3 | k3+ (k3's value with k2's gradient)
+  kl_target: float = 0.0  # > 0 (reward placement): adaptive β toward this KL per sequence (Ziegler et al. 2019)
+  kl_horizon: int = 10_000  # the adaptive controller's horizon, in sequences
+  reference: str = ""
+  # the updates
+  epochs: int = 1  # passes over each rollout
+  minibatches: int = 1  # optimizer updates per pass
+  recompute_old_logprobs: bool = False  # old log-probs from a trainer forward instead of the sampler's
+  tis: str = "none"  # truncated importance sampling of trainer/sampler mismatch: none | token | sequence
+  tis_cap: float = 2.0
+  # PPO
+  gamma: float = 1.0
+  lam: float = 0.95
+  value_coef: float = 0.5
+  value_clip: float = 0.2  # 0: no value clipping
+  whiten_advantages: bool = True
+  critic: str = "separate"  # separate (its own trunk, from the policy's starting params) | shared (a head on the
+  # policy's trunk)
+  # held-out evaluation (greedy, strict) at every eval_every and at the end; 0: none
+  eval_problems: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    for key, allowed in (("reward", REWARDS), ("kl_placement", KL_PLACEMENTS), ("tis", TIS_LEVELS),
+                         ("critic", CRITICS), ("policy_loss", POLICY_LOSSES), ("loss_agg", AGGREGATIONS),
+                         ("kl_estimator", KL_ESTIMATORS), ("advantage", ("", *ADVANTAGES, "gae"))):
+      check_keys([getattr(self, key)], allowed, f"rl {key}")
+    if self.group_size < 1 or self.max_new_tokens < 1 or self.epochs < 1 or self.minibatches < 1:
+      raise ConfigError("group_size, max_new_tokens, epochs and minibatches must be >= 1")
+    if self.advantage in ("grpo", "rloo") and self.group_size < 2:
+      raise ConfigError(f"advantage {self.advantage!r} compares samples of a group: group_size must be >= 2")
+    if self.tis != "none" and not self.recompute_old_logprobs:
+      raise ConfigError("tis corrects the sampler's log-probs toward the trainer's: set recompute_old_logprobs")
+    if self.kl_target and self.kl_placement != "reward":
+      raise ConfigError("an adaptive KL coefficient (kl_target) applies to kl_placement='reward'")
+    if self.dual_clip and self.dual_clip <= 1:
+      raise ConfigError(f"dual_clip must be > 1 (or 0 to switch it off), got {self.dual_clip}")
+    if self.rollout_dtype and self.rollout_dtype not in ("bfloat16", "float16", "float32"):
+      raise ConfigError(f"rollout_dtype {self.rollout_dtype!r} is not one of bfloat16, float16, float32")
+
+  def policy_loss_config(self, with_kl: bool = True) -> PolicyLossConfig:
+    return PolicyLossConfig(
+        policy_loss=self.policy_loss, clip=Clip(self.clip_low, self.clip_high, self.dual_clip),
+        loss_agg=self.loss_agg, norm_length=float(self.max_new_tokens), temperature=self.temperature,
+        kl_coef=self.kl_coef if with_kl and self.kl_placement == "loss" else 0.0, kl_estimator=self.kl_estimator,
+        entropy_coef=self.entropy_coef, tis=self.tis, tis_cap=self.tis_cap)
+
+
+def rl_config(block: Mapping, kind: str) -> RLConfig:
+  """The stage's RL block, with the kind's default advantage (`grpo`, or `gae` for PPO)."""
+  values = dict(block or {})
+  if not values.get("advantage"):
+    values["advantage"] = "gae" if kind == "ppo" else "grpo"
+  cfg = from_config(RLConfig, values, where=f"{kind} config")
+  if (cfg.advantage == "gae") != (kind == "ppo"):
+    raise ConfigError(f"advantage {cfg.advantage!r} does not fit stage kind {kind!r}: GAE needs PPO's critic, and "
+                      "PPO's advantages are GAE")
+  return cfg
+
+
+# -- rewards ---------------------------------------------------------------------------------------------------------
+
+
+def completion_reward(verdict: Verdict, text: str, length: int, truncated: bool, cfg: RLConfig) -> float:
+  """The scalar reward of one completion (`length` generated tokens)."""
+  base = {"outcome": float(verdict.outcome_correct), "process": verdict.process_score,
+          "strict": float(verdict.strict_correct),
+          "mixed": mixed_reward(verdict, cfg.process_alpha)}[cfg.reward]
+  if cfg.format_weight:
+    base += cfg.format_weight * float(format_ok(text))
+  if cfg.overlong_buffer:
+    # DAPO: 0 up to max_new - buffer tokens, then linearly down to -penalty at max_new (and past it: truncated)
+    start = cfg.max_new_tokens - cfg.overlong_buffer
+    base -= cfg.overlong_penalty * (1.0 if truncated else min(max(length - start, 0) / cfg.overlong_buffer, 1.0))
+  return base
+
+
+class AdaptiveKL:
+  """β for KL in the reward, moved toward a target KL per sequence (Ziegler et al. 2019):
+  `β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon)` after each step of n sequences."""
+
+  def __init__(self, coef: float, target: float, horizon: int):
+    self.coef, self.target, self.horizon = coef, target, horizon
+
+  def update(self, kl: float, n: int) -> None:
+    if self.target:
+      self.coef *= 1.0 + float(np.clip(kl / self.target - 1.0, -0.2, 0.2)) * n / self.horizon
+
+
+# -- the objective ---------------------------------------------------------------------------------------------------
+
+
+def policy_of(model: nnx.Module) -> nnx.Module:
+  """The policy inside a stage's model (PPO's model also holds a critic)."""
+  return getattr(model, "policy", model)
+
+
+def policy_logprobs_fn(width: int, temperature: float) -> Callable:
+  """`(model, rows) -> [rows, width]` float32 log-probs of the completion tokens under the (tempered) policy."""
+
+  def fn(model, batch):
+    logits, _ = policy_of(model)(batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits = completion_logits(logits, width).astype(jnp.float32) / temperature
+    return token_log_probs(logits, batch["targets"][:, -width:])
+
+  return fn
+
+
+@jax.jit
+def _round_params(params, like):
+  return jax.tree.map(lambda x: x.astype(like.dtype).astype(x.dtype), params)
+
+
+def rl_objective(ctx, block: Mapping, kind: str):
+  """GRPO (`kind="grpo"`) or PPO (`kind="ppo"`) as an `Objective` of the shared train loop."""
+  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+  from jaxstages.sampling import Samples, SamplingConfig, completion_rows, sample, stop_ids, unpad_prompts
+  from jaxstages.sharding import gather_to_host, shard_batch
+  from jaxstages.stages import Objective
+  from jaxstages.stages.ppo import gae, ppo_loss_fn, values_fn, whiten
+  from jaxstages.train import load_model, make_apply
+
+  cfg = rl_config(block, kind)
+  d = ctx.data
+  tok = ctx.tokenizer
+  b, g, n_new, width = d.batch_size, cfg.group_size, cfg.max_new_tokens, d.prompt_len
+  rows_per_step = b * g
+  stops = stop_ids(tok)
+  scfg = SamplingConfig(max_new_tokens=n_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=g,
+                        stop_tokens=stops, pad_id=tok.pad_id, prompt_buckets=(width,))
+  params_sharding = jax.tree.map(lambda x: x.sharding, ctx.initial_params)
+  logprobs = make_apply(ctx.graphdef, policy_logprobs_fn(n_new, cfg.temperature), ctx.mesh, params_sharding,
+                        ctx.rules, out_batch_sharded=True)
+  critic_values = (make_apply(ctx.graphdef, values_fn(n_new), ctx.mesh, params_sharding, ctx.rules,
+                              out_batch_sharded=True) if kind == "ppo" else None)
+
+  # the reference: loaded (or copied from the starting params) only when β > 0
+  reference = None
+  if cfg.kl_coef > 0:
+    ref_model = (load_model(cfg.reference, ctx.mesh, ctx.rules) if cfg.reference else
+                 policy_of(nnx.merge(ctx.graphdef, jax.tree.map(jnp.copy, ctx.initial_params))))
+    ref_graphdef, ref_params = nnx.split(ref_model)
+    ref_fn = make_apply(ref_graphdef, policy_logprobs_fn(n_new, cfg.temperature), ctx.mesh,
+                        jax.tree.map(lambda x: x.sharding, ref_params), ctx.rules, out_batch_sharded=True)
+    reference = (ref_fn, ref_params)
+  kl_control = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+  counters = {"reference_forwards": 0}
+  last: dict[str, float] = {}
+  clock: dict[str, float] = {}
+  sources = d.source_configs
+
+  def problems_of(host: Mapping[str, np.ndarray]) -> list[tasks.Problem]:
+    """The verifier's problems of a batch: (source, index) -> the problem the pipeline generated."""
+    out = []
+    for s, i in zip(host["source"], host["index"]):
+      src = sources[int(s)]
+      out.append(tasks.generate(src.task, src.seed, d.split, int(i)))
+    return out
+
+  def roll_out(params, batch, seed: int) -> dict:
+    """One round: G samples of each prompt of `batch`, verified. Host arrays, `[B * G, ...]` per row."""
+    host = gather_to_host({k: batch[k] for k in ("prompt_tokens", "prompt_mask", "source", "index", "valid")})
+    prompts = unpad_prompts(host["prompt_tokens"], host["prompt_mask"])
+    samples = sample(policy_of(nnx.merge(ctx.graphdef, params)), prompts, scfg, seed, ctx.mesh, ctx.rules)
+    out = {k: np.asarray(v) for k, v in dataclasses.asdict(samples).items()}
+    problems = problems_of(host)
+    rewards, strict, outcome, truncated = [], [], [], []
+    for r, tokens in enumerate(samples.completions()):
+      stopped = bool(tokens) and tokens[-1] in stops
+      text = tok.decode(tokens[:-1] if stopped else tokens)
+      verdict = verify(problems[r // g], text)
+      truncated.append(not stopped and len(tokens) >= n_new)
+      rewards.append(completion_reward(verdict, text, len(tokens), truncated[-1], cfg))
+      strict.append(verdict.strict_correct)
+      outcome.append(verdict.outcome_correct)
+    out.update(prompts=[prompts[r // g] for r in range(len(prompts) * g)], reward=np.asarray(rewards, np.float32),
+               strict=np.asarray(strict, np.float32), outcome=np.asarray(outcome, np.float32),
+               truncated=np.asarray(truncated, np.float32),
+               valid=np.repeat(host["valid"].astype(np.float32), g))
+    return out
+
+  def select_groups(rounds: list[dict]) -> tuple[dict, dict]:
+    """B groups for the update: every group (plain), or the groups with unequal rewards first (dynamic sampling),
+    filled up with masked-out dropped groups if too few. Returns (rows, counts)."""
+    groups = [(ri, gi) for ri, r in enumerate(rounds) for gi in range(len(r["reward"]) // g)]
+    def informative(ri, gi):
+      rw = rounds[ri]["reward"][gi * g:(gi + 1) * g]
+      return bool(rounds[ri]["valid"][gi * g]) and np.ptp(rw) > 0
+    kept = [x for x in groups if informative(*x)] if cfg.dynamic_sampling else groups
+    dropped = [x for x in groups if x not in set(kept)]
+    chosen = kept[:b] + dropped[:max(0, b - len(kept))]
+    use = np.asarray([1.0] * min(len(kept), b) + [0.0] * max(0, b - len(kept)), np.float32)
+    out = {}
+    for key in rounds[0]:
+      parts = [rounds[ri][key][gi * g:(gi + 1) * g] for ri, gi in chosen]
+      out[key] = sum(parts, []) if key == "prompts" else np.concatenate(parts)
+    out["valid"] = out["valid"] * np.repeat(use, g)
+    all_equal = [not informative(ri, gi) for ri, gi in groups[:b] if rounds[ri]["valid"][gi * g]]
+    return out, {"zero_variance_groups": float(np.mean(all_equal)) if all_equal else 0.0,
+                 "groups_dropped": float(len(groups) - len(kept)) if cfg.dynamic_sampling else 0.0,
+                 "groups_filled": float(max(0, b - len(kept))), "sampling_rounds": float(len(rounds))}
+
+  def prepare(state, batch, step: int, next_batch: Callable[[], dict]) -> dict:
+    jax.block_until_ready(state.params)
+    t0 = time.perf_counter()
+    # from the end of the previous step's rollout until its update has finished (dispatch may run it inline)
+    t_update = t0 - clock.get("rollout_end", t0)
+    params = state.params
+    if cfg.rollout_dtype:
+      params = _round_params(params, jnp.zeros((), cfg.rollout_dtype))
+    rounds = []
+    while True:
+      seed = int(np.random.default_rng([cfg.seed, step, len(rounds), 0x524C]).integers(2**31))
+      rounds.append(roll_out(params, batch, seed))
+      if not cfg.dynamic_sampling or len(rounds) >= cfg.max_sampling_rounds:
+        break
+      kept = sum(int(np.sum(np.ptp(r["reward"].reshape(-1, g), axis=1) > 0)) for r in rounds)
+      if kept >= b:
+        break
+      batch = next_batch()
+    ro, group_counts = select_groups(rounds)
+    t_sample = time.perf_counter() - t0
+
+    # rows of prompt + completion for teacher-forced passes; [rows, T] arrays over the completion
+    chosen = Samples(**{f.name: ro[f.name] for f in dataclasses.fields(Samples)})
+    rows = completion_rows(ro["prompts"], chosen, 1, tok.pad_id, width=width)
+    mask = ro["mask"] * (1.0 - ro["forced"]) * ro["valid"][:, None]
+    if cfg.mask_truncated:
+      mask = mask * (1.0 - ro["truncated"])[:, None]
+    device_rows = shard_batch({k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")},
+                              ctx.mesh, ctx.rules)
+    t1 = time.perf_counter()
+    host = {}
+    sampler_lp = ro["logprobs"]
+    if cfg.recompute_old_logprobs:
+      old = np.asarray(jax.device_get(logprobs(state.params, device_rows))) * ro["mask"]
+      host["mismatch_abs_logprob"] = float(np.sum(np.abs(old - sampler_lp) * mask) / max(mask.sum(), 1.0))
+    else:
+      old = sampler_lp
+    rewards = ro["reward"].copy()
+    batch_out = dict(device_rows)
+    extra = {"mask": mask, "old_logprobs": old.astype(np.float32)}
+    if cfg.tis != "none":
+      extra["sampler_logprobs"] = sampler_lp.astype(np.float32)
+    token_rewards = np.zeros_like(mask)
+    if reference is not None:
+      ref_fn, ref_params = reference
+      ref_lp = np.asarray(jax.device_get(ref_fn(ref_params, device_rows))) * ro["mask"]
+      counters["reference_forwards"] += 1
+      kl_tokens = np.asarray(KL_ESTIMATORS[cfg.kl_estimator](jnp.asarray(old), jnp.asarray(ref_lp))) * mask
+      kl_seq = kl_tokens.sum(-1)
+      host["kl_ref_sequence"] = float(kl_seq[ro["valid"] > 0].mean()) if ro["valid"].any() else 0.0
+      if cfg.kl_placement == "loss":
+        extra["ref_logprobs"] = ref_lp.astype(np.float32)
+      else:
+        token_rewards -= kl_control.coef * kl_tokens
+        rewards = rewards - kl_control.coef * kl_seq
+        host["kl_coef"] = kl_control.coef
+        kl_control.update(host["kl_ref_sequence"], rows_per_step)
+    if kind == "ppo":
+      values = np.asarray(jax.device_get(critic_values(state.params, device_rows))) * mask
+      last_token = np.maximum(mask.sum(-1).astype(int) - 1, 0)
+      token_rewards[np.arange(len(last_token)), last_token] += ro["reward"] * (mask.sum(-1) > 0)
+      adv, returns = gae(jnp.asarray(token_rewards), jnp.asarray(values), jnp.asarray(mask), cfg.gamma, cfg.lam)
+      adv = whiten(adv, jnp.asarray(mask)) if cfg.whiten_advantages else adv
+      extra.update(advantages=np.asarray(adv) * mask, returns=np.asarray(returns), old_values=values)
+      host["value_mean"] = float((values * mask).sum() / max(mask.sum(), 1.0))
+    else:
+      adv = ADVANTAGES[cfg.advantage](jnp.asarray(rewards.reshape(b, g)), jnp.asarray(ro["valid"][::g]),
+                                      cfg.scale_rewards)
+      extra["advantages"] = np.repeat(np.asarray(adv).reshape(-1, 1), n_new, axis=1) * mask
+    batch_out.update(shard_batch({k: np.asarray(v, np.float32) for k, v in extra.items()}, ctx.mesh, ctx.rules))
+    jax.block_until_ready(batch_out)
+    clock["rollout_end"] = time.perf_counter()
+    t_logprobs = clock["rollout_end"] - t1
+
+    valid = ro["valid"] > 0
+    lengths = ro["lengths"].astype(np.float32)
+    sampled_tokens = sum(float(r["lengths"].sum()) for r in rounds)
+    passes = int(cfg.recompute_old_logprobs) + int(reference is not None) + int(kind == "ppo")
+    seq = rows["tokens"].shape[1]
+    pick = lambda x: float(x[valid].mean()) if valid.any() else 0.0
+    last.clear()
+    last.update(host, **group_counts, reward_mean=pick(ro["reward"]), reward_std=float(ro["reward"][valid].std())
+                if valid.any() else 0.0, pass_rate=pick(ro["strict"]), outcome_rate=pick(ro["outcome"]),
+                hack_rate=pick(ro["outcome"] * (1 - ro["strict"])), response_length=pick(lengths),
+                truncated_fraction=pick(ro["truncated"]), time_sampling_s=t_sample, time_logprobs_s=t_logprobs,
+                time_update_s=t_update, reference_forwards=float(counters["reference_forwards"]),
+                flops_sampling=(forward_flops_per_token(ctx.model_cfg, width) * width * b * len(rounds)
+                                + forward_flops_per_token(ctx.model_cfg, width + n_new) * sampled_tokens),
+                flops_logprobs=passes * forward_flops_per_token(ctx.model_cfg, seq) * seq * rows_per_step,
+                flops_update=update_flops)
+    return batch_out
+
+  seq_len = width + n_new - 1
+  critic_factor = 2.0 if kind == "ppo" and cfg.critic == "separate" else 1.0
+  update_flops = critic_factor * cfg.epochs * train_flops_per_token(ctx.model_cfg, seq_len) * seq_len * rows_per_step
+  # the step's FLOPs for the loop's ledger: sampling at full length (an upper bound), the extra passes, the updates
+  passes = int(cfg.recompute_old_logprobs) + int(cfg.kl_coef > 0) + int(kind == "ppo")
+  planned = (forward_flops_per_token(ctx.model_cfg, width) * width * b
+             + forward_flops_per_token(ctx.model_cfg, seq_len) * n_new * rows_per_step
+             + passes * forward_flops_per_token(ctx.model_cfg, seq_len) * seq_len * rows_per_step + update_flops)
+
+  def evaluate(params) -> dict[str, float]:
+    if not cfg.eval_problems:
+      return {}
+    from jaxstages.evaluation import EvalConfig, evaluate as run_eval
+    lo, hi = d.task.op_range
+    contexts = tuple(dict.fromkeys(m.context for m in d.task.mixture))
+    ecfg = EvalConfig(ops=tuple(range(lo, hi + 1)), contexts=contexts, problems=cfg.eval_problems, prompt="chat",
+                      max_new_tokens=n_new, batch_size=max(cfg.eval_problems, 1))
+    result = run_eval(policy_of(nnx.merge(ctx.graphdef, params)), tok, d.task, ecfg, mesh=ctx.mesh,
+                      show_progress=False)
+    out = {f"eval_pass@1_op{c['op']}_{c['context']}": c["pass@1"] for c in result["cells"]}
+    out["eval_pass@1"] = float(np.mean([c["pass@1"] for c in result["cells"]]))
+    out["eval_answer@1"] = float(np.mean([c["answer@1"] for c in result["cells"]]))
+    return out
+
+  loss = ppo_loss_fn(cfg) if kind == "ppo" else grpo_loss_fn(cfg.policy_loss_config())
+  return Objective(
+      loss=loss, data_kinds=("rl",), prepare=prepare, evaluate=evaluate, tokens_per_step=rows_per_step * seq_len,
+      flops_per_step=planned, host_metrics=lambda: dict(last),
+      get_state=lambda: {"kl_coef": kl_control.coef},
+      set_state=lambda s: setattr(kl_control, "coef", float(s["kl_coef"])),
+      minibatches=cfg.minibatches, epochs=cfg.epochs)

@@ -1,0 +1,189 @@
+"""The RL stage (GRPO / PPO) on the committed toy SFT model: the rollout's log-probs against the trainer's, the
+REINFORCE gradient, the reference model only when β > 0, dynamic sampling, PPO's rollout, and the loss's invariance
+to micro-batches and meshes for every aggregation mode."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxstages.config import apply_overrides, load_config
+from jaxstages.data.pipeline import make_pipeline
+from jaxstages.model import create_model
+from jaxstages.sharding import MeshConfig, global_batch_from_process_local, make_mesh, shard_batch
+from jaxstages.stages.grpo import AGGREGATIONS, Clip, PolicyLossConfig, policy_terms
+from jaxstages.stages.rl import policy_logprobs_fn
+from jaxstages.state import init_train_state
+from jaxstages.train import build_stage, make_train_step
+
+# 8 prompts x 4 samples of op-1 problems from the committed SFT model; no held-out evaluation
+SMALL_RL = ["data.batch_size=8", "grpo.group_size=4", "grpo.max_new_tokens=32", "grpo.eval_problems=0"]
+
+
+def _build(tmp_path, kind="grpo", *overrides):
+  cfg = apply_overrides(load_config(f"configs/train.py:{kind}-toy"),
+                        [o.replace("grpo.", f"{kind}.") for o in SMALL_RL] + list(overrides))
+  return build_stage(cfg, tmp_path)
+
+
+def _prepared(built, step=0):
+  """The objective's rollout batch for `step`, and its host metrics."""
+  it = make_pipeline(built.data, built.tokenizer)
+  next_batch = lambda: global_batch_from_process_local(next(it), built.mesh, built.rules)
+  batch = built.objective.prepare(built.state, next_batch(), step, next_batch)
+  return batch, built.objective.host_metrics()
+
+
+@pytest.fixture(scope="module")
+def grpo(tmp_path_factory):
+  built = _build(tmp_path_factory.mktemp("grpo"), "grpo", "grpo.minibatches=2")
+  batch, metrics = _prepared(built)
+  return built, batch, metrics
+
+
+def test_sampler_log_probs_equal_the_trainers_and_the_gradient_is_reinforce(grpo):
+  """Before any update the importance ratio is 1 to 1e-5 on every trained token (the sampler's KV-cached decode
+  and the trainer's full forward agree), and the clipped loss's gradient is the REINFORCE gradient
+  −Σ A ∇log π / tokens with the same advantages."""
+  built, batch, metrics = grpo
+  mask = np.asarray(batch["mask"])
+  assert mask.sum() > 50 and metrics["reference_forwards"] == 0 and "ref_logprobs" not in batch
+  width = mask.shape[1]
+  logp_fn = jax.jit(lambda p, b: policy_logprobs_fn(width, 1.0)(nnx.merge(built.graphdef, p), b))
+  logp = np.asarray(logp_fn(built.state.params, batch))
+  ratio = np.exp(logp - np.asarray(batch["old_logprobs"]))
+  assert np.abs(ratio - 1)[mask > 0].max() <= 1e-5
+
+  adv = np.asarray(batch["advantages"])
+  assert np.abs(adv).max() > 0.1  # some groups have both right and wrong samples
+
+  def clipped(params):
+    total, count, _ = built.objective.loss(nnx.merge(built.graphdef, params), batch)
+    return total / count
+
+  def reinforce(params):
+    lp = policy_logprobs_fn(width, 1.0)(nnx.merge(built.graphdef, params), batch)
+    return -jnp.sum(batch["advantages"] * lp * batch["mask"]) / jnp.sum(batch["mask"])
+
+  g_loss, g_ref = jax.jit(jax.grad(clipped))(built.state.params), jax.jit(jax.grad(reinforce))(built.state.params)
+  for a, b in zip(jax.tree.leaves(g_loss), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+  # the train step's first of its two minibatch updates sees the sampling params too
+  state, step_metrics = built.train_step()(jax.tree.map(jnp.copy, built.state), batch)
+  assert float(step_metrics["abs_log_ratio_first"]) <= 1e-5 and abs(float(step_metrics["ratio_first"]) - 1) <= 1e-5
+  assert float(step_metrics["abs_log_ratio"]) > float(step_metrics["abs_log_ratio_first"])  # the second one moved
+  assert int(state.step) == 1
+
+
+def test_reference_model_only_when_kl_is_on(tmp_path, grpo):
+  """β = 0 (the fixture): no reference forward ran and none is in the batch; β > 0: one reference forward per step,
+  its log-probs equal the starting policy's (the reference is a copy of the start)."""
+  built = _build(tmp_path, "grpo", "grpo.kl_coef=0.01")
+  batch, metrics = _prepared(built)
+  assert metrics["reference_forwards"] == 1
+  np.testing.assert_allclose(np.asarray(batch["ref_logprobs"]) * np.asarray(batch["mask"]),
+                             np.asarray(batch["old_logprobs"]) * np.asarray(batch["mask"]), atol=1e-5)
+
+
+def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch(tmp_path, grpo):
+  """With the same first round as the plain rollout (same seed, same params), dynamic sampling drops exactly the
+  groups whose rewards are all equal, samples more prompts, and fills the batch with informative groups only."""
+  _, _, plain = grpo
+  built = _build(tmp_path, "grpo", "grpo.minibatches=2", "grpo.dynamic_sampling=True", "grpo.max_sampling_rounds=6")
+  batch, metrics = _prepared(built)
+  b, g = built.data.batch_size, 4
+  assert plain["zero_variance_groups"] > 0  # the first round has all-equal groups to drop
+  assert metrics["zero_variance_groups"] == plain["zero_variance_groups"]  # the same first round
+  assert metrics["sampling_rounds"] >= 2 and metrics["groups_filled"] == 0
+  assert metrics["groups_dropped"] >= plain["zero_variance_groups"] * b
+  adv = np.asarray(batch["advantages"]).reshape(b, g, -1)
+  assert (np.abs(adv).reshape(b, -1).max(axis=1) > 0).all()  # every kept group carries a learning signal
+
+
+def test_ppo_rollout_has_gae_advantages_and_value_targets(tmp_path):
+  """PPO's rollout adds the critic's values and GAE returns; its first update's ratio is 1 and its loss includes
+  the value loss (the critic starts at 0, so the returns are the rewards)."""
+  built = _build(tmp_path, "ppo", "ppo.critic='shared'", "ppo.lam=1.0")
+  batch, metrics = _prepared(built)
+  mask = np.asarray(batch["mask"])
+  np.testing.assert_array_equal(np.asarray(batch["old_values"]), 0.0)  # a zero-initialised value head
+  returns = np.asarray(batch["returns"])
+  # γ = λ = 1: with zero values every trained token's return is the completion's reward (per-token KL off)
+  rows_reward = returns[:, 0]
+  assert ((returns == rows_reward[:, None]) | (mask == 0)).all()
+  assert set(np.unique(rows_reward[mask.sum(1) > 0])) <= {0.0, 1.0}
+  _, step_metrics = built.train_step()(jax.tree.map(jnp.copy, built.state), batch)
+  assert float(step_metrics["value_loss"]) > 0 and abs(float(step_metrics["ratio"]) - 1) <= 1e-5
+
+
+# -- invariance of the loss to micro-batches and meshes ------------------------------------------------------------
+
+
+def _unequal_rollout(cfg, rows=16, prompt=6, width=24, seed=0):
+  """A synthetic rollout with very unequal completion lengths (1 to 24 tokens), ratios away from 1 and both signs
+  of advantage."""
+  rng = np.random.default_rng(seed)
+  seq = prompt + width - 1
+  lengths = np.asarray([1, 24, 3, 17, 2, 24, 9, 1, 5, 1, 24, 12, 1, 2, 20, 7])[:rows]
+  mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.float32)
+  return dict(tokens=rng.integers(1, cfg.vocab_size, (rows, seq)).astype(np.int32),
+              targets=rng.integers(1, cfg.vocab_size, (rows, seq)).astype(np.int32),
+              positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+              segment_ids=np.ones((rows, seq), np.int32), mask=mask,
+              old_logprobs=(np.log(1.0 / cfg.vocab_size) + rng.normal(0, 0.3, (rows, width))).astype(np.float32),
+              ref_logprobs=(np.log(1.0 / cfg.vocab_size) + rng.normal(0, 0.3, (rows, width))).astype(np.float32),
+              advantages=np.repeat(rng.normal(0, 1, (rows, 1)), width, 1).astype(np.float32) * mask)
+
+
+def test_rl_loss_is_identical_across_micro_batches_and_meshes(tiny_cfg, devices):
+  """For every loss aggregation, the gradient (read from an SGD update with lr 1) and the loss are the same, to 1e-5
+  relative, on one device without micro-batches as on 8-device meshes with 2 or 4 micro-batches, on a batch whose
+  completions range from 1 to 24 tokens (KL in the loss, entropy bonus and dual clipping on). One compiled step per
+  mesh serves all four modes: the batch's `mode` column picks the aggregation."""
+  cfg = tiny_cfg.replace(init_std=0.2)
+  host = _unequal_rollout(cfg)
+  modes = [PolicyLossConfig(clip=Clip(0.2, 0.28, 3.0), loss_agg=agg, norm_length=24.0, kl_coef=0.1,
+                            kl_estimator="k3", entropy_coef=0.01) for agg in AGGREGATIONS]
+
+  def loss(model, batch):
+    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    outs = [policy_terms(logits, batch, m) for m in modes]
+    k = batch["mode"][0]
+    return jnp.stack([o[0] for o in outs])[k], jnp.stack([o[1] for o in outs])[k], {}
+
+  results = {}
+  for mesh_cfg, devs, micro in ((MeshConfig(1, 1, 1), devices[:1], 1), (MeshConfig(2, 2, 2), devices, 2),
+                                (MeshConfig(2, 1, 4), devices, 4)):
+    mesh = make_mesh(mesh_cfg, devs)
+    graphdef, state, shardings = init_train_state(create_model(cfg, 0, mesh), optax.sgd(1.0), mesh)
+    before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    step = make_train_step(graphdef, optax.sgd(1.0), loss, mesh, shardings, micro_batches=micro)
+    for k in range(len(modes)):
+      batch = shard_batch({**host, "mode": np.full((len(host["mask"]),), k, np.int32)}, mesh)
+      new_state, metrics = step(jax.tree.map(jnp.copy, state), batch)
+      grads = [b - np.asarray(a) for a, b in zip(jax.tree.leaves(new_state.params), before)]
+      results.setdefault(k, []).append((float(metrics["loss"]), grads))
+  for k, ((loss0, grads0), *rest) in results.items():
+    assert max(np.abs(g).max() for g in grads0) > 1e-3
+    for loss_i, grads_i in rest:
+      np.testing.assert_allclose(loss_i, loss0, rtol=1e-5, err_msg=modes[k].loss_agg)
+      for a, b in zip(grads_i, grads0):  # relative to each gradient tensor's norm
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-9, modes[k].loss_agg
+
+
+def test_rl_config_errors(tmp_path):
+  from jaxstages.config import ConfigError
+  from jaxstages.stages.rl import RLConfig, rl_config
+
+  with pytest.raises(ConfigError, match="'tokn-mean'.*'token-mean'"):
+    RLConfig(loss_agg="tokn-mean")
+  with pytest.raises(ConfigError, match="recompute_old_logprobs"):
+    RLConfig(tis="token")
+  with pytest.raises(ConfigError, match="GAE"):
+    rl_config({"advantage": "gae"}, "grpo")
+  assert rl_config({}, "ppo").advantage == "gae" and dataclasses.asdict(rl_config({}, "grpo"))["advantage"] == "grpo"
