@@ -150,9 +150,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     if key not in compiled:
       rows, shards = next(iter(batch.values())).shape[0], data_parallel_size(mesh, rules)
       if rows % (minibatches * micro_batches * shards):
-        raise ConfigError(f"global batch of {rows} rows must be a multiple of minibatches ({minibatches}) x "
-                          f"micro_batches ({micro_batches}) x data-parallel shards ({shards}) of mesh "
-                          f"{dict(mesh.shape)}")
+        per_update = f"minibatches ({minibatches}) x " if minibatches > 1 else ""
+        raise ConfigError(f"global batch of {rows} rows must be a multiple of {per_update}micro_batches "
+                          f"({micro_batches}) x data-parallel shards ({shards}) of mesh {dict(mesh.shape)}")
       in_batch = {k: batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
       compiled[key] = jax.jit(step, in_shardings=(shardings, in_batch), out_shardings=(shardings, replicated),
                               donate_argnums=0)

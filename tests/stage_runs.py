@@ -70,7 +70,8 @@ def kill_all_at(runs: list[tuple[list[str], object, int]], timeout: float = 240)
     for i in list(alive):
       _, workdir, step = runs[i]
       if last_step(workdir) >= step or procs[i].poll() is not None:
-        os.kill(procs[i].pid, signal.SIGKILL)
+        if procs[i].poll() is None:
+          os.kill(procs[i].pid, signal.SIGKILL)
         procs[i].wait()
         alive.discard(i)
     time.sleep(0.05)

@@ -12,6 +12,7 @@ from flax import nnx
 from jaxstages.config import ConfigError, apply_overrides, load_config
 from jaxstages.data.pipeline import data_config, make_pipeline
 from jaxstages.data.tokenizer import task_tokenizer
+from jaxstages.metrics import read_metrics
 from jaxstages.model import create_model
 from jaxstages.stages import objective_block
 from jaxstages.stages.distill import DistillConfig, check_same_tokenizer, distill_loss_fn, teacher_outputs
@@ -159,18 +160,23 @@ RESUME = ["stage.steps=16", "stage.log_every=1", "stage.checkpoint_every=6", "st
 
 
 RESUMED = {
-    "dpo-toy": ["stage.init_from={sft}", "dpo.drift_prompts=0"],
+    "dpo-toy": [*SMALL, "stage.init_from={sft}", "dpo.drift_prompts=0"],
     # on-policy distillation: each step samples from the student or the teacher (λ = 0.5), then the teacher scores
-    "distill-toy": ["distill.teacher={sft}", "data.kind='rl'", "data.sources=()", "data.prompt_len=96",
+    "distill-toy": [*SMALL, "distill.teacher={sft}", "data.kind='rl'", "data.sources=()", "data.prompt_len=96",
                     "distill.on_policy_fraction=0.5", "distill.off_policy='teacher'", "distill.max_new_tokens=24"],
+    # GRPO from the committed toy SFT model (real rewards), KL in the reward with an adaptive coefficient (restored
+    # from the checkpoint) and dynamic sampling (refills drawn from the checkpointed data iterator)
+    "grpo-toy": ["data.batch_size=8", "grpo.group_size=4", "grpo.max_new_tokens=24", "grpo.eval_problems=0",
+                 "grpo.kl_coef=0.05", "grpo.kl_placement='reward'", "grpo.kl_estimator='k1'", "grpo.kl_target=0.01",
+                 "grpo.kl_horizon=64", "grpo.dynamic_sampling=True", "grpo.max_sampling_rounds=2"],
 }
 
 
 def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path):
   """Killed mid-run, re-run: the steps after the last checkpoint are computed again and give the same losses bit
-  for bit (params, optimizer, data position, reference / teacher outputs and samples all restored or re-derived).
-  Both stages run side by side."""
-  cmds = {name: train_cmd(name, tmp_path / name, *SMALL, *RESUME, *(o.format(sft=tiny_sft) for o in overrides))
+  for bit (params, optimizer, data position, reference / teacher outputs and samples all restored or re-derived),
+  and for GRPO the same rewards and adaptive KL coefficient. The three stages run side by side."""
+  cmds = {name: train_cmd(name, tmp_path / name, *RESUME, *(o.format(sft=tiny_sft) for o in overrides))
           for name, overrides in RESUMED.items()}
   killed = dict(zip(cmds, kill_all_at([(cmd, tmp_path / name, 9) for name, cmd in cmds.items()])))
   for proc in [spawn(cmd) for cmd in cmds.values()]:
@@ -187,6 +193,15 @@ def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path):
     assert sorted(again) == list(range(summary["resumed_from"] + 1, killed_at + 1)), name
     for step, loss in again.items():
       assert loss == first[step], (name, step, loss, first[step])
+  # RL: the same rollouts (rewards), the same adaptive KL coefficient, the same refills
+  rows = [r for r in read_metrics(tmp_path / "grpo-toy" / "metrics.jsonl") if "reward_mean" in r]
+  seen = {}
+  for r in rows:
+    keys = ("reward_mean", "kl_coef", "sampling_rounds", "groups_dropped", "loss")
+    if r["step"] in seen:
+      assert seen[r["step"]] == tuple(r[k] for k in keys), r["step"]
+    seen[r["step"]] = tuple(r[k] for k in keys)
+  assert len(rows) > 16 and len({v[1] for v in seen.values()}) > 1  # resumed steps were compared; β moved
 
 
 def test_sampled_pairs_replace_sides_with_verified_samples(model, pairs, tok, devices, monkeypatch):

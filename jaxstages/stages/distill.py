@@ -317,7 +317,7 @@ def distill_objective(ctx, block) -> Objective:
     rows["on_policy"] = np.full((len(prompts),), float(on_policy), np.float32)
     return shard_batch(rows, ctx.mesh, ctx.rules)
 
-  def prepare(state, batch, step: int):
+  def prepare(state, batch, step: int, next_batch=None):
     if cfg.samples:
       batch = generate(state, batch, step)
     return {**batch, **teacher_fn(teacher_params, batch)}

@@ -305,7 +305,7 @@ def dpo_objective(ctx, block) -> Objective:
   def add_reference(batch):
     return {**batch, **ref_fn(ref_params, batch)}
 
-  def prepare(state, batch, step: int):
+  def prepare(state, batch, step: int, next_batch=None):
     if cfg.pairs != "task":
       model = (nnx.merge(ref_graphdef, ref_params) if cfg.pairs == "reference"
                else nnx.merge(ctx.graphdef, state.params))
