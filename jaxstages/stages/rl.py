@@ -272,7 +272,8 @@ def rl_objective(ctx, block: Mapping, kind: str):
       rw = rounds[ri]["reward"][gi * g:(gi + 1) * g]
       return bool(rounds[ri]["valid"][gi * g]) and np.ptp(rw) > 0
     kept = [x for x in groups if informative(*x)] if cfg.dynamic_sampling else groups
-    dropped = [x for x in groups if x not in set(kept)]
+    kept_set = set(kept)
+    dropped = [x for x in groups if x not in kept_set]
     chosen = kept[:b] + dropped[:max(0, b - len(kept))]
     use = np.asarray([1.0] * min(len(kept), b) + [0.0] * max(0, b - len(kept)), np.float32)
     out = {}
