@@ -54,9 +54,16 @@ def last_step(workdir) -> int:
   return max(losses(workdir), default=0)
 
 
+def has_checkpoint(workdir) -> bool:
+  """Whether a finalized checkpoint exists (orbax writes into a temporary folder and renames it to the step)."""
+  folder = Path(workdir) / "checkpoints"
+  return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
+
+
 def kill_at(cmd: list[str], workdir, step: int, timeout: float = 240) -> int:
-  """Starts `cmd`, SIGKILLs it once `step` has been logged (mid-run, possibly mid-save); returns the last logged
-  step."""
+  """Starts `cmd`, SIGKILLs it once `step` has been logged and a checkpoint is complete (so a loaded machine, on
+  which an asynchronous save lags, cannot make the kill land before the first one); the kill itself may land
+  mid-step or mid-save. Returns the last logged step."""
   return kill_all_at([(cmd, workdir, step)], timeout)[0]
 
 
@@ -69,7 +76,7 @@ def kill_all_at(runs: list[tuple[list[str], object, int]], timeout: float = 240)
   while alive and time.time() < deadline:
     for i in list(alive):
       _, workdir, step = runs[i]
-      if last_step(workdir) >= step or procs[i].poll() is not None:
+      if (last_step(workdir) >= step and has_checkpoint(workdir)) or procs[i].poll() is not None:
         if procs[i].poll() is None:
           os.kill(procs[i].pid, signal.SIGKILL)
         procs[i].wait()

@@ -121,6 +121,39 @@ def test_ppo_rollout_has_gae_advantages_and_value_targets(tmp_path):
   assert float(step_metrics["value_loss"]) > 0 and abs(float(step_metrics["ratio"]) - 1) <= 1e-5
 
 
+def test_low_precision_rollouts_log_the_mismatch_and_recompute_old_log_probs(tmp_path):
+  """Rollouts from bfloat16-rounded params with old log-probs recomputed by the trainer: the old log-probs are the
+  trainer's (ratio exactly 1 at the first update), the sampler's are kept for truncated importance sampling, and
+  their mismatch is logged (and is what bfloat16 rounding makes it: small but not zero)."""
+  built = _build(tmp_path, "grpo", "grpo.rollout_dtype='bfloat16'", "grpo.recompute_old_logprobs=True",
+                 "grpo.tis='token'", "grpo.tis_cap=2.0")
+  batch, metrics = _prepared(built)
+  mask = np.asarray(batch["mask"])
+  width = mask.shape[1]
+  logp = np.asarray(jax.jit(lambda p, b: policy_logprobs_fn(width, 1.0)(nnx.merge(built.graphdef, p), b))(
+      built.state.params, batch))
+  np.testing.assert_allclose((logp * mask), np.asarray(batch["old_logprobs"]) * mask, atol=1e-6)
+  gap = np.abs(np.asarray(batch["old_logprobs"]) - np.asarray(batch["sampler_logprobs"]))[mask > 0]
+  assert 1e-4 < metrics["mismatch_abs_logprob"] < 0.5
+  np.testing.assert_allclose(metrics["mismatch_abs_logprob"], gap.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["deepseekmath", "dapo", "dr-grpo", "justrl", "interplay"])
+def test_recipes_load_and_keep_their_algorithm_at_toy_scale(recipe):
+  """Every published recipe is a valid GRPO stage config, and its `-toy` variant changes the scale, not the
+  algorithm (advantages, aggregation, clipping, KL, dynamic sampling)."""
+  from jaxstages.stages.rl import rl_config
+
+  full, toy = (load_config(f"configs/recipes/rl.py:{recipe}{suffix}") for suffix in ("", "-toy"))
+  a, b = rl_config(full.grpo, "grpo"), rl_config(toy.grpo, "grpo")
+  for key in ("advantage", "scale_rewards", "loss_agg", "clip_low", "clip_high", "dual_clip", "kl_coef",
+              "kl_placement", "kl_estimator", "dynamic_sampling", "policy_loss"):
+    assert getattr(a, key) == getattr(b, key), key
+  assert full.model.hidden_size == 768 and toy.model.hidden_size == 128
+  with pytest.raises(KeyError, match="did you mean"):
+    load_config(f"configs/recipes/rl.py:{recipe}x")
+
+
 # -- invariance of the loss to micro-batches and meshes ------------------------------------------------------------
 
 
