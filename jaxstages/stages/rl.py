@@ -172,6 +172,38 @@ class AdaptiveKL:
       self.coef *= 1.0 + float(np.clip(kl / self.target - 1.0, -0.2, 0.2)) * n / self.horizon
 
 
+# -- groups ----------------------------------------------------------------------------------------------------------
+
+
+def informative_groups(rollout: Mapping[str, np.ndarray], g: int) -> np.ndarray:
+  """`[groups]` bool: valid groups whose rewards are not all equal (the others carry no GRPO advantage)."""
+  rewards = rollout["reward"].reshape(-1, g)
+  return (rollout["valid"].reshape(-1, g)[:, 0] > 0) & (np.ptp(rewards, axis=1) > 0)
+
+
+def select_groups(rounds: list[dict], b: int, g: int, dynamic: bool) -> tuple[dict, dict]:
+  """The B groups of G rows an update trains on, from one or more sampling rounds (host dicts of `[rows, ...]`
+  arrays and a `prompts` list). Plain: the first round as it is. Dynamic sampling (DAPO): informative groups in
+  the order sampled, then, if there are fewer than B, dropped groups with `valid` set to 0 (they fill the batch's
+  static shape and train nothing). Returns (rows, counts for the metrics)."""
+  groups = [(ri, gi) for ri, r in enumerate(rounds) for gi in range(len(r["reward"]) // g)]
+  useful = {(ri, gi) for ri, r in enumerate(rounds) for gi in np.flatnonzero(informative_groups(r, g))}
+  kept = [x for x in groups if x in useful] if dynamic else groups
+  kept_set = set(kept)
+  chosen = kept[:b] + [x for x in groups if x not in kept_set][:max(0, b - len(kept))]
+  out = {}
+  for key in rounds[0]:
+    parts = [rounds[ri][key][gi * g:(gi + 1) * g] for ri, gi in chosen]
+    out[key] = sum(parts, []) if key == "prompts" else np.concatenate(parts)
+  out["valid"] = out["valid"] * np.repeat((np.arange(b) < len(kept)).astype(np.float32), g)
+  first = rounds[0]
+  first_valid = first["valid"].reshape(-1, g)[:, 0] > 0
+  zero_variance = float(np.mean(~informative_groups(first, g)[first_valid])) if first_valid.any() else 0.0
+  return out, {"zero_variance_groups": zero_variance,
+               "groups_dropped": float(len(groups) - len(kept)) if dynamic else 0.0,
+               "groups_filled": float(max(0, b - len(kept))), "sampling_rounds": float(len(rounds))}
+
+
 # -- the objective ---------------------------------------------------------------------------------------------------
 
 
@@ -264,28 +296,6 @@ def rl_objective(ctx, block: Mapping, kind: str):
                valid=np.repeat(host["valid"].astype(np.float32), g))
     return out
 
-  def select_groups(rounds: list[dict]) -> tuple[dict, dict]:
-    """B groups for the update: every group (plain), or the groups with unequal rewards first (dynamic sampling),
-    filled up with masked-out dropped groups if too few. Returns (rows, counts)."""
-    groups = [(ri, gi) for ri, r in enumerate(rounds) for gi in range(len(r["reward"]) // g)]
-    def informative(ri, gi):
-      rw = rounds[ri]["reward"][gi * g:(gi + 1) * g]
-      return bool(rounds[ri]["valid"][gi * g]) and np.ptp(rw) > 0
-    kept = [x for x in groups if informative(*x)] if cfg.dynamic_sampling else groups
-    kept_set = set(kept)
-    dropped = [x for x in groups if x not in kept_set]
-    chosen = kept[:b] + dropped[:max(0, b - len(kept))]
-    use = np.asarray([1.0] * min(len(kept), b) + [0.0] * max(0, b - len(kept)), np.float32)
-    out = {}
-    for key in rounds[0]:
-      parts = [rounds[ri][key][gi * g:(gi + 1) * g] for ri, gi in chosen]
-      out[key] = sum(parts, []) if key == "prompts" else np.concatenate(parts)
-    out["valid"] = out["valid"] * np.repeat(use, g)
-    all_equal = [not informative(ri, gi) for ri, gi in groups[:b] if rounds[ri]["valid"][gi * g]]
-    return out, {"zero_variance_groups": float(np.mean(all_equal)) if all_equal else 0.0,
-                 "groups_dropped": float(len(groups) - len(kept)) if cfg.dynamic_sampling else 0.0,
-                 "groups_filled": float(max(0, b - len(kept))), "sampling_rounds": float(len(rounds))}
-
   def prepare(state, batch, step: int, next_batch: Callable[[], dict]) -> dict:
     jax.block_until_ready(state.params)
     t0 = time.perf_counter()
@@ -300,11 +310,10 @@ def rl_objective(ctx, block: Mapping, kind: str):
       rounds.append(roll_out(params, batch, seed))
       if not cfg.dynamic_sampling or len(rounds) >= cfg.max_sampling_rounds:
         break
-      kept = sum(int(np.sum(np.ptp(r["reward"].reshape(-1, g), axis=1) > 0)) for r in rounds)
-      if kept >= b:
+      if sum(int(informative_groups(r, g).sum()) for r in rounds) >= b:
         break
       batch = next_batch()
-    ro, group_counts = select_groups(rounds)
+    ro, group_counts = select_groups(rounds, b, g, cfg.dynamic_sampling)
     t_sample = time.perf_counter() - t0
 
     # rows of prompt + completion for teacher-forced passes; [rows, T] arrays over the completion
