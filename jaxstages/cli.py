@@ -3,6 +3,7 @@
   jaxstages smoke                                  the model's end-to-end smoke run (CPU-sized)
   jaxstages train --config C --workdir D [--config.KEY=VALUE ...]   train one stage (resumable)
   jaxstages plan --config C                        parameters, FLOPs and compiled memory of a stage
+  jaxstages run --config P [--workdir D]           a pipeline of stages and its report card (resumable)
   jaxstages eval RUN_DIR --ops 1,2,3 --n 8 --k 1,8   pass@k / maj@k by op and context
   jaxstages sample --checkpoint RUN_DIR             look at samples
   jaxstages data show --config C --n 5             decoded examples of a data pipeline, loss mask visible
@@ -67,6 +68,15 @@ def _train(args: argparse.Namespace) -> None:
   from jaxstages.train import run_stage
 
   print(json.dumps(run_stage(_stage_config(args), args.workdir), indent=2))
+
+
+def _run(args: argparse.Namespace) -> None:
+  from jaxstages.schedule import load_pipeline, report_markdown, run_pipeline
+
+  config = load_pipeline(args.config, args.overrides)
+  report = run_pipeline(config, args.workdir or f"runs/{config.get('name', 'pipeline')}")
+  print(report_markdown(report))
+  print(f"written to {report['run_dir']}/report.json and report.md")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -168,11 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=_data)
 
   for name, func, text in (("train", _train, "train one stage (resumes when its workdir has checkpoints)"),
-                           ("plan", _plan, "size a stage without training: params, FLOPs, compiled memory")):
+                           ("plan", _plan, "size a stage without training: params, FLOPs, compiled memory"),
+                           ("run", _run, "run a pipeline of stages and write its report card (resumes)")):
     p = sub.add_parser(name, help=text, description=text + ". Override any config key with --config.KEY=VALUE.")
-    p.add_argument("--config", required=True, help="e.g. configs/train.py:pretrain-toy")
+    p.add_argument("--config", required=True, help="e.g. configs/train.py:pretrain-toy or "
+                   "configs/pipelines/quickstart.py")
     if name == "train":
       p.add_argument("--workdir", required=True, help="the stage's folder: checkpoints, metrics, tokenizer")
+    if name == "run":
+      p.add_argument("--workdir", default=None, help="the run's folder (default runs/NAME)")
     p.set_defaults(func=func)
 
   p = sub.add_parser("eval", help="pass@k, maj@k and lengths by op and context of a trained stage")
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
   args, rest = parser.parse_known_args(argv)
   overrides = [a.removeprefix("--config.") for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
-  if unknown or (overrides and args.command not in ("train", "plan")):
+  if unknown or (overrides and args.command not in ("train", "plan", "run")):
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
   args.overrides = overrides
   args.func(args)

@@ -207,6 +207,24 @@ def select_groups(rounds: list[dict], b: int, g: int, dynamic: bool) -> tuple[di
 # -- the objective ---------------------------------------------------------------------------------------------------
 
 
+def planned_rl_flops(model_cfg, data, cfg: RLConfig, kind: str) -> dict:
+  """An RL step's FLOPs from the config: one prefill per prompt, decoding every sample to the token limit (an upper
+  bound; the metrics report what was generated), the extra forward passes (recomputed old log-probs, the
+  reference, the critic) and `epochs` training passes over prompt + completion (twice for a separate critic)."""
+  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+
+  b, width, n_new = data.batch_size, data.prompt_len, cfg.max_new_tokens
+  rows, seq = b * cfg.group_size, data.prompt_len + cfg.max_new_tokens - 1
+  critic = 2.0 if kind == "ppo" and cfg.critic == "separate" else 1.0
+  update = critic * cfg.epochs * train_flops_per_token(model_cfg, seq) * seq * rows
+  passes = int(cfg.recompute_old_logprobs) + int(cfg.kl_coef > 0) + int(kind == "ppo")
+  sampling = (forward_flops_per_token(model_cfg, width) * width * b
+              + forward_flops_per_token(model_cfg, seq) * n_new * rows)
+  logprobs = passes * forward_flops_per_token(model_cfg, seq) * seq * rows
+  return {"tokens_per_step": rows * seq, "flops_per_step": sampling + logprobs + update, "update_flops": update,
+          "sampling_flops": sampling}
+
+
 def policy_of(model: nnx.Module) -> nnx.Module:
   """The policy inside a stage's model (PPO's model also holds a critic)."""
   return getattr(model, "policy", model)
@@ -230,7 +248,7 @@ def _round_params(params, like):
 
 def rl_objective(ctx, block: Mapping, kind: str):
   """GRPO (`kind="grpo"`) or PPO (`kind="ppo"`) as an `Objective` of the shared train loop."""
-  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+  from jaxstages.flops import forward_flops_per_token
   from jaxstages.sampling import Samples, SamplingConfig, completion_rows, sample, stop_ids, unpad_prompts
   from jaxstages.sharding import gather_to_host, shard_batch
   from jaxstages.stages import Objective
@@ -387,14 +405,8 @@ def rl_objective(ctx, block: Mapping, kind: str):
                 flops_update=update_flops)
     return batch_out
 
-  seq_len = width + n_new - 1
-  critic_factor = 2.0 if kind == "ppo" and cfg.critic == "separate" else 1.0
-  update_flops = critic_factor * cfg.epochs * train_flops_per_token(ctx.model_cfg, seq_len) * seq_len * rows_per_step
-  # the step's FLOPs for the loop's ledger: sampling at full length (an upper bound), the extra passes, the updates
-  passes = int(cfg.recompute_old_logprobs) + int(cfg.kl_coef > 0) + int(kind == "ppo")
-  planned = (forward_flops_per_token(ctx.model_cfg, width) * width * b
-             + forward_flops_per_token(ctx.model_cfg, seq_len) * n_new * rows_per_step
-             + passes * forward_flops_per_token(ctx.model_cfg, seq_len) * seq_len * rows_per_step + update_flops)
+  plan = planned_rl_flops(ctx.model_cfg, d, cfg, kind)
+  update_flops = plan["update_flops"]
 
   def evaluate(params) -> dict[str, float]:
     if not cfg.eval_problems:
@@ -413,8 +425,8 @@ def rl_objective(ctx, block: Mapping, kind: str):
 
   loss = ppo_loss_fn(cfg) if kind == "ppo" else grpo_loss_fn(cfg.policy_loss_config())
   return Objective(
-      loss=loss, data_kinds=("rl",), prepare=prepare, evaluate=evaluate, tokens_per_step=rows_per_step * seq_len,
-      flops_per_step=planned, host_metrics=lambda: dict(last),
+      loss=loss, data_kinds=("rl",), prepare=prepare, evaluate=evaluate, tokens_per_step=plan["tokens_per_step"],
+      flops_per_step=plan["flops_per_step"], host_metrics=lambda: dict(last),
       get_state=lambda: {"kl_coef": kl_control.coef},
       set_state=lambda s: setattr(kl_control, "coef", float(s["kl_coef"])),
       minibatches=cfg.minibatches, epochs=cfg.epochs)

@@ -1,0 +1,237 @@
+"""The stage schedule: one config composes stages (pretrain → mid-train → SFT → RL, or any subset and order, DPO and
+distillation included), each starting from the previous one's final checkpoint, and writes a report card.
+
+  jaxstages run --config configs/pipelines/quickstart.py --workdir runs/quickstart
+
+A pipeline config holds `name`, `stages` (a list; each has a `name`, the training `config` it starts from, e.g.
+`"train.py:sft-toy"`, dotted `overrides`, and a length: `steps`, `tokens` or `flops`), `eval` (the keys of
+`evaluation.EvalConfig` for the table written after every stage) and `price_per_chip_hour`. With
+`compute.total_flops` and `compute.split = {stage: fraction}` each listed stage's length is its share of the budget,
+turned into steps by the stage's FLOPs per step (RL's sampling and extra forward passes included).
+
+A stage starts from the previous stage's folder unless its overrides set `stage.init_from`; any string value
+`"stage:NAME"` in a stage's config is replaced by that stage's folder (a distillation teacher, a DPO reference).
+All stages share one tokenizer (`RUN/tokenizer`). Re-running the same command resumes: finished stages (and their
+evaluations) are skipped, an interrupted one resumes from its last checkpoint.
+
+The run folder: `config.json`, one folder per stage (the stage's own files, `eval.json`), `report.json` (per stage:
+steps, tokens, planned and spent FLOPs, wall time, MFU where the chip's peak is known, estimated cost, and the
+evaluation cells) and `report.md` rendered from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxstages.config import ConfigError, apply_overrides, check_keys, load_config, to_dict
+
+PIPELINE_KEYS = ("name", "stages", "eval", "compute", "price_per_chip_hour")
+STAGE_KEYS = ("name", "config", "overrides", "steps", "tokens", "flops", "eval_prompt")
+
+
+def _stage_entries(config: Mapping) -> list[dict]:
+  entries = [dict(e) for e in config.get("stages") or ()]
+  if not entries:
+    raise ConfigError("a pipeline needs at least one stage in `stages`")
+  for e in entries:
+    check_keys(e, STAGE_KEYS, f"pipeline stage {e.get('name', '?')!r}")
+    if not e.get("name") or not e.get("config"):
+      raise ConfigError(f"every pipeline stage needs a name and a config; got {e}")
+  names = [e["name"] for e in entries]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"pipeline stage names must be unique: {names}")
+  return entries
+
+
+def _replace_stage_refs(value: Any, run_dir: Path) -> Any:
+  if isinstance(value, str) and value.startswith("stage:"):
+    return str(run_dir / value.removeprefix("stage:"))
+  if isinstance(value, Mapping):
+    return {k: _replace_stage_refs(v, run_dir) for k, v in value.items()}
+  return value
+
+
+def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | None = None
+                  ) -> list[tuple[dict, dict]]:
+  """The pipeline's stages as (entry, full training config dict), in order, with `init_from` chained, `stage:`
+  references resolved and lengths in steps (a FLOP budget split turned into steps; `tokenizer_vocab` sizes the
+  embedding where a model's `vocab_size` is 0, as the stage will)."""
+  config = to_dict(config)
+  check_keys(config, PIPELINE_KEYS, "pipeline config")
+  run_dir = Path(run_dir)
+  entries = _stage_entries(config)
+  compute = dict(config.get("compute") or {})
+  split = dict(compute.get("split") or {})
+  check_keys(split, [e["name"] for e in entries], "compute.split (stage names)")
+  if split and not compute.get("total_flops"):
+    raise ConfigError("compute.split needs compute.total_flops")
+  out, previous = [], None
+  for e in entries:
+    overrides = [f"{k}={v!r}" for k, v in dict(e.get("overrides") or {}).items()]
+    cfg = to_dict(apply_overrides(load_config(e["config"]), overrides))
+    cfg["stage"]["name"] = e["name"]
+    if previous is not None and "stage.init_from" not in dict(e.get("overrides") or {}):
+      cfg["stage"]["init_from"] = str(previous)
+    cfg["stage"]["tokenizer"] = str(run_dir / "tokenizer")
+    cfg = _replace_stage_refs(cfg, run_dir)
+    lengths = [k for k in ("steps", "tokens", "flops") if e.get(k)]
+    if e["name"] in split:
+      lengths.append("split")
+    if len(lengths) > 1:
+      raise ConfigError(f"stage {e['name']!r}: give one length (steps, tokens, flops or a compute split), "
+                        f"not {lengths}")
+    plan = stage_plan(cfg, tokenizer_vocab)
+    if e.get("steps"):
+      steps = int(e["steps"])
+    elif e.get("tokens"):
+      steps = math.ceil(float(e["tokens"]) / plan["tokens_per_step"])
+    elif e.get("flops") or e["name"] in split:
+      budget = float(e.get("flops") or compute["total_flops"] * float(split[e["name"]]))
+      steps = max(1, round(budget / plan["flops_per_step"]))
+    else:
+      steps = int(cfg["stage"]["steps"])
+    cfg["stage"]["steps"] = steps
+    e["planned_flops"] = steps * plan["flops_per_step"]
+    out.append((e, cfg))
+    previous = run_dir / e["name"]
+  return out
+
+
+def stage_plan(cfg: Mapping, tokenizer_vocab: int | None = None) -> dict:
+  """Tokens and FLOPs per step of a training config, from the config alone (no model is built): what a compute
+  budget is divided by. RL counts its sampling (at the token limit) and extra forward passes."""
+  from jaxstages.data.pipeline import data_config
+  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+  from jaxstages.model import model_config
+  from jaxstages.stages import objective_block
+  from jaxstages.train import vocab_size_for
+
+  kind = cfg["stage"]["kind"]
+  data = data_config(cfg["data"])
+  vocab = cfg["model"].get("vocab_size") or vocab_size_for(tokenizer_vocab or 512)
+  model = model_config({**cfg["model"], "vocab_size": vocab})
+  if kind in ("grpo", "ppo"):
+    from jaxstages.stages.rl import planned_rl_flops, rl_config
+    return planned_rl_flops(model, data, rl_config(objective_block(kind, cfg), kind), kind)
+  if kind in ("pretrain", "midtrain", "sft", "sft-per-sequence"):
+    tokens = data.batch_size * data.seq_len
+    return {"tokens_per_step": tokens, "flops_per_step": train_flops_per_token(model, data.seq_len) * tokens}
+  if kind == "dpo":  # chosen and rejected sequences: a training pass of the policy and a reference forward
+    tokens = 2 * data.batch_size * data.seq_len
+    return {"tokens_per_step": tokens, "flops_per_step": (train_flops_per_token(model, data.seq_len)
+                                                          + forward_flops_per_token(model, data.seq_len)) * tokens}
+  raise ConfigError(f"stage kind {kind!r} has no FLOPs plan from its config; give the stage a length in steps")
+
+
+def _eval_config(pipeline: Mapping, entry: Mapping, kind: str):
+  from jaxstages.evaluation import EvalConfig
+
+  values = dict(pipeline.get("eval") or {})
+  # a base model is prompted with the problem as a document, a chat-tuned one with the user turn
+  values.setdefault("prompt", entry.get("eval_prompt") or ("document" if kind in ("pretrain", "midtrain") else
+                                                           "chat"))
+  if entry.get("eval_prompt"):
+    values["prompt"] = entry["eval_prompt"]
+  return EvalConfig.from_config(values)
+
+
+def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path) -> dict:
+  """Runs (or resumes) every stage of the pipeline in order, evaluates each, and writes `report.json` and
+  `report.md`. Returns the report."""
+  from jaxstages.data.pipeline import data_config
+  from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
+  from jaxstages.evaluation import evaluate
+  from jaxstages.sharding import make_mesh
+  from jaxstages.train import load_model, run_stage
+
+  config = to_dict(config)
+  run_dir = Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  first = stage_configs(config, run_dir)[0][1]
+  if not (run_dir / "tokenizer").exists():  # one tokenizer for every stage: the first stage's start's, or trained
+    start = first["stage"].get("init_from")
+    found = next((p for p in ([Path(start) / "tokenizer", Path(start).parent / "tokenizer"] if start else [])
+                  if p.exists()), None)
+    tokenizer = load_tokenizer(found) if found else task_tokenizer(data_config(first["data"]).task)
+    if jax.process_index() == 0:
+      tokenizer.save(run_dir / "tokenizer")
+  stages = stage_configs(config, run_dir, load_tokenizer(run_dir / "tokenizer").vocab_size)
+  if jax.process_index() == 0:
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+  rows = []
+  for entry, cfg in stages:
+    stage_dir = run_dir / entry["name"]
+    summary_path = stage_dir / "summary.json"
+    done = summary_path.exists() and json.loads(summary_path.read_text())["step"] == cfg["stage"]["steps"]
+    wall_path = stage_dir / "wall_seconds.json"
+    if not done:
+      start = time.perf_counter()
+      run_stage(cfg, stage_dir)
+      walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
+      if jax.process_index() == 0:
+        wall_path.write_text(json.dumps(walls + [time.perf_counter() - start]))
+    summary = json.loads(summary_path.read_text())
+    eval_path = stage_dir / "eval.json"
+    if not eval_path.exists():
+      mesh = make_mesh()
+      model = load_model(stage_dir, mesh)
+      result = evaluate(model, load_tokenizer(run_dir / "tokenizer"), data_config(cfg["data"]).task,
+                        _eval_config(config, entry, cfg["stage"]["kind"]), mesh=mesh, show_progress=False)
+      if jax.process_index() == 0:
+        eval_path.write_text(json.dumps(result, indent=2))
+    result = json.loads(eval_path.read_text())
+    wall = sum(json.loads(wall_path.read_text())) if wall_path.exists() else summary.get("wall_s_this_run", 0.0)
+    rows.append(_report_row(entry, cfg, summary, wall, result, config))
+  report = {"name": config.get("name", run_dir.name), "run_dir": str(run_dir), "stages": rows,
+            "total_flops": sum(r["flops"] for r in rows), "total_wall_s": sum(r["wall_s"] for r in rows)}
+  if jax.process_index() == 0:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.md").write_text(report_markdown(report))
+  return report
+
+
+def _report_row(entry, cfg, summary, wall: float, result: dict, pipeline: Mapping) -> dict:
+  from jaxstages.train import peak_flops_per_device
+
+  chips = jax.device_count()
+  peak = peak_flops_per_device(cfg["stage"].get("peak_flops_per_device"))
+  price = float(pipeline.get("price_per_chip_hour") or 0.0)
+  return {"stage": entry["name"], "kind": cfg["stage"]["kind"], "steps": summary["step"],
+          "tokens": summary["tokens"], "flops": summary["flops"], "planned_flops": entry["planned_flops"],
+          "wall_s": wall, "mfu": summary["flops"] / wall / (peak * chips) if peak and wall else None,
+          "cost": wall / 3600 * chips * price, "eval": result["cells"],
+          "eval_prompt": result["config"]["prompt"]}
+
+
+def report_markdown(report: dict) -> str:
+  """The report card: the stages' compute, then the evaluation table after each stage (pass@1 by op and
+  context)."""
+  lines = [f"# {report['name']}", "", "| stage | kind | steps | tokens | FLOPs (planned) | FLOPs (spent) | wall s | MFU "
+           "| cost |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in report["stages"]:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "—"
+    lines.append(f"| {r['stage']} | {r['kind']} | {r['steps']:,} | {r['tokens']:,} | {r['planned_flops']:.3g} | "
+                 f"{r['flops']:.3g} | {r['wall_s']:.0f} | {mfu} | {r['cost']:.2f} |")
+  lines.append(f"| total | | | | | {report['total_flops']:.3g} | {report['total_wall_s']:.0f} | | |")
+  cells = [(c["context"], c["op"]) for c in report["stages"][0]["eval"]]
+  lines += ["", "Strict pass@1 after each stage (greedy; `answer@1` in brackets: right answer, steps unchecked):", "",
+            "| after | prompt | " + " | ".join(f"{ctx} op {op}" for ctx, op in cells) + " |",
+            "| --- | --- |" + " ---: |" * len(cells)]
+  for r in report["stages"]:
+    by = {(c["context"], c["op"]): c for c in r["eval"]}
+    lines.append(f"| {r['stage']} | {r['eval_prompt']} | " + " | ".join(
+        f"{by[k]['pass@1']:.1%} ({by[k]['answer@1']:.0%})" if k in by else "—" for k in cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def load_pipeline(spec: str, overrides=()) -> dict:
+  return to_dict(apply_overrides(load_config(spec), list(overrides)))
+
