@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.4",  # HF checkpoint interop without pickles
         "tqdm",
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        "matplotlib",  # report and experiment plots
     ],
     extras_require={
         # tests: parity against HF transformers on random tiny models, on the CPU build of torch

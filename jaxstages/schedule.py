@@ -16,7 +16,7 @@ evaluations) are skipped, an interrupted one resumes from its last checkpoint.
 
 The run folder: `config.json`, one folder per stage (the stage's own files, `eval.json`), `report.json` (per stage:
 steps, tokens, planned and spent FLOPs, wall time, MFU where the chip's peak is known, estimated cost, and the
-evaluation cells) and `report.md` rendered from it.
+evaluation cells), `report.md` rendered from it, and `report.png`: the evaluation against cumulative FLOPs.
 """
 
 from __future__ import annotations
@@ -195,7 +195,37 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
   if jax.process_index() == 0:
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     (run_dir / "report.md").write_text(report_markdown(report))
+    plot_report(report, run_dir / "report.png")
   return report
+
+
+def plot_report(report: dict, path: str | Path) -> None:
+  """Strict pass@1 of every evaluation cell after each stage against the cumulative FLOPs spent so far."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  flops, total = [], 0.0
+  for r in report["stages"]:
+    total += r["flops"]
+    flops.append(total)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for ctx, op in [(c["context"], c["op"]) for c in report["stages"][0]["eval"]]:
+    ys = [next((c["pass@1"] for c in r["eval"] if (c["context"], c["op"]) == (ctx, op)), float("nan"))
+          for r in report["stages"]]
+    ax.plot(flops, ys, marker="o", label=f"{ctx} op {op}")
+  for x, r in zip(flops, report["stages"]):
+    ax.annotate(r["stage"], (x, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+  ax.set_xscale("log")
+  ax.set_xlabel("cumulative FLOPs")
+  ax.set_ylabel("strict pass@1 (greedy)")
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_title(report["name"])
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _report_row(entry, cfg, summary, wall: float, result: dict, pipeline: Mapping) -> dict:

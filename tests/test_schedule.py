@@ -35,6 +35,7 @@ def test_two_stage_pipeline_runs_chains_reports_and_skips_on_rerun(tmp_path):
   assert pre["eval_prompt"] == "document" and sft["eval_prompt"] == "chat"
   md = (tmp_path / "report.md").read_text()
   assert md == report_markdown(report) and "| pre | pretrain | 6 |" in md and "p op 1" in md
+  assert (tmp_path / "report.png").stat().st_size > 1000
   walls = json.loads((tmp_path / "pre" / "wall_seconds.json").read_text())
   again = run_pipeline(_pipeline(), tmp_path)  # everything is done: nothing runs again
   assert json.loads((tmp_path / "pre" / "wall_seconds.json").read_text()) == walls
