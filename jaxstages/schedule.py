@@ -234,9 +234,10 @@ def _report_row(entry, cfg, summary, wall: float, result: dict, pipeline: Mappin
   chips = jax.device_count()
   peak = peak_flops_per_device(cfg["stage"].get("peak_flops_per_device"))
   price = float(pipeline.get("price_per_chip_hour") or 0.0)
+  flops = summary.get("flops_spent", summary["flops"])  # RL: measured, with sampling as generated
   return {"stage": entry["name"], "kind": cfg["stage"]["kind"], "steps": summary["step"],
-          "tokens": summary["tokens"], "flops": summary["flops"], "planned_flops": entry["planned_flops"],
-          "wall_s": wall, "mfu": summary["flops"] / wall / (peak * chips) if peak and wall else None,
+          "tokens": summary["tokens"], "flops": flops, "planned_flops": entry["planned_flops"],
+          "wall_s": wall, "mfu": flops / wall / (peak * chips) if peak and wall else None,
           "cost": wall / 3600 * chips * price, "eval": result["cells"],
           "eval_prompt": result["config"]["prompt"]}
 

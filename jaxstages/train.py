@@ -492,6 +492,8 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
              "resumed_from": resumed_from, "params": param_count(model_cfg),
              "tokens": final_step * tokens_per_step, "flops": flops_per_step * final_step,
              "wall_s_this_run": time.perf_counter() - start_time}
+  if objective.get_state is not None and "flops_spent" in objective.get_state():
+    summary["flops_spent"] = objective.get_state()["flops_spent"]  # measured (RL: as generated), not planned
   if final_step == stage.steps:
     held_out = evaluate(state.params)
     summary.update(held_out)

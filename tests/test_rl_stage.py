@@ -60,6 +60,10 @@ def test_sampler_log_probs_equal_the_trainers_and_the_gradient_is_reinforce(grpo
 
   adv = np.asarray(batch["advantages"])
   assert np.abs(adv).max() > 0.1  # some groups have both right and wrong samples
+  # the FLOPs spent so far (saved with checkpoints) are this step's measured ones, within the config's plan
+  spent = built.objective.get_state()["flops_spent"]
+  assert spent == metrics["flops_sampling"] + metrics["flops_logprobs"] + metrics["flops_update"]
+  assert 0.5 * built.objective.flops_per_step < spent <= built.objective.flops_per_step
 
   def clipped(params):
     total, count, _ = built.objective.loss(nnx.merge(built.graphdef, params), batch)

@@ -282,6 +282,11 @@ def rl_objective(ctx, block: Mapping, kind: str):
   counters = {"reference_forwards": 0}
   last: dict[str, float] = {}
   clock: dict[str, float] = {}
+  spent = {"flops": 0.0}  # FLOPs of the steps taken: sampling as generated, the passes and the updates
+
+  def set_state(state: Mapping) -> None:
+    kl_control.coef = float(state["kl_coef"])
+    spent["flops"] = float(state.get("flops_spent", 0.0))
   sources = d.source_configs
 
   def problems_of(host: Mapping[str, np.ndarray]) -> list[tasks.Problem]:
@@ -403,6 +408,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
                                 + forward_flops_per_token(ctx.model_cfg, width + n_new) * sampled_tokens),
                 flops_logprobs=passes * forward_flops_per_token(ctx.model_cfg, seq) * seq * rows_per_step,
                 flops_update=update_flops)
+    spent["flops"] += last["flops_sampling"] + last["flops_logprobs"] + last["flops_update"]
     return batch_out
 
   plan = planned_rl_flops(ctx.model_cfg, d, cfg, kind)
@@ -427,6 +433,6 @@ def rl_objective(ctx, block: Mapping, kind: str):
   return Objective(
       loss=loss, data_kinds=("rl",), prepare=prepare, evaluate=evaluate, tokens_per_step=plan["tokens_per_step"],
       flops_per_step=plan["flops_per_step"], host_metrics=lambda: dict(last),
-      get_state=lambda: {"kl_coef": kl_control.coef},
-      set_state=lambda s: setattr(kl_control, "coef", float(s["kl_coef"])),
+      get_state=lambda: {"kl_coef": kl_control.coef, "flops_spent": spent["flops"]},
+      set_state=set_state,
       minibatches=cfg.minibatches, epochs=cfg.epochs)
