@@ -41,6 +41,16 @@ CONFIGS = {
     # the interplay study's RL sets on the story surface: op 11-14 is its "edge of competence" range (op 7-10
     # in-distribution, 17-20 too hard); 1024 prompts per step (shared REFERENCES)
     "rl-interplay": dict(kind="rl", task=dict(STORY, op_range=(11, 14)), prompt_len=1024, batch_size=1024, seed=4),
+    # the interplay study's pre-training and mid-training (CPT) streams on the story surface: op 2-10, and 80% op
+    # 11-14 with 20% replay of the pre-training stream; 2048-token rows, 512k tokens a step
+    "pretrain-interplay": dict(kind="pretrain", task=dict(STORY, contexts="story-uniform", op_range=(2, 10)),
+                               seq_len=2048, batch_size=256, seed=0),
+    "midtrain-interplay": dict(
+        kind="midtrain", task=dict(STORY, contexts="story-uniform", op_range=(2, 10)), seq_len=2048,
+        batch_size=256, seed=1,
+        sources=[dict(name="midtrain", format="pretrain", task=dict(op_range=(11, 14))),
+                 dict(name="replay", format="pretrain", seed=0)],
+        schedule=((0, dict(midtrain=0.8, replay=0.2)),)),
     # evaluation grid: 64 eval-split problems per (op, context) cell, one pass, padded with valid=0
     "eval-symbolic": dict(kind="eval", task=dict(SYMBOLIC, contexts="pqr-uniform"), eval_ops=(2, 3, 4, 5, 6, 8, 10),
                           eval_per_cell=64, prompt_len=192, batch_size=64, seed=0),

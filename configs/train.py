@@ -89,6 +89,18 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
                   **{kind: RLConfig(group_size=8, max_new_tokens=40, reward="strict", eval_problems=64,
                                     advantage="gae" if kind == "ppo" else "grpo")})
     return cfg
+  if name in ("pretrain-interplay", "midtrain-interplay"):
+    # the interplay study's pre-training (~10B tokens, op 2-10) and CPT (80% op 11-14): the ~100M Qwen2-shape model,
+    # lr 1e-4 cosine to 3e-5, warmup 5% (CPT 15%), weight decay 0.1, clip 1.0 (shared REFERENCES); steps for
+    # 512k-token steps: 19,000 = ~10B tokens, 2,000 = ~1B tokens of CPT
+    pre = name == "pretrain-interplay"
+    cfg = _config(dict(name=name.split("-")[0], kind=name.split("-")[0], steps=19_000 if pre else 2_000,
+                       log_every=10, checkpoint_every=1000, eval_every=1000, eval_batches=8,
+                       init_from=None if pre else "runs/interplay/pretrain"),
+                  "interplay-100m", name,
+                  dict(lr=1e-4, schedule="cosine", warmup_fraction=0.05 if pre else 0.15, end_lr_ratio=0.3,
+                       weight_decay=0.1, clip_norm=1.0))
+    return cfg
   if name == "grpo-interplay":
     # the interplay study's RL stage (shared REFERENCES): the ~100M Qwen2-shape model after mid-training, GRPO on
     # the edge range op 11-14, 1024 prompts x 6, 4 minibatches, token-mean, KL loss 1e-3 (k3), clip 0.2, dual-clip
@@ -103,6 +115,6 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
     return cfg
   import difflib
   names = ["pretrain-toy", "midtrain-toy", "sft-toy", "dpo-toy", "distill-toy", "grpo-toy", "ppo-toy",
-           "grpo-interplay"]
+           "pretrain-interplay", "midtrain-interplay", "grpo-interplay"]
   raise KeyError(f"unknown training config {name!r}; did you mean {difflib.get_close_matches(name, names)}? "
                  f"Known: {names}")

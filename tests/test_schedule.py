@@ -58,3 +58,20 @@ def test_flop_budget_split_gives_each_stage_its_share(tmp_path):
   with pytest.raises(ConfigError, match="one length"):
     stage_configs({**pipeline, "stages": [dict(pipeline["stages"][0], steps=3)],
                    "compute": dict(total_flops=1e12, split={"pre": 1.0})}, tmp_path)
+
+
+def test_pipeline_presets_resolve(tmp_path):
+  """The quickstart and the interplay study's accelerator-scale schedule resolve to chained stages; the study's
+  pre-training is ~10B tokens in 512k-token steps and its RL runs on the edge range op 11-14."""
+  from jaxstages.config import load_config
+
+  quick = stage_configs(load_config("configs/pipelines/quickstart.py"), tmp_path / "q")
+  assert [e["name"] for e, _ in quick] == ["pretrain", "midtrain", "sft", "rl"]
+  assert [c["stage"]["kind"] for _, c in quick] == ["pretrain", "midtrain", "sft", "grpo"]
+  study = stage_configs(load_config("configs/pipelines/interplay.py"), tmp_path / "i")
+  (pre, pre_cfg), (mid, mid_cfg), (rl, rl_cfg) = study
+  assert pre_cfg["data"]["seq_len"] * pre_cfg["data"]["batch_size"] == 2048 * 256
+  assert pre_cfg["stage"]["steps"] * 2048 * 256 == pytest.approx(10e9, rel=1e-3)
+  assert pre_cfg["model"]["hidden_size"] == 768 and tuple(rl_cfg["data"]["task"]["op_range"]) == (11, 14)
+  assert rl_cfg["stage"]["init_from"] == str(tmp_path / "i" / "midtrain")
+  assert rl["planned_flops"] > 0 and mid["planned_flops"] < pre["planned_flops"]
