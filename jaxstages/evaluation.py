@@ -23,7 +23,7 @@ from jaxstages.data.tokenizer import load_tokenizer
 from jaxstages.metrics import progress
 from jaxstages.model import Transformer
 from jaxstages.rewards import format_ok, think_block, verify
-from jaxstages.sampling import SamplingConfig, sample, stop_ids
+from jaxstages.sampling import SamplingConfig, sample, stop_ids, strip_stop
 from jaxstages.sharding import data_parallel_size, make_mesh
 from jaxstages.train import load_model
 
@@ -97,10 +97,6 @@ def _id(token_id: int | None) -> int:
   return -1 if token_id is None else int(token_id)
 
 
-def _strip_stop(tokens: list[int], stops: tuple[int, ...]) -> list[int]:
-  return tokens[:-1] if tokens and tokens[-1] in stops else tokens
-
-
 def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: EvalConfig, mesh=None,
              show_progress: bool = True) -> dict:
   """Samples, verifies and scores every (op, context) cell. Returns `{"cells": [...], "config": ...}`; each cell has
@@ -131,7 +127,7 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
         out = sample(model, padded, scfg, seed=cfg.seed * 1_000_003 + op * 1009 + start, mesh=mesh)
         completions = out.completions()[:len(chunk) * cfg.n]
         for i, toks in enumerate(completions):
-          text = tokenizer.decode(_strip_stop(toks, stops))
+          text = tokenizer.decode(strip_stop(toks, stops))
           verdict = verify(chunk[i // cfg.n], text)
           formats.append(format_ok(text, think))
           if think is not None:

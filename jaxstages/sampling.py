@@ -120,6 +120,11 @@ def stop_ids(tokenizer, chat: bool = True) -> tuple[int, ...]:
   return tuple(int(i) for i in ids if i is not None and i >= 0)
 
 
+def strip_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
+  """A completion's tokens (`Samples.completions()`) without its final stop token, if it stopped."""
+  return tokens[:-1] if tokens and tokens[-1] in stops else tokens
+
+
 def unpad_prompts(prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> list[list[int]]:
   """A pipeline's left-padded prompts (`[batch, prompt_len]` tokens and mask) as token lists, for `sample`."""
   return [row[mask == 1].tolist() for row, mask in zip(np.asarray(prompt_tokens), np.asarray(prompt_mask))]

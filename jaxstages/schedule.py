@@ -136,10 +136,8 @@ def _eval_config(pipeline: Mapping, entry: Mapping, kind: str):
 
   values = dict(pipeline.get("eval") or {})
   # a base model is prompted with the problem as a document, a chat-tuned one with the user turn
-  values.setdefault("prompt", entry.get("eval_prompt") or ("document" if kind in ("pretrain", "midtrain") else
-                                                           "chat"))
-  if entry.get("eval_prompt"):
-    values["prompt"] = entry["eval_prompt"]
+  default = "document" if kind in ("pretrain", "midtrain") else "chat"
+  values["prompt"] = entry.get("eval_prompt") or values.get("prompt") or default
   return EvalConfig.from_config(values)
 
 

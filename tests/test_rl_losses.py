@@ -197,13 +197,18 @@ def _ref_seq_ratio(logp: np.ndarray, old: np.ndarray, mask: np.ndarray) -> np.nd
   return out
 
 
+def _gspo_inputs(seed: int, per_token_adv: bool):
+  """(logp, old, adv, mask) with advantages per token or one per sequence, and GSPO's clip."""
+  logp, old, adv, mask = _policy_inputs(seed, spread=0.3)
+  if not per_token_adv:
+    adv = np.broadcast_to(adv[:, :1], adv.shape).copy()
+  return logp, old, adv, mask, Clip(0.05, 0.05)
+
+
 @pytest.mark.parametrize("per_token_adv", [False, True])
 def test_gspo_matches_numpy(per_token_adv: bool):
   """GSPO's ratio is the per-sequence geometric mean ratio at every token; loss and clipped vs NumPy."""
-  logp, old, adv, mask = _policy_inputs(6, spread=0.3)
-  if not per_token_adv:
-    adv = np.broadcast_to(adv[:, :1], adv.shape).copy()
-  clip = Clip(0.05, 0.05)
+  logp, old, adv, mask, clip = _gspo_inputs(6, per_token_adv)
   loss, clipped, ratio = POLICY_LOSSES["gspo"](*(jnp.asarray(x) for x in (logp, old, adv, mask)), clip)
   s = _ref_seq_ratio(logp, old, mask)
   want_loss, want_clipped = _ref_surrogate(s, _f64(adv), clip)
@@ -216,10 +221,7 @@ def test_gspo_matches_numpy(per_token_adv: bool):
 @pytest.mark.parametrize("per_token_adv", [False, True])
 def test_gspo_gradient(per_token_adv: bool):
   """∇_logp Σ loss·mask = −A·s·mask on tokens whose sequence ratio is not clipped, 0 on clipped ones."""
-  logp, old, adv, mask = _policy_inputs(7, spread=0.3)
-  if not per_token_adv:
-    adv = np.broadcast_to(adv[:, :1], adv.shape).copy()
-  clip = Clip(0.05, 0.05)
+  logp, old, adv, mask, clip = _gspo_inputs(7, per_token_adv)
 
   def total(lp):
     loss, _, _ = POLICY_LOSSES["gspo"](lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), clip)

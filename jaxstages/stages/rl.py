@@ -209,20 +209,23 @@ def select_groups(rounds: list[dict], b: int, g: int, dynamic: bool) -> tuple[di
 
 def planned_rl_flops(model_cfg, data, cfg: RLConfig, kind: str) -> dict:
   """An RL step's FLOPs from the config: one prefill per prompt, decoding every sample to the token limit (an upper
-  bound; the metrics report what was generated), the extra forward passes (recomputed old log-probs, the
-  reference, the critic) and `epochs` training passes over prompt + completion (twice for a separate critic)."""
+  bound; `prepare` counts what was generated), the extra forward passes (recomputed old log-probs, the reference,
+  the critic) and `epochs` training passes over prompt + completion (twice for a separate critic). Also the parts a
+  measured step is made of: `prefill_flops` (one sampling round), `decode_flops_per_token`, `logprobs_flops`,
+  `update_flops`."""
   from jaxstages.flops import forward_flops_per_token, train_flops_per_token
 
   b, width, n_new = data.batch_size, data.prompt_len, cfg.max_new_tokens
   rows, seq = b * cfg.group_size, data.prompt_len + cfg.max_new_tokens - 1
   critic = 2.0 if kind == "ppo" and cfg.critic == "separate" else 1.0
-  update = critic * cfg.epochs * train_flops_per_token(model_cfg, seq) * seq * rows
   passes = int(cfg.recompute_old_logprobs) + int(cfg.kl_coef > 0) + int(kind == "ppo")
-  sampling = (forward_flops_per_token(model_cfg, width) * width * b
-              + forward_flops_per_token(model_cfg, seq) * n_new * rows)
-  logprobs = passes * forward_flops_per_token(model_cfg, seq) * seq * rows
-  return {"tokens_per_step": rows * seq, "flops_per_step": sampling + logprobs + update, "update_flops": update,
-          "sampling_flops": sampling}
+  parts = {"prefill_flops": forward_flops_per_token(model_cfg, width) * width * b,
+           "decode_flops_per_token": forward_flops_per_token(model_cfg, seq),
+           "logprobs_flops": passes * forward_flops_per_token(model_cfg, seq) * seq * rows,
+           "update_flops": critic * cfg.epochs * train_flops_per_token(model_cfg, seq) * seq * rows}
+  sampling = parts["prefill_flops"] + parts["decode_flops_per_token"] * n_new * rows
+  return {"tokens_per_step": rows * seq, "flops_per_step": sampling + parts["logprobs_flops"] + parts["update_flops"],
+          **parts}
 
 
 def policy_of(model: nnx.Module) -> nnx.Module:
@@ -248,8 +251,8 @@ def _round_params(params, like):
 
 def rl_objective(ctx, block: Mapping, kind: str):
   """GRPO (`kind="grpo"`) or PPO (`kind="ppo"`) as an `Objective` of the shared train loop."""
-  from jaxstages.flops import forward_flops_per_token
-  from jaxstages.sampling import Samples, SamplingConfig, completion_rows, sample, stop_ids, unpad_prompts
+  from jaxstages.sampling import (Samples, SamplingConfig, completion_rows, sample, stop_ids, strip_stop,
+                                  unpad_prompts)
   from jaxstages.sharding import gather_to_host, shard_batch
   from jaxstages.stages import Objective
   from jaxstages.stages.ppo import gae, ppo_loss_fn, values_fn, whiten
@@ -260,6 +263,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
   tok = ctx.tokenizer
   b, g, n_new, width = d.batch_size, cfg.group_size, cfg.max_new_tokens, d.prompt_len
   rows_per_step = b * g
+  plan = planned_rl_flops(ctx.model_cfg, d, cfg, kind)
   stops = stop_ids(tok)
   scfg = SamplingConfig(max_new_tokens=n_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=g,
                         stop_tokens=stops, pad_id=tok.pad_id, prompt_buckets=(width,))
@@ -306,10 +310,10 @@ def rl_objective(ctx, block: Mapping, kind: str):
     problems = problems_of(host)
     rewards, strict, outcome, truncated = [], [], [], []
     for r, tokens in enumerate(samples.completions()):
-      stopped = bool(tokens) and tokens[-1] in stops
-      text = tok.decode(tokens[:-1] if stopped else tokens)
+      body = strip_stop(tokens, stops)
+      text = tok.decode(body)
       verdict = verify(problems[r // g], text)
-      truncated.append(not stopped and len(tokens) >= n_new)
+      truncated.append(len(body) == len(tokens) >= n_new)  # hit the limit without a stop token
       rewards.append(completion_reward(verdict, text, len(tokens), truncated[-1], cfg))
       strict.append(verdict.strict_correct)
       outcome.append(verdict.outcome_correct)
@@ -395,8 +399,6 @@ def rl_objective(ctx, block: Mapping, kind: str):
     valid = ro["valid"] > 0
     lengths = ro["lengths"].astype(np.float32)
     sampled_tokens = sum(float(r["lengths"].sum()) for r in rounds)
-    passes = int(cfg.recompute_old_logprobs) + int(reference is not None) + int(kind == "ppo")
-    seq = rows["tokens"].shape[1]
     pick = lambda x: float(x[valid].mean()) if valid.any() else 0.0
     last.clear()
     last.update(host, **group_counts, reward_mean=pick(ro["reward"]), reward_std=float(ro["reward"][valid].std())
@@ -404,15 +406,10 @@ def rl_objective(ctx, block: Mapping, kind: str):
                 hack_rate=pick(ro["outcome"] * (1 - ro["strict"])), response_length=pick(lengths),
                 truncated_fraction=pick(ro["truncated"]), time_sampling_s=t_sample, time_logprobs_s=t_logprobs,
                 time_update_s=t_update, reference_forwards=float(counters["reference_forwards"]),
-                flops_sampling=(forward_flops_per_token(ctx.model_cfg, width) * width * b * len(rounds)
-                                + forward_flops_per_token(ctx.model_cfg, width + n_new) * sampled_tokens),
-                flops_logprobs=passes * forward_flops_per_token(ctx.model_cfg, seq) * seq * rows_per_step,
-                flops_update=update_flops)
+                flops_sampling=plan["prefill_flops"] * len(rounds) + plan["decode_flops_per_token"] * sampled_tokens,
+                flops_logprobs=plan["logprobs_flops"], flops_update=plan["update_flops"])
     spent["flops"] += last["flops_sampling"] + last["flops_logprobs"] + last["flops_update"]
     return batch_out
-
-  plan = planned_rl_flops(ctx.model_cfg, d, cfg, kind)
-  update_flops = plan["update_flops"]
 
   def evaluate(params) -> dict[str, float]:
     if not cfg.eval_problems:
