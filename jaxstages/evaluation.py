@@ -20,7 +20,7 @@ from jaxstages.config import ConfigError, check_keys
 from jaxstages.data import tasks
 from jaxstages.data.pipeline import data_config
 from jaxstages.data.tokenizer import load_tokenizer
-from jaxstages.metrics import progress
+from jaxstages.metrics import progress, write_atomic
 from jaxstages.model import Transformer
 from jaxstages.rewards import format_ok, think_block, verify
 from jaxstages.sampling import SamplingConfig, sample, stop_ids, strip_stop
@@ -197,6 +197,6 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig, step: int | None = None, 
   result["run"], result["step"] = str(run_dir), step
   out = Path(out_dir or Path(run_dir) / "eval")
   out.mkdir(parents=True, exist_ok=True)
-  (out / "eval.json").write_text(json.dumps(result, indent=2))
-  (out / "eval.md").write_text(markdown_table(result) + "\n")
+  write_atomic(out / "eval.json", json.dumps(result, indent=2))
+  write_atomic(out / "eval.md", markdown_table(result) + "\n")
   return result

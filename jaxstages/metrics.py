@@ -22,7 +22,13 @@ class MetricsWriter:
     self._file = self._tb = None
     if self.enabled:
       self.directory.mkdir(parents=True, exist_ok=True)
-      self._file = open(self.directory / "metrics.jsonl", "a")
+      path = self.directory / "metrics.jsonl"
+      if path.exists():  # a run killed mid-write left half a line: drop it before appending
+        text = path.read_bytes()
+        if text and not text.endswith(b"\n"):
+          with open(path, "r+b") as f:
+            f.truncate(text.rfind(b"\n") + 1)
+      self._file = open(path, "a")
       if tensorboard:
         from tensorboardX import SummaryWriter
 
@@ -52,6 +58,15 @@ def _scalar(v):
   except AttributeError:
     pass
   return v
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+  """Writes `text` to `path` so that a reader (or a run resumed after a kill) sees the old file or the new one,
+  never half of one: a temporary file in the same folder, renamed over `path`."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -7,7 +7,9 @@ A pipeline config holds `name`, `stages` (a list; each has a `name`, the trainin
 `"train.py:sft-toy"`, dotted `overrides`, and a length: `steps`, `tokens` or `flops`), `eval` (the keys of
 `evaluation.EvalConfig` for the table written after every stage) and `price_per_chip_hour`. With
 `compute.total_flops` and `compute.split = {stage: fraction}` each listed stage's length is its share of the budget,
-turned into steps by the stage's FLOPs per step (RL's sampling and extra forward passes included).
+turned into steps by the stage's FLOPs per step. An RL stage's FLOPs per step are known only once it has sampled
+(generation stops when the longest sample does), so an RL stage given FLOPs runs until its measured FLOPs (sampling,
+extra forward passes and updates) are within half a step of its budget (`stage.flops_budget`).
 
 A stage starts from the previous stage's folder unless its overrides set `stage.init_from`; any string value
 `"stage:NAME"` in a stage's config is replaced by that stage's folder (a distillation teacher, a DPO reference).
@@ -21,6 +23,7 @@ evaluation cells), `report.md` rendered from it, and `report.png`: the evaluatio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -32,6 +35,7 @@ import jax
 import ml_collections
 
 from jaxstages.config import ConfigError, apply_overrides, check_keys, load_config, to_dict
+from jaxstages.metrics import write_atomic
 
 PIPELINE_KEYS = ("name", "stages", "eval", "compute", "price_per_chip_hour")
 STAGE_KEYS = ("name", "config", "overrides", "steps", "tokens", "flops", "eval_prompt")
@@ -73,7 +77,7 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
   check_keys(split, [e["name"] for e in entries], "compute.split (stage names)")
   if split and not compute.get("total_flops"):
     raise ConfigError("compute.split needs compute.total_flops")
-  out, previous = [], None
+  out, previous, shapes = [], None, {}
   for e in entries:
     overrides = [f"{k}={v!r}" for k, v in dict(e.get("overrides") or {}).items()]
     cfg = to_dict(apply_overrides(load_config(e["config"]), overrides))
@@ -88,7 +92,8 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
     if len(lengths) > 1:
       raise ConfigError(f"stage {e['name']!r}: give one length (steps, tokens, flops or a compute split), "
                         f"not {lengths}")
-    plan = stage_plan(cfg, tokenizer_vocab)
+    teacher = shapes.get(str(dict(cfg.get("distill") or {}).get("teacher")))  # a teacher trained earlier in the run
+    plan = stage_plan(cfg, tokenizer_vocab, teacher)
     if e.get("steps"):
       steps = int(e["steps"])
     elif e.get("tokens"):
@@ -96,31 +101,47 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
     elif e.get("flops") or e["name"] in split:
       budget = float(e.get("flops") or compute["total_flops"] * float(split[e["name"]]))
       steps = max(1, round(budget / plan["flops_per_step"]))
+      if "flops_per_step_min" in plan:  # RL: a step's FLOPs are known once sampled; run until the budget is spent
+        cfg["stage"]["flops_budget"] = budget
+        steps = math.ceil(budget / plan["flops_per_step_min"])
     else:
       steps = int(cfg["stage"]["steps"])
     cfg["stage"]["steps"] = steps
-    e["planned_flops"] = steps * plan["flops_per_step"]
+    e["planned_flops"] = cfg["stage"].get("flops_budget") or steps * plan["flops_per_step"]
     out.append((e, cfg))
     previous = run_dir / e["name"]
+    shapes[str(previous)] = _model_shape(cfg, tokenizer_vocab)
   return out
 
 
-def stage_plan(cfg: Mapping, tokenizer_vocab: int | None = None) -> dict:
+def _model_shape(cfg: Mapping, tokenizer_vocab: int | None):
+  from jaxstages.model import model_config
+  from jaxstages.train import vocab_size_for
+
+  return model_config({**cfg["model"], "vocab_size": cfg["model"].get("vocab_size")
+                       or vocab_size_for(tokenizer_vocab or 512)})
+
+
+def stage_plan(cfg: Mapping, tokenizer_vocab: int | None = None, teacher_model=None) -> dict:
   """Tokens and FLOPs per step of a training config, from the config alone (no model is built): what a compute
-  budget is divided by. RL counts its sampling (at the token limit) and extra forward passes."""
+  budget is divided by. RL counts its sampling (at the token limit) and extra forward passes; distillation the
+  teacher's forwards and any sampling (the teacher's shape: `teacher_model`, else read from `distill.teacher`)."""
   from jaxstages.data.pipeline import data_config
   from jaxstages.flops import forward_flops_per_token, train_flops_per_token
-  from jaxstages.model import model_config
   from jaxstages.stages import objective_block
-  from jaxstages.train import vocab_size_for
 
   kind = cfg["stage"]["kind"]
   data = data_config(cfg["data"])
-  vocab = cfg["model"].get("vocab_size") or vocab_size_for(tokenizer_vocab or 512)
-  model = model_config({**cfg["model"], "vocab_size": vocab})
+  model = _model_shape(cfg, tokenizer_vocab)
   if kind in ("grpo", "ppo"):
     from jaxstages.stages.rl import planned_rl_flops, rl_config
     return planned_rl_flops(model, data, rl_config(objective_block(kind, cfg), kind), kind)
+  if kind == "distill":
+    from jaxstages.config import from_config
+    from jaxstages.stages.distill import DistillConfig, planned_distill_flops
+    from jaxstages.train import model_config_of
+    distill = from_config(DistillConfig, objective_block(kind, cfg), where="distill config")
+    return planned_distill_flops(model, teacher_model or model_config_of(distill.teacher), data, distill)
   if kind in ("pretrain", "midtrain", "sft", "sft-per-sequence"):
     tokens = data.batch_size * data.seq_len
     return {"tokens_per_step": tokens, "flops_per_step": train_flops_per_token(model, data.seq_len) * tokens}
@@ -163,19 +184,20 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
       tokenizer.save(run_dir / "tokenizer")
   stages = stage_configs(config, run_dir, load_tokenizer(run_dir / "tokenizer").vocab_size)
   if jax.process_index() == 0:
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    write_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str))
   rows = []
   for entry, cfg in stages:
     stage_dir = run_dir / entry["name"]
     summary_path = stage_dir / "summary.json"
-    done = summary_path.exists() and json.loads(summary_path.read_text())["step"] == cfg["stage"]["steps"]
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    done = summary.get("steps") == cfg["stage"]["steps"] and summary.get("finished", summary["step"] == summary["steps"])
     wall_path = stage_dir / "wall_seconds.json"
     if not done:
       start = time.perf_counter()
       run_stage(cfg, stage_dir)
       walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
       if jax.process_index() == 0:
-        wall_path.write_text(json.dumps(walls + [time.perf_counter() - start]))
+        write_atomic(wall_path, json.dumps(walls + [time.perf_counter() - start]))
     summary = json.loads(summary_path.read_text())
     eval_path = stage_dir / "eval.json"
     if not eval_path.exists():
@@ -184,15 +206,17 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
       result = evaluate(model, load_tokenizer(run_dir / "tokenizer"), data_config(cfg["data"]).task,
                         _eval_config(config, entry, cfg["stage"]["kind"]), mesh=mesh, show_progress=False)
       if jax.process_index() == 0:
-        eval_path.write_text(json.dumps(result, indent=2))
+        write_atomic(eval_path, json.dumps(result, indent=2))
     result = json.loads(eval_path.read_text())
     wall = sum(json.loads(wall_path.read_text())) if wall_path.exists() else summary.get("wall_s_this_run", 0.0)
     rows.append(_report_row(entry, cfg, summary, wall, result, config))
+  protocol = dataclasses.asdict(_eval_config(config, {}, "sft"))
   report = {"name": config.get("name", run_dir.name), "run_dir": str(run_dir), "stages": rows,
+            "eval": {k: protocol[k] for k in ("problems", "n", "ks", "temperature")},
             "total_flops": sum(r["flops"] for r in rows), "total_wall_s": sum(r["wall_s"] for r in rows)}
   if jax.process_index() == 0:
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(report_markdown(report))
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+    write_atomic(run_dir / "report.md", report_markdown(report))
     plot_report(report, run_dir / "report.png")
   return report
 
@@ -217,7 +241,7 @@ def plot_report(report: dict, path: str | Path) -> None:
     ax.annotate(r["stage"], (x, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
   ax.set_xscale("log")
   ax.set_xlabel("cumulative FLOPs")
-  ax.set_ylabel("strict pass@1 (greedy)")
+  ax.set_ylabel("strict pass@1" + (" (greedy)" if report.get("eval", {}).get("n", 1) == 1 else ""))
   ax.set_ylim(-0.02, 1.02)
   ax.set_title(report["name"])
   ax.legend(fontsize=8)
@@ -232,7 +256,7 @@ def _report_row(entry, cfg, summary, wall: float, result: dict, pipeline: Mappin
   chips = jax.device_count()
   peak = peak_flops_per_device(cfg["stage"].get("peak_flops_per_device"))
   price = float(pipeline.get("price_per_chip_hour") or 0.0)
-  flops = summary.get("flops_spent", summary["flops"])  # RL: measured, with sampling as generated
+  flops = summary.get("flops_spent", summary["flops"])  # RL: measured, with sampling as executed
   return {"stage": entry["name"], "kind": cfg["stage"]["kind"], "steps": summary["step"],
           "tokens": summary["tokens"], "flops": flops, "planned_flops": entry["planned_flops"],
           "wall_s": wall, "mfu": flops / wall / (peak * chips) if peak and wall else None,
@@ -251,13 +275,19 @@ def report_markdown(report: dict) -> str:
                  f"{r['flops']:.3g} | {r['wall_s']:.0f} | {mfu} | {r['cost']:.2f} |")
   lines.append(f"| total | | | | | {report['total_flops']:.3g} | {report['total_wall_s']:.0f} | | |")
   cells = [(c["context"], c["op"]) for c in report["stages"][0]["eval"]]
-  lines += ["", "Strict pass@1 after each stage (greedy; `answer@1` in brackets: right answer, steps unchecked):", "",
-            "| after | prompt | " + " | ".join(f"{ctx} op {op}" for ctx, op in cells) + " |",
-            "| --- | --- |" + " ---: |" * len(cells)]
-  for r in report["stages"]:
-    by = {(c["context"], c["op"]): c for c in r["eval"]}
-    lines.append(f"| {r['stage']} | {r['eval_prompt']} | " + " | ".join(
-        f"{by[k]['pass@1']:.1%} ({by[k]['answer@1']:.0%})" if k in by else "—" for k in cells) + " |")
+  ev = report.get("eval") or {"n": 1, "temperature": 0.0, "ks": [1]}
+  how = ("greedy" if ev["n"] == 1 else
+         f"{ev['n']} samples per problem at temperature {ev['temperature']:g}; pass@1 is their mean")
+  for k in ev["ks"]:
+    lines += ["", f"Strict pass@{k} after each stage ({how}" + ("; `answer@1` in brackets: right answer, steps "
+              "unchecked" if k == 1 else "") + "):", "",
+              "| after | prompt | " + " | ".join(f"{ctx} op {op}" for ctx, op in cells) + " |",
+              "| --- | --- |" + " ---: |" * len(cells)]
+    for r in report["stages"]:
+      by = {(c["context"], c["op"]): c for c in r["eval"]}
+      lines.append(f"| {r['stage']} | {r['eval_prompt']} | " + " | ".join(
+          (f"{by[c][f'pass@{k}']:.1%}" + (f" ({by[c]['answer@1']:.0%})" if k == 1 else "")) if c in by else "—"
+          for c in cells) + " |")
   return "\n".join(lines) + "\n"
 
 

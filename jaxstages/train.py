@@ -35,7 +35,7 @@ from jaxstages.config import ConfigError, check_keys, from_config, to_dict
 from jaxstages.data.pipeline import data_config, make_pipeline
 from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
 from jaxstages.flops import train_flops_per_token
-from jaxstages.metrics import MetricsWriter, progress
+from jaxstages.metrics import MetricsWriter, progress, write_atomic
 from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import import_hf
 from jaxstages.model.io import load_params
@@ -206,7 +206,10 @@ class StageConfig:
 
   name: str = "pretrain"
   kind: str = "pretrain"  # the objective: a key of jaxstages.stages.OBJECTIVES
-  steps: int = 100  # optimizer updates
+  steps: int = 100  # optimizer updates (with `flops_budget`: the most)
+  # stop at the first step boundary where the FLOPs spent (RL: measured, sampling as executed) are within half a
+  # step of this budget; a pipeline sets it for RL stages whose length is given in FLOPs
+  flops_budget: float | None = None
   micro_batches: int = 1  # gradient accumulation: the global batch is split into this many micro-batches
   seed: int = 0
   init_from: str | None = None  # a stage's checkpoint folder, a params folder, or "hf:FOLDER"
@@ -284,6 +287,23 @@ def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path, also: Sequenc
   return tokenizer
 
 
+def model_config_of(source: str | Path):
+  """The model shape of a `load_model` source, read from its config files (no weights are loaded)."""
+  source = str(source)
+  if source.startswith("hf:"):
+    from jaxstages.model.hf import config_from_hf
+    return config_from_hf(json.loads((Path(source[3:]) / "config.json").read_text()))
+  path = Path(source)
+  if (path / "model_config.json").exists():
+    return model_config(json.loads((path / "model_config.json").read_text()))
+  stage_dir = path.parent if path.name == "checkpoints" else path
+  if not (stage_dir / "config.json").exists():
+    raise FileNotFoundError(f"{source}: neither a stage folder (with config.json), a params folder (with "
+                            "model_config.json) nor hf:FOLDER")
+  config = json.loads((stage_dir / "config.json").read_text())
+  return stage_model_config(config["model"], load_tokenizer(stage_dir / "tokenizer").vocab_size)
+
+
 def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, model_cfg=None,
                step: int | None = None):
   """A model from `source`: a stage folder (its `config.json`, `tokenizer/` and `checkpoints/`; latest step unless
@@ -301,8 +321,7 @@ def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RUL
     raise FileNotFoundError(f"{source}: neither a stage folder (with checkpoints/), a params folder (with "
                             "model_config.json) nor hf:FOLDER")
   config = json.loads((stage_dir / "config.json").read_text()) if (stage_dir / "config.json").exists() else {}
-  if model_cfg is None:
-    model_cfg = stage_model_config(config["model"], load_tokenizer(stage_dir / "tokenizer").vocab_size)
+  model_cfg = model_cfg or model_config_of(stage_dir)
   kind = config.get("stage", {}).get("kind", "")
   if kind == "ppo":  # the checkpoint holds the policy and its critic: build both, keep the policy
     from jaxstages.stages import objective_block, stage_model
@@ -385,7 +404,7 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   optim_cfg = OptimConfig.from_config(config.get("optim"))
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    write_atomic(workdir / "config.json", json.dumps(config, indent=2, default=str))
 
   model = stage_model(stage.kind, block, initial_model(stage, model_cfg, mesh, rules), mesh, rules)
   optimizer, schedule = make_optimizer(optim_cfg, stage.steps * updates_per_step(stage.kind, block))
@@ -404,7 +423,7 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
 
 def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
               devices: Sequence[jax.Device] | None = None, stop_after: int | None = None) -> dict:
-  """Trains one stage to `stage.steps` (resuming from `workdir/checkpoints` when there are any) and returns its
+  """Trains one stage to `stage.steps` or its `flops_budget` (resuming from `workdir/checkpoints` when there are any) and returns its
   summary (also written to `workdir/summary.json`). `stop_after` ends the loop early after that many steps of this
   call (tests); `devices` restricts the mesh (default: every device of every process).
 
@@ -453,10 +472,23 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   flops_per_step = objective.flops_per_step or train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens_per_step
   peak = peak_flops_per_device(stage.peak_flops_per_device)
   start = int(state.step)
+
+  def budget_spent(steps_taken: int) -> bool:
+    """Whether `stage.flops_budget` is spent to within half a step (a function of the checkpointed state, so a
+    resumed run stops where an uninterrupted one does)."""
+    if not stage.flops_budget:
+      return False
+    measured = objective.get_state() if objective.get_state is not None else {}
+    spent = measured.get("flops_spent", flops_per_step * steps_taken)
+    per_step = spent / steps_taken if steps_taken else flops_per_step
+    return spent + per_step / 2 >= stage.flops_budget
+
   bar = progress(stage.steps, f"{stage.name}", initial=start)
   pending, last_time, last_step, start_time = [], time.perf_counter(), start, time.perf_counter()
   end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
   for step in range(start, end):
+    if budget_spent(step):  # resumed after the budget was spent
+      break
     batch = next_batch()
     if objective.prepare is not None:
       batch = objective.prepare(state, batch, step, next_batch)
@@ -465,7 +497,8 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
       metrics = {**metrics, **objective.host_metrics()}
     pending.append(metrics)
     done = step + 1
-    if done % stage.log_every == 0 or done == end:
+    last = done == end or budget_spent(done)
+    if done % stage.log_every == 0 or last:
       fetched = jax.device_get(pending)  # the only host sync: every log_every steps
       now = time.perf_counter()
       seconds = (now - last_time) / (done - last_step)
@@ -480,28 +513,31 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
       pending, last_time, last_step = [], now, done
     if done % stage.checkpoint_every == 0:
       checkpointer.save(state, loader_state(), step=done)
-    if stage.eval_every and done % stage.eval_every == 0 and done != stage.steps:
+    if stage.eval_every and done % stage.eval_every == 0 and not last:
       writer.write(done, evaluate(state.params))
+    if last:
+      break
   bar.close()
   final_step = int(state.step)
+  finished = final_step == stage.steps or budget_spent(final_step)
   if checkpointer.latest_step() != final_step:
     checkpointer.save(state, loader_state(), force=True)
   checkpointer.wait()
   checkpointer.close()
-  summary = {"stage": stage.name, "kind": stage.kind, "step": final_step, "steps": stage.steps,
-             "resumed_from": resumed_from, "params": param_count(model_cfg),
+  summary = {"stage": stage.name, "kind": stage.kind, "step": final_step, "steps": stage.steps, "finished": finished,
+             "flops_budget": stage.flops_budget, "resumed_from": resumed_from, "params": param_count(model_cfg),
              "tokens": final_step * tokens_per_step, "flops": flops_per_step * final_step,
              "wall_s_this_run": time.perf_counter() - start_time}
   if objective.get_state is not None and "flops_spent" in objective.get_state():
-    summary["flops_spent"] = objective.get_state()["flops_spent"]  # measured (RL: as generated), not planned
-  if final_step == stage.steps:
+    summary["flops_spent"] = objective.get_state()["flops_spent"]  # measured (RL: sampling as executed), not planned
+  if finished:
     held_out = evaluate(state.params)
     summary.update(held_out)
     if held_out:
       writer.write(final_step, held_out)
   writer.close()
   if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
   return summary
 
 

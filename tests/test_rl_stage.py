@@ -16,7 +16,7 @@ from jaxstages.data.pipeline import make_pipeline
 from jaxstages.model import create_model
 from jaxstages.sharding import MeshConfig, global_batch_from_process_local, make_mesh, shard_batch
 from jaxstages.stages.grpo import AGGREGATIONS, Clip, PolicyLossConfig, policy_terms
-from jaxstages.stages.rl import policy_logprobs_fn
+from jaxstages.stages.rl import planned_rl_flops, policy_logprobs_fn, rl_config
 from jaxstages.state import init_train_state
 from jaxstages.train import build_stage, make_train_step
 
@@ -60,7 +60,11 @@ def test_sampler_log_probs_equal_the_trainers_and_the_gradient_is_reinforce(grpo
 
   adv = np.asarray(batch["advantages"])
   assert np.abs(adv).max() > 0.1  # some groups have both right and wrong samples
-  # the FLOPs spent so far (saved with checkpoints) are this step's measured ones, within the config's plan
+  # the FLOPs spent so far (saved with checkpoints) are this step's measured ones, within the config's plan; the
+  # decode loop ran every row until the longest sample stopped
+  plan = planned_rl_flops(built.model_cfg, built.data, rl_config(built.config["grpo"], "grpo"), "grpo")
+  decoded = mask.shape[0] * mask.sum(1).max()
+  assert metrics["flops_sampling"] == pytest.approx(plan["prefill_flops"] + plan["decode_flops_per_token"] * decoded)
   spent = built.objective.get_state()["flops_spent"]
   assert spent == metrics["flops_sampling"] + metrics["flops_logprobs"] + metrics["flops_update"]
   assert 0.5 * built.objective.flops_per_step < spent <= built.objective.flops_per_step

@@ -2,44 +2,121 @@
 re-run that skips what is done."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from jaxstages.config import ConfigError
-from jaxstages.schedule import report_markdown, run_pipeline, stage_configs
+from jaxstages.data.pipeline import data_config
+from jaxstages.data.tokenizer import task_tokenizer
+from jaxstages.schedule import report_markdown, run_pipeline, stage_configs, stage_plan
+from tests.stage_runs import ENV, REPO
 
 TINY = {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
         "model.intermediate_size": 128, "data.batch_size": 8, "data.seq_len": 128, "stage.eval_every": 0,
         "stage.log_every": 2, "stage.checkpoint_every": 4, "stage.eval_batches": 1}
 
 
-def _pipeline(**compute):
+# a tiny GRPO stage: 8 prompts x 2 samples of at most 16 tokens
+TINY_RL = {**TINY, "grpo.group_size": 2, "grpo.max_new_tokens": 16, "grpo.eval_problems": 0}
+
+
+def _pipeline(total_flops: float):
+  """Pre-training -> GRPO, the budget split 50 / 50."""
   return dict(
       name="two-stage",
-      stages=[dict(name="pre", config="train.py:pretrain-toy", steps=6, overrides=dict(TINY)),
-              dict(name="sft", config="train.py:sft-toy", steps=4, overrides=dict(TINY))],
-      eval=dict(ops=(1,), contexts=("p",), problems=4, max_new_tokens=24), compute=compute)
+      stages=[dict(name="pre", config="train.py:pretrain-toy", overrides=dict(TINY)),
+              dict(name="rl", config="train.py:grpo-toy", overrides=dict(TINY_RL))],
+      eval=dict(ops=(1,), contexts=("p",), problems=4, max_new_tokens=24),
+      compute=dict(total_flops=total_flops, split={"pre": 0.5, "rl": 0.5}))
 
 
-def test_two_stage_pipeline_runs_chains_reports_and_skips_on_rerun(tmp_path):
-  report = run_pipeline(_pipeline(), tmp_path)
-  pre, sft = report["stages"]
-  assert (pre["stage"], pre["steps"], sft["stage"], sft["steps"]) == ("pre", 6, "sft", 4)
-  # the SFT stage started from the pre-training stage's final checkpoint, with the run's one tokenizer
-  config = json.loads((tmp_path / "sft" / "config.json").read_text())
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+  """The two-stage pipeline, run once uninterrupted with a budget of ~12 pre-training steps per stage: (run folder,
+  pipeline config, report)."""
+  run_dir = tmp_path_factory.mktemp("two-stage")
+  pre_cfg = stage_configs(_pipeline(1e12), run_dir)[0][1]
+  vocab = task_tokenizer(data_config(pre_cfg["data"]).task).vocab_size  # the run's tokenizer sizes the embedding
+  pipeline = _pipeline(2 * 12 * stage_plan(pre_cfg, vocab)["flops_per_step"])
+  return run_dir, pipeline, run_pipeline(pipeline, run_dir)
+
+
+def _final_params(stage_dir) -> list[np.ndarray]:
+  from jaxstages.sharding import make_mesh
+  from jaxstages.train import load_model
+
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_model(stage_dir, make_mesh()), nnx.Param))]
+
+
+def test_two_stage_pipeline_chains_splits_the_budget_reports_and_skips_on_rerun(two_stage):
+  """Pre-training then GRPO with a 50 / 50 budget split: the RL stage starts from the pre-training checkpoint with
+  the run's tokenizer, runs until its measured FLOPs (sampling as executed) reach its half, and the two stages'
+  spent FLOPs agree within 5%, each within 5% of its plan. A re-run skips everything."""
+  tmp_path, pipeline, report = two_stage
+  pre, rl = report["stages"]
+  assert (pre["stage"], pre["steps"], rl["stage"]) == ("pre", 12, "rl") and rl["steps"] >= 8
+  config = json.loads((tmp_path / "rl" / "config.json").read_text())
   assert config["stage"]["init_from"] == str(tmp_path / "pre")
   assert config["stage"]["tokenizer"] == str(tmp_path / "tokenizer")
-  for r in report["stages"]:  # packed stages: the plan is exact
-    assert r["flops"] == pytest.approx(r["planned_flops"], rel=1e-9) and r["flops"] > 0
+  assert pre["flops"] == pytest.approx(pre["planned_flops"], rel=1e-9)  # a packed stage: the plan is exact
+  assert rl["flops"] == pytest.approx(rl["planned_flops"], rel=0.05)
+  assert rl["flops"] == pytest.approx(pre["flops"], rel=0.05)
+  assert rl["steps"] < config["stage"]["steps"]  # it stopped on the budget, not on the step cap
+  for r in report["stages"]:
     assert len(r["eval"]) == 1 and 0.0 <= r["eval"][0]["pass@1"] <= 1.0
-  assert pre["eval_prompt"] == "document" and sft["eval_prompt"] == "chat"
+  assert pre["eval_prompt"] == "document" and rl["eval_prompt"] == "chat"
   md = (tmp_path / "report.md").read_text()
-  assert md == report_markdown(report) and "| pre | pretrain | 6 |" in md and "p op 1" in md
+  assert md == report_markdown(report) and "| pre | pretrain | 12 |" in md and "p op 1" in md
   assert (tmp_path / "report.png").stat().st_size > 1000
-  walls = json.loads((tmp_path / "pre" / "wall_seconds.json").read_text())
-  again = run_pipeline(_pipeline(), tmp_path)  # everything is done: nothing runs again
-  assert json.loads((tmp_path / "pre" / "wall_seconds.json").read_text()) == walls
+  walls = [json.loads((tmp_path / s / "wall_seconds.json").read_text()) for s in ("pre", "rl")]
+  again = run_pipeline(pipeline, tmp_path)  # everything is done: nothing runs again
+  assert [json.loads((tmp_path / s / "wall_seconds.json").read_text()) for s in ("pre", "rl")] == walls
   assert [r["eval"] for r in again["stages"]] == [r["eval"] for r in report["stages"]]
+
+
+def _outcome(run_dir) -> list[dict]:
+  """What must not depend on interruptions: per stage the steps, tokens, FLOPs and evaluation cells."""
+  report = json.loads((run_dir / "report.json").read_text())
+  keys = ("stage", "steps", "tokens", "flops", "planned_flops", "eval")
+  return [{k: r[k] for k in keys} for r in report["stages"]]
+
+
+def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_stage, tmp_path):
+  """`jaxstages run` SIGKILLed at random moments (start-up, training, sampling, saving, evaluating, between stages)
+  and re-run until it finishes: the report and every stage's final params equal the uninterrupted run's."""
+  reference_dir, pipeline, _ = two_stage
+  config = tmp_path / "pipeline.py"
+  config.write_text(f"def get_config():\n  return {pipeline!r}\n")
+  run_dir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "jaxstages.cli", "run", "--config", str(config), "--workdir", str(run_dir)]
+  rng = np.random.default_rng(0)
+  kills = 0
+  for attempt in range(12):
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if attempt < 4:  # four kills at moments drawn over a run's length (start-up included), then run to the end
+      deadline = time.time() + rng.uniform(3.0, 30.0)
+      while proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+      if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        kills += 1
+    _, err = proc.communicate()
+    if proc.returncode == 0:
+      break
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+  assert kills >= 2 and proc.returncode == 0
+  assert _outcome(run_dir) == _outcome(reference_dir)
+  for stage in ("pre", "rl"):
+    for a, b in zip(_final_params(run_dir / stage), _final_params(reference_dir / stage), strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_flop_budget_split_gives_each_stage_its_share(tmp_path):
@@ -53,6 +130,7 @@ def test_flop_budget_split_gives_each_stage_its_share(tmp_path):
   assert rl_cfg["stage"]["init_from"] == str(tmp_path / "pre")
   assert pre["planned_flops"] == pytest.approx(rl["planned_flops"], rel=0.05)
   assert pre["planned_flops"] + rl["planned_flops"] == pytest.approx(4e13, rel=0.05)
+  assert rl_cfg["stage"]["flops_budget"] == pytest.approx(2e13)  # RL runs until its measured FLOPs reach it
   with pytest.raises(ConfigError, match="'rll'.*'rl'"):
     stage_configs({**pipeline, "compute": dict(total_flops=1e12, split={"rll": 1.0})}, tmp_path)
   with pytest.raises(ConfigError, match="one length"):
@@ -61,8 +139,9 @@ def test_flop_budget_split_gives_each_stage_its_share(tmp_path):
 
 
 def test_pipeline_presets_resolve(tmp_path):
-  """The quickstart and the interplay study's accelerator-scale schedule resolve to chained stages; the study's
-  pre-training is ~10B tokens in 512k-token steps and its RL runs on the edge range op 11-14."""
+  """The quickstart, the mid-size CPU pipeline and the interplay study's accelerator-scale schedule resolve to
+  chained stages; the study's pre-training is ~10B tokens in 512k-token steps and its RL runs on the edge range op
+  11-14; the mid-size pipeline splits its budget evenly between mid-training and RL."""
   from jaxstages.config import load_config
 
   quick = stage_configs(load_config("configs/pipelines/quickstart.py"), tmp_path / "q")
@@ -75,3 +154,26 @@ def test_pipeline_presets_resolve(tmp_path):
   assert pre_cfg["model"]["hidden_size"] == 768 and tuple(rl_cfg["data"]["task"]["op_range"]) == (11, 14)
   assert rl_cfg["stage"]["init_from"] == str(tmp_path / "i" / "midtrain")
   assert rl["planned_flops"] > 0 and mid["planned_flops"] < pre["planned_flops"]
+  medium = stage_configs(load_config("configs/pipelines/cpu-medium.py"), tmp_path / "m")
+  (_, _), (mid, mid_cfg), (_, _), (rl, rl_cfg) = medium
+  assert mid_cfg["model"]["hidden_size"] == rl_cfg["model"]["hidden_size"] == 256
+  assert mid["planned_flops"] == pytest.approx(rl["planned_flops"], rel=0.05)  # the 50 / 50 split
+
+
+def test_distillation_plan_counts_the_teacher_trained_earlier_in_the_run(tmp_path):
+  """A distillation stage whose teacher is an earlier stage of the same run (`stage:NAME`, not trained yet) plans
+  the student's training pass plus the teacher's forward on every token, with the teacher stage's shape."""
+  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+  from jaxstages.model import model_config
+
+  pipeline = dict(name="distill", stages=[
+      dict(name="teacher", config="train.py:sft-toy", steps=10, overrides={"model.num_layers": 6}),
+      dict(name="student", config="train.py:distill-toy", steps=10,
+           overrides={"distill.teacher": "stage:teacher", "stage.init_from": None})])
+  (_, teacher_cfg), (student, student_cfg) = stage_configs(pipeline, tmp_path, tokenizer_vocab=500)
+  assert student_cfg["distill"]["teacher"] == str(tmp_path / "teacher")
+  teacher = model_config({**teacher_cfg["model"], "vocab_size": 512})
+  small = model_config({**student_cfg["model"], "vocab_size": 512})
+  seq, tokens = student_cfg["data"]["seq_len"], student_cfg["data"]["batch_size"] * student_cfg["data"]["seq_len"]
+  expected = (train_flops_per_token(small, seq) + forward_flops_per_token(teacher, seq)) * tokens
+  assert teacher.num_layers == 6 and student["planned_flops"] == pytest.approx(10 * expected, rel=1e-9)

@@ -39,6 +39,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -127,12 +128,19 @@ class _ChatMixin:
 def _write_folder(folder: str | os.PathLike, model_file: str, model_bytes: bytes, kind: str,
                   special_tokens: Mapping[str, str]) -> Path:
   """Writes a tokenizer folder: the model file and `special_tokens.json` (which class reads it back, and its
-  special tokens)."""
+  special tokens). A new folder is written aside and renamed into place, so a run killed meanwhile never leaves
+  half a tokenizer where a resume would find it."""
   folder = Path(folder)
+  target = folder
+  if not folder.exists():
+    folder = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(folder, ignore_errors=True)
   folder.mkdir(parents=True, exist_ok=True)
   (folder / model_file).write_bytes(model_bytes)
   (folder / SPECIALS_FILE).write_text(json.dumps({"kind": kind, "special_tokens": special_tokens}, indent=2) + "\n")
-  return folder
+  if folder != target:
+    os.replace(folder, target)
+  return target
 
 
 def _read_specials(folder: Path) -> dict:

@@ -283,7 +283,6 @@ def distill_objective(ctx, block) -> Objective:
   the student's data NLL, comparable with any LM or SFT stage; the teacher's forwards and the sampling count in the
   stage's FLOPs."""
   from jaxstages.data.tokenizer import load_tokenizer
-  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
   from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, unpad_prompts
   from jaxstages.sharding import gather_to_host, shard_batch
   from jaxstages.stages import PACKED, Objective  # noqa: F811
@@ -322,14 +321,24 @@ def distill_objective(ctx, block) -> Objective:
       batch = generate(state, batch, step)
     return {**batch, **teacher_fn(teacher_params, batch)}
 
-  if cfg.samples:
-    seq = d.prompt_len + cfg.max_new_tokens - 1
-    tokens = d.batch_size * seq
-    sampled = d.batch_size * cfg.max_new_tokens  # upper bound: every row generates max_new_tokens
-    sampler_flops = (cfg.on_policy_fraction * forward_flops_per_token(ctx.model_cfg, seq)
-                     + (1 - cfg.on_policy_fraction) * forward_flops_per_token(teacher.cfg, seq)) * sampled
-  else:
-    seq, tokens, sampler_flops = d.seq_len, d.batch_size * d.seq_len, 0.0
-  flops = (train_flops_per_token(ctx.model_cfg, seq) + forward_flops_per_token(teacher.cfg, seq)) * tokens
+  plan = planned_distill_flops(ctx.model_cfg, teacher.cfg, d, cfg)
   return Objective(loss=distill_loss_fn(cfg), data_kinds=("rl",) if cfg.samples else PACKED, prepare=prepare,
-                   eval_loss=lm_loss, tokens_per_step=tokens, flops_per_step=flops + sampler_flops)
+                   eval_loss=lm_loss, **plan)
+
+
+def planned_distill_flops(student_cfg, teacher_cfg, data, cfg: DistillConfig) -> dict:
+  """A distillation step's tokens and FLOPs: the student's training pass and the teacher's forward over every
+  token, and with sampling the generation (λ of it by the student, the rest by the teacher; every row to the token
+  limit, an upper bound)."""
+  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+
+  if cfg.samples:
+    seq = data.prompt_len + cfg.max_new_tokens - 1
+    tokens = data.batch_size * seq
+    sampled = data.batch_size * cfg.max_new_tokens
+    sampler_flops = (cfg.on_policy_fraction * forward_flops_per_token(student_cfg, seq)
+                     + (1 - cfg.on_policy_fraction) * forward_flops_per_token(teacher_cfg, seq)) * sampled
+  else:
+    seq, tokens, sampler_flops = data.seq_len, data.batch_size * data.seq_len, 0.0
+  flops = (train_flops_per_token(student_cfg, seq) + forward_flops_per_token(teacher_cfg, seq)) * tokens
+  return {"tokens_per_step": tokens, "flops_per_step": flops + sampler_flops}

@@ -209,10 +209,10 @@ def select_groups(rounds: list[dict], b: int, g: int, dynamic: bool) -> tuple[di
 
 def planned_rl_flops(model_cfg, data, cfg: RLConfig, kind: str) -> dict:
   """An RL step's FLOPs from the config: one prefill per prompt, decoding every sample to the token limit (an upper
-  bound; `prepare` counts what was generated), the extra forward passes (recomputed old log-probs, the reference,
-  the critic) and `epochs` training passes over prompt + completion (twice for a separate critic). Also the parts a
+  bound: `prepare` counts the decode steps the loop ran, which stops when a round's longest sample stops), the extra
+  forward passes (recomputed old log-probs, the reference, the critic) and `epochs` training passes over prompt + completion (twice for a separate critic). Also the parts a
   measured step is made of: `prefill_flops` (one sampling round), `decode_flops_per_token`, `logprobs_flops`,
-  `update_flops`."""
+  `update_flops`; and `flops_per_step_min`, a step whose samples all stop after one token."""
   from jaxstages.flops import forward_flops_per_token, train_flops_per_token
 
   b, width, n_new = data.batch_size, data.prompt_len, cfg.max_new_tokens
@@ -223,9 +223,9 @@ def planned_rl_flops(model_cfg, data, cfg: RLConfig, kind: str) -> dict:
            "decode_flops_per_token": forward_flops_per_token(model_cfg, seq),
            "logprobs_flops": passes * forward_flops_per_token(model_cfg, seq) * seq * rows,
            "update_flops": critic * cfg.epochs * train_flops_per_token(model_cfg, seq) * seq * rows}
-  sampling = parts["prefill_flops"] + parts["decode_flops_per_token"] * n_new * rows
-  return {"tokens_per_step": rows * seq, "flops_per_step": sampling + parts["logprobs_flops"] + parts["update_flops"],
-          **parts}
+  fixed = parts["prefill_flops"] + parts["logprobs_flops"] + parts["update_flops"]
+  return {"tokens_per_step": rows * seq, "flops_per_step": fixed + parts["decode_flops_per_token"] * n_new * rows,
+          "flops_per_step_min": fixed + parts["decode_flops_per_token"] * rows, **parts}
 
 
 def policy_of(model: nnx.Module) -> nnx.Module:
@@ -286,7 +286,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
   counters = {"reference_forwards": 0}
   last: dict[str, float] = {}
   clock: dict[str, float] = {}
-  spent = {"flops": 0.0}  # FLOPs of the steps taken: sampling as generated, the passes and the updates
+  spent = {"flops": 0.0}  # FLOPs of the steps taken: sampling as executed, the passes and the updates
 
   def set_state(state: Mapping) -> None:
     kl_control.coef = float(state["kl_coef"])
@@ -398,7 +398,8 @@ def rl_objective(ctx, block: Mapping, kind: str):
 
     valid = ro["valid"] > 0
     lengths = ro["lengths"].astype(np.float32)
-    sampled_tokens = sum(float(r["lengths"].sum()) for r in rounds)
+    # the decode loop runs every row until the round's longest sample stops: that is the compute spent
+    decoded_tokens = sum(float(len(r["lengths"]) * r["lengths"].max(initial=0)) for r in rounds)
     pick = lambda x: float(x[valid].mean()) if valid.any() else 0.0
     last.clear()
     last.update(host, **group_counts, reward_mean=pick(ro["reward"]), reward_std=float(ro["reward"][valid].std())
@@ -406,7 +407,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
                 hack_rate=pick(ro["outcome"] * (1 - ro["strict"])), response_length=pick(lengths),
                 truncated_fraction=pick(ro["truncated"]), time_sampling_s=t_sample, time_logprobs_s=t_logprobs,
                 time_update_s=t_update, reference_forwards=float(counters["reference_forwards"]),
-                flops_sampling=plan["prefill_flops"] * len(rounds) + plan["decode_flops_per_token"] * sampled_tokens,
+                flops_sampling=plan["prefill_flops"] * len(rounds) + plan["decode_flops_per_token"] * decoded_tokens,
                 flops_logprobs=plan["logprobs_flops"], flops_update=plan["update_flops"])
     spent["flops"] += last["flops_sampling"] + last["flops_logprobs"] + last["flops_update"]
     return batch_out
