@@ -190,7 +190,8 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
     stage_dir = run_dir / entry["name"]
     summary_path = stage_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    done = summary.get("steps") == cfg["stage"]["steps"] and summary.get("finished", summary["step"] == summary["steps"])
+    done = (summary.get("steps") == cfg["stage"]["steps"]
+            and summary.get("finished", summary["step"] == summary["steps"]))
     wall_path = stage_dir / "wall_seconds.json"
     if not done:
       start = time.perf_counter()

@@ -423,9 +423,9 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
 
 def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
               devices: Sequence[jax.Device] | None = None, stop_after: int | None = None) -> dict:
-  """Trains one stage to `stage.steps` or its `flops_budget` (resuming from `workdir/checkpoints` when there are any) and returns its
-  summary (also written to `workdir/summary.json`). `stop_after` ends the loop early after that many steps of this
-  call (tests); `devices` restricts the mesh (default: every device of every process).
+  """Trains one stage to `stage.steps` or its `flops_budget` (resuming from `workdir/checkpoints` when there are
+  any) and returns its summary (also written to `workdir/summary.json`). `stop_after` ends the loop early after that
+  many steps of this call (tests); `devices` restricts the mesh (default: every device of every process).
 
   The stage's objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own config block, e.g. `dpo`)
   gives the loss, and optionally a `prepare` that adds frozen-model outputs or samples to each batch before the

@@ -1,6 +1,7 @@
 """A mid-size CPU pipeline: pretrain -> mid-train -> SFT -> GRPO with the ~5.7M-parameter `small` model shape on the
 symbolic task world, for a longer CPU run than the quickstart: ~9e14 FLOPs, ~20x the quickstart's (a few hours on a
-2-core CPU, by the quickstart's FLOPs per second; minutes on one accelerator). `jaxstages run --config configs/pipelines/cpu-medium.py`.
+2-core CPU, by the quickstart's FLOPs per second; minutes on one accelerator).
+`jaxstages run --config configs/pipelines/cpu-medium.py`.
 
 The model is `configs/models.py:small` (hidden 256, 6 layers, 8 query / 2 KV heads); the stages are the toy configs
 of `configs/train.py` with longer lengths, and mid-training and RL share a fixed FLOP budget 50 / 50 through

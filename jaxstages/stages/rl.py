@@ -210,9 +210,10 @@ def select_groups(rounds: list[dict], b: int, g: int, dynamic: bool) -> tuple[di
 def planned_rl_flops(model_cfg, data, cfg: RLConfig, kind: str) -> dict:
   """An RL step's FLOPs from the config: one prefill per prompt, decoding every sample to the token limit (an upper
   bound: `prepare` counts the decode steps the loop ran, which stops when a round's longest sample stops), the extra
-  forward passes (recomputed old log-probs, the reference, the critic) and `epochs` training passes over prompt + completion (twice for a separate critic). Also the parts a
-  measured step is made of: `prefill_flops` (one sampling round), `decode_flops_per_token`, `logprobs_flops`,
-  `update_flops`; and `flops_per_step_min`, a step whose samples all stop after one token."""
+  forward passes (recomputed old log-probs, the reference, the critic) and `epochs` training passes over prompt +
+  completion (twice for a separate critic). Also the parts a measured step is made of: `prefill_flops` (one sampling
+  round), `decode_flops_per_token`, `logprobs_flops`, `update_flops`; and `flops_per_step_min`, a step whose samples
+  all stop after one token."""
   from jaxstages.flops import forward_flops_per_token, train_flops_per_token
 
   b, width, n_new = data.batch_size, data.prompt_len, cfg.max_new_tokens
