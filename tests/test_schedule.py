@@ -90,21 +90,27 @@ def _outcome(run_dir) -> list[dict]:
 
 
 def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_stage, tmp_path):
-  """`jaxstages run` SIGKILLed at random moments (start-up, training, sampling, saving, evaluating, between stages)
-  and re-run until it finishes: the report and every stage's final params equal the uninterrupted run's."""
+  """`jaxstages run` as a process: uninterrupted, it writes the same report and params as the library call; then
+  SIGKILLed at four random moments of its run time (start-up, training, sampling, saving, evaluating, between
+  stages) and re-run until it finishes, it still does."""
   reference_dir, pipeline, _ = two_stage
   config = tmp_path / "pipeline.py"
   config.write_text(f"def get_config():\n  return {pipeline!r}\n")
-  run_dir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "jaxstages.cli", "run", "--config", str(config), "--workdir", str(run_dir)]
+  cmd = lambda run_dir: [sys.executable, "-m", "jaxstages.cli", "run", "--config", str(config), "--workdir",
+                         str(run_dir)]
+  start = time.time()
+  done = subprocess.run(cmd(tmp_path / "whole"), cwd=REPO, env=ENV, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  run_time = time.time() - start
   rng = np.random.default_rng(0)
   kills = 0
   for attempt in range(12):
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if attempt < 4:  # four kills at moments drawn over a run's length (start-up included), then run to the end
-      deadline = time.time() + rng.uniform(3.0, 30.0)
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    if attempt < 4:  # four kills, each at a moment drawn over an uninterrupted run's time; then run to the end
+      deadline = time.time() + rng.uniform(0.1, 0.9) * run_time
       while proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
       if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
         kills += 1
@@ -112,11 +118,12 @@ def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_sta
     if proc.returncode == 0:
       break
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
-  assert kills >= 2 and proc.returncode == 0
-  assert _outcome(run_dir) == _outcome(reference_dir)
-  for stage in ("pre", "rl"):
-    for a, b in zip(_final_params(run_dir / stage), _final_params(reference_dir / stage), strict=True):
-      np.testing.assert_array_equal(a, b)
+  assert kills >= 3 and proc.returncode == 0
+  for run_dir in (tmp_path / "whole", tmp_path / "killed"):
+    assert _outcome(run_dir) == _outcome(reference_dir)
+    for stage in ("pre", "rl"):
+      for a, b in zip(_final_params(run_dir / stage), _final_params(reference_dir / stage), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_flop_budget_split_gives_each_stage_its_share(tmp_path):
