@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # tests: parity against HF transformers on random tiny models, on the CPU build of torch
-        "dev": ["pytest", "torch==2.13.0", "transformers>=4.51"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "transformers>=4.51"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

@@ -27,6 +27,11 @@ from functools import lru_cache
 from jaxstages.data.tasks import THINK_CLOSE, THINK_OPEN, Problem, Step
 
 _ANSWER = re.compile(r"^[ \t]*answer[ \t]*:[ \t]*(-?\d+)", re.IGNORECASE | re.MULTILINE)
+MAX_DIGITS = 64  # a longer number is no answer and no step value (and Python will not convert 4,300+ digits)
+
+
+def _number(digits: str) -> int | None:
+  return int(digits) if len(digits.lstrip("-")) <= MAX_DIGITS else None
 
 
 def extract_answer(completion: str) -> int | None:
@@ -34,7 +39,7 @@ def extract_answer(completion: str) -> int | None:
   if THINK_CLOSE in completion:
     completion = completion.split(THINK_CLOSE, 1)[1]
   match = _ANSWER.search(completion)
-  return int(match.group(1)) if match else None
+  return _number(match.group(1)) if match else None
 
 
 @lru_cache(maxsize=None)
@@ -53,8 +58,9 @@ def parse_steps(problem: Problem, completion: str) -> list[Step]:
   steps = []
   for line in completion.splitlines():
     m = pattern.match(line)
-    if m and m["op"] == m["op2"]:
-      steps.append(Step(m["y"], words[m["op"]], m["a"], m["b"], int(m["va"]), int(m["vb"]), int(m["r"])))
+    values = [_number(m[k]) for k in ("va", "vb", "r")] if m else []
+    if m and m["op"] == m["op2"] and None not in values:
+      steps.append(Step(m["y"], words[m["op"]], m["a"], m["b"], *values))
   return steps
 
 

@@ -71,7 +71,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   with the state's rng (`fold_in(rng, step)`). Each update splits its rows into `micro_batches` and accumulates.
 
   metrics: `loss` (mean over the (mini)batch), `count` (units counted: tokens, sequences or pairs), `grad_norm`,
-  `lr`, and the loss function's aux metrics, which it returns either as sums over the same units (reported divided by
+  `lr`, `nonfinite` (1 where a NaN / Inf loss or gradient made the update a no-op), and the loss function's aux metrics, which it returns either as sums over the same units (reported divided by
   `count`) or as `(sum, count)` pairs of their own (reported as sum / count, e.g. a token mean under a sequence-level
   loss). With several updates, every metric is the mean over the updates, and `<name>_first` holds the first
   update's value of `loss`, `ratio` and `abs_log_ratio` (where the loss reports them): at the first update the
@@ -108,9 +108,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     grads, total, count, aux = gradients(params, batch)
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": total / denominator, "count": count, "grad_norm": optax.global_norm(grads)}
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    # a NaN / Inf loss or gradient skips the update: params and optimizer state stay as they were (so no checkpoint
+    # ever holds them), and `nonfinite` counts it; the loop stops after `stage.max_nonfinite` such steps in a row
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
+    metrics = {"loss": total / denominator, "count": count, "grad_norm": grad_norm,
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
     for k, v in aux.items():
       metrics[k] = v[0] / jnp.maximum(v[1], 1.0) if is_pair(v) else v / denominator
     return params, opt_state, metrics
@@ -220,6 +226,9 @@ class StageConfig:
   async_checkpoints: bool = True
   eval_every: int = 0  # held-out loss every N steps (0: only at the end)
   eval_batches: int = 4
+  # steps in a row whose update was skipped for a NaN / Inf loss or gradient before the run stops (1: stop at the
+  # first); checked every `log_every` steps and before each checkpoint
+  max_nonfinite: int = 10
   peak_flops_per_device: float | None = None  # for MFU; default from the device kind when known
 
   @classmethod
@@ -230,6 +239,10 @@ class StageConfig:
 # Peak dense bf16 FLOP/s per chip, for MFU when the config gives none.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
               "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+class NonFiniteError(RuntimeError):
+  """Too many steps in a row had a NaN / Inf loss or gradient (`StageConfig.max_nonfinite`)."""
 
 
 def peak_flops_per_device(configured: float | None) -> float | None:
@@ -483,6 +496,21 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
     per_step = spent / steps_taken if steps_taken else flops_per_step
     return spent + per_step / 2 >= stage.flops_budget
 
+  streak = {"steps": 0, "checked": 0}  # updates skipped in a row for non-finite numbers; entries of `pending` seen
+
+  def check_finite() -> None:
+    """Stops the run once `stage.max_nonfinite` steps in a row had their update skipped (NaN / Inf)."""
+    flags = jax.device_get([m["nonfinite"] for m in pending[streak["checked"]:]])
+    for i, flag in enumerate(flags, start=last_step + streak["checked"] + 1):
+      streak["steps"] = streak["steps"] + 1 if float(flag) > 0 else 0
+      if streak["steps"] >= stage.max_nonfinite:
+        raise NonFiniteError(
+            f"stage {stage.name!r} ({stage.kind}): the loss or a gradient was NaN/Inf at {streak['steps']} steps in "
+            f"a row (steps {i - streak['steps'] + 1}-{i}); their updates were skipped, so the params and every "
+            f"checkpoint are the last finite ones (latest: step {checkpointer.latest_step()}). Lower the learning "
+            "rate, check the data of those steps, or raise stage.max_nonfinite")
+    streak["checked"] = len(pending)
+
   bar = progress(stage.steps, f"{stage.name}", initial=start)
   pending, last_time, last_step, start_time = [], time.perf_counter(), start, time.perf_counter()
   end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
@@ -499,6 +527,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
     done = step + 1
     last = done == end or budget_spent(done)
     if done % stage.log_every == 0 or last:
+      check_finite()
       fetched = jax.device_get(pending)  # the only host sync: every log_every steps
       now = time.perf_counter()
       seconds = (now - last_time) / (done - last_step)
@@ -511,7 +540,9 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
       bar.update(done - last_step)
       bar.set_postfix(loss=f"{row['loss']:.4f}")
       pending, last_time, last_step = [], now, done
+      streak["checked"] = 0
     if done % stage.checkpoint_every == 0:
+      check_finite()
       checkpointer.save(state, loader_state(), step=done)
     if stage.eval_every and done % stage.eval_every == 0 and not last:
       writer.write(done, evaluate(state.params))

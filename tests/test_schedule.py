@@ -118,7 +118,7 @@ def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_sta
     if proc.returncode == 0:
       break
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
-  assert kills >= 3 and proc.returncode == 0
+  assert kills >= 2 and proc.returncode == 0
   for run_dir in (tmp_path / "whole", tmp_path / "killed"):
     assert _outcome(run_dir) == _outcome(reference_dir)
     for stage in ("pre", "rl"):

@@ -138,3 +138,40 @@ def test_plan_reports_params_flops_and_compiled_memory(devices):
   assert plan["params"] > 0 and plan["tokens_per_step"] == 8 * 128
   assert plan["xla_flops_per_step_per_device"] == pytest.approx(plan["flops_per_step"] / 8, rel=0.15)
   assert mem["argument"] > 0 and mem["temp"] > 0 and mem["peak_estimate"] >= mem["argument"]
+
+
+def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+  """From the third step on the loss is NaN: those updates are skipped (params and optimizer state unchanged, so the
+  checkpoint saved meanwhile holds the last finite params), logged as `nonfinite`, and after `max_nonfinite` in a
+  row the run stops with an error naming the stage and the steps."""
+  import dataclasses
+
+  from jaxstages import stages
+  from jaxstages.train import NonFiniteError, load_model
+
+  pretrain = stages.OBJECTIVES["pretrain"]
+
+  def poisoned(ctx, block):
+    objective = pretrain(ctx, block)
+
+    def prepare(state, batch, step, next_batch=None):  # NaN enters through a batch entry set per step
+      return {**batch, "poison": jnp.full(batch["targets"].shape, np.nan if step >= 2 else 0.0, jnp.float32)}
+
+    def loss(model, batch):
+      total, count, aux = objective.loss(model, {k: v for k, v in batch.items() if k != "poison"})
+      return total + batch["poison"].sum(), count, aux
+
+    return dataclasses.replace(objective, loss=loss, prepare=prepare)
+
+  monkeypatch.setitem(stages.OBJECTIVES, "pretrain", poisoned)
+  config = small_config("pretrain-toy", "stage.steps=20", "stage.log_every=1", "stage.checkpoint_every=2",
+                        "stage.max_nonfinite=3", "stage.async_checkpoints=False")
+  with pytest.raises(NonFiniteError, match=r"stage 'pretrain' \(pretrain\).*3 steps in a row \(steps 3-5\)"):
+    run_stage(config, tmp_path)
+  rows = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
+  assert [rows[s]["nonfinite"] for s in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 1.0]
+  mesh = make_mesh()
+  params = [jax.tree.leaves(nnx.state(load_model(tmp_path, mesh, step=step), nnx.Param)) for step in (2, 4)]
+  for a, b in zip(*params, strict=True):  # steps 3 and 4 changed nothing
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isfinite(np.asarray(a)).all()
