@@ -233,7 +233,12 @@ def main(argv: list[str] | None = None) -> None:
   if unknown or (overrides and args.command not in ("train", "plan", "run")):
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
   args.overrides = overrides
-  args.func(args)
+  from jaxstages.train import PREEMPTED_EXIT_CODE, Preempted
+  try:
+    args.func(args)
+  except Preempted as e:  # a checkpoint is saved: the same command resumes
+    print(e, file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ held-out loss, checkpoints every `checkpoint_every` steps and at the end, and ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -71,9 +74,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   with the state's rng (`fold_in(rng, step)`). Each update splits its rows into `micro_batches` and accumulates.
 
   metrics: `loss` (mean over the (mini)batch), `count` (units counted: tokens, sequences or pairs), `grad_norm`,
-  `lr`, `nonfinite` (1 where a NaN / Inf loss or gradient made the update a no-op), and the loss function's aux metrics, which it returns either as sums over the same units (reported divided by
-  `count`) or as `(sum, count)` pairs of their own (reported as sum / count, e.g. a token mean under a sequence-level
-  loss). With several updates, every metric is the mean over the updates, and `<name>_first` holds the first
+  `lr`, `nonfinite` (1 where a NaN / Inf loss or gradient made the update a no-op), and the loss function's aux
+  metrics, which it returns either as sums over the same units (reported divided by `count`) or as `(sum, count)`
+  pairs of their own (reported as sum / count, e.g. a token mean under a sequence-level loss). With several updates, every metric is the mean over the updates, and `<name>_first` holds the first
   update's value of `loss`, `ratio` and `abs_log_ratio` (where the loss reports them): at the first update the
   params are those that sampled the rollout.
   """
@@ -239,6 +242,48 @@ class StageConfig:
 # Peak dense bf16 FLOP/s per chip, for MFU when the config gives none.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
               "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+class Preempted(Exception):
+  """SIGTERM / SIGINT reached the loop: it saved a checkpoint at the step boundary and stopped (re-run to resume).
+  The command line exits with `PREEMPTED_EXIT_CODE`."""
+
+  def __init__(self, stage: str, signum: int | None, step: int):
+    received = signal.Signals(signum).name if signum else "a preemption signal (on another process)"
+    super().__init__(f"stage {stage!r}: {received} received; checkpoint saved at step {step}; run the same "
+                     "command again to resume")
+    self.step = step
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again
+
+
+@contextlib.contextmanager
+def preemption_signals():
+  """While inside, SIGTERM and SIGINT only set the returned flag (`flag["signal"]`), for the loop to act on at the
+  next step boundary. Outside the main thread (where handlers cannot be set) the flag never fires."""
+  flag = {"signal": None}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  def handler(signum, frame):
+    flag["signal"] = signum
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield flag
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def preempt_requested(flag: dict) -> bool:
+  """Whether any process got a preemption signal: every process must stop at the same step, since saving is a
+  collective (a signal can reach hosts at different steps)."""
+  local = flag["signal"] is not None
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
 
 
 class NonFiniteError(RuntimeError):
@@ -514,41 +559,49 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   bar = progress(stage.steps, f"{stage.name}", initial=start)
   pending, last_time, last_step, start_time = [], time.perf_counter(), start, time.perf_counter()
   end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
-  for step in range(start, end):
-    if budget_spent(step):  # resumed after the budget was spent
-      break
-    batch = next_batch()
-    if objective.prepare is not None:
-      batch = objective.prepare(state, batch, step, next_batch)
-    state, metrics = step_fn(state, batch)
-    if objective.host_metrics is not None:
-      metrics = {**metrics, **objective.host_metrics()}
-    pending.append(metrics)
-    done = step + 1
-    last = done == end or budget_spent(done)
-    if done % stage.log_every == 0 or last:
-      check_finite()
-      fetched = jax.device_get(pending)  # the only host sync: every log_every steps
-      now = time.perf_counter()
-      seconds = (now - last_time) / (done - last_step)
-      row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-      row.update(loss=float(fetched[-1]["loss"]), lr=float(fetched[-1].get("lr", 0.0)), step_time_s=seconds,
-                 tokens_per_s=tokens_per_step / seconds, flops=flops_per_step * done)
-      if peak:
-        row["mfu"] = flops_per_step / seconds / (peak * mesh.size)
-      writer.write(done, row)
-      bar.update(done - last_step)
-      bar.set_postfix(loss=f"{row['loss']:.4f}")
-      pending, last_time, last_step = [], now, done
-      streak["checked"] = 0
-    if done % stage.checkpoint_every == 0:
-      check_finite()
-      checkpointer.save(state, loader_state(), step=done)
-    if stage.eval_every and done % stage.eval_every == 0 and not last:
-      writer.write(done, evaluate(state.params))
-    if last:
-      break
+  preempted = False
+  with preemption_signals() as preemption:
+    for step in range(start, end):
+      if budget_spent(step):  # resumed after the budget was spent
+        break
+      batch = next_batch()
+      if objective.prepare is not None:
+        batch = objective.prepare(state, batch, step, next_batch)
+      state, metrics = step_fn(state, batch)
+      if objective.host_metrics is not None:
+        metrics = {**metrics, **objective.host_metrics()}
+      pending.append(metrics)
+      done = step + 1
+      preempted = preempt_requested(preemption)
+      last = done == end or budget_spent(done) or preempted
+      if done % stage.log_every == 0 or last:
+        check_finite()
+        fetched = jax.device_get(pending)  # one host sync every log_every steps (and, multi-process, the signal check)
+        now = time.perf_counter()
+        seconds = (now - last_time) / (done - last_step)
+        row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+        row.update(loss=float(fetched[-1]["loss"]), lr=float(fetched[-1].get("lr", 0.0)), step_time_s=seconds,
+                   tokens_per_s=tokens_per_step / seconds, flops=flops_per_step * done)
+        if peak:
+          row["mfu"] = flops_per_step / seconds / (peak * mesh.size)
+        writer.write(done, row)
+        bar.update(done - last_step)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        pending, last_time, last_step = [], now, done
+        streak["checked"] = 0
+      if done % stage.checkpoint_every == 0 or preempted:
+        check_finite()
+        checkpointer.save(state, loader_state(), step=done, force=done % stage.checkpoint_every != 0)
+      if stage.eval_every and done % stage.eval_every == 0 and not last:
+        writer.write(done, evaluate(state.params))
+      if last:
+        break
   bar.close()
+  if preempted:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    raise Preempted(stage.name, preemption["signal"], done)
   final_step = int(state.step)
   finished = final_step == stage.steps or budget_spent(final_step)
   if checkpointer.latest_step() != final_step:

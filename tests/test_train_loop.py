@@ -3,6 +3,7 @@ training. (One or eight devices give the same step: test_train_step.py; bit-exac
 test_posttrain_stages.py.)"""
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from jaxstages.model import model_config
 from jaxstages.sharding import DEFAULT_RULES, make_mesh
 from jaxstages.train import StageConfig, initial_model, plan_stage, run_stage
 from tests.stage_runs import SMALL as TINY
-from tests.stage_runs import finish, kill_at, losses, run, spawn, train_cmd
+from tests.stage_runs import kill_at, losses, run, train_cmd
 
 SMALL = TINY + ["data.seq_len=128"]
 
@@ -112,17 +113,23 @@ def _train_cmd(workdir, *overrides):
 RESUME = ["stage.steps=24", "stage.log_every=1", "stage.checkpoint_every=8", "stage.eval_batches=1"]
 
 
-def test_resume_after_sigkill_gives_the_same_losses_also_on_another_mesh(tmp_path):
-  reference = tmp_path / "reference"
-  uninterrupted = spawn(_train_cmd(reference, *RESUME))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+  """step -> loss of the 24-step run that the interrupted ones below must reproduce."""
+  reference = tmp_path_factory.mktemp("reference")
+  run(_train_cmd(reference, *RESUME))
+  expected = losses(reference)
+  assert sorted(expected) == list(range(1, 25))
+  return expected
+
+
+def test_resume_after_sigkill_gives_the_same_losses_also_on_another_mesh(uninterrupted, tmp_path):
   # killed on the default 8-way data-parallel mesh, resumed on data x fsdp x tensor = 2 x 2 x 2 (bit-exact resume on
   # the same mesh is checked for every post-training stage in test_posttrain_stages.py)
   workdir = tmp_path / "mesh-change"
   killed_at = kill_at(_train_cmd(workdir, *RESUME), workdir, 11)
   assert 11 <= killed_at < 24
-  finish(uninterrupted)
-  expected = losses(reference)
-  assert sorted(expected) == list(range(1, 25))
+  expected = uninterrupted
   run(_train_cmd(workdir, *RESUME, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"))
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["resumed_from"] is not None and 8 <= summary["resumed_from"] <= killed_at
@@ -130,6 +137,32 @@ def test_resume_after_sigkill_gives_the_same_losses_also_on_another_mesh(tmp_pat
   assert sorted(got) == list(range(1, 25))
   for step in range(1, 25):
     assert abs(got[step] - expected[step]) <= 1e-4 * max(1.0, abs(expected[step])), step
+
+
+def test_sigterm_and_sigint_save_at_the_step_boundary_and_the_resumed_run_is_exact(uninterrupted, tmp_path):
+  """SIGTERM mid-stage, then SIGINT in the re-run: each time the run finishes its step, saves a checkpoint at that
+  step (not a multiple of checkpoint_every) and exits with PREEMPTED_EXIT_CODE; the final re-run resumes and its
+  losses equal the uninterrupted run's bit for bit."""
+  import signal
+  import subprocess
+
+  from jaxstages.train import PREEMPTED_EXIT_CODE
+  from tests.stage_runs import ENV, REPO, has_checkpoint, last_step
+
+  workdir = tmp_path / "preempted"
+  cmd = _train_cmd(workdir, *RESUME)
+  for sig, at in ((signal.SIGTERM, 3), (signal.SIGINT, 10)):
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while last_step(workdir) < at and proc.poll() is None:
+      time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+    assert f"{sig.name} received; checkpoint saved at step {last_step(workdir)}" in err
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert has_checkpoint(workdir) and steps[-1] == last_step(workdir) and steps[-1] % 8 != 0, steps
+  run(cmd)
+  assert losses(workdir) == uninterrupted
 
 
 def test_plan_reports_params_flops_and_compiled_memory(devices):
