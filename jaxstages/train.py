@@ -76,9 +76,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   metrics: `loss` (mean over the (mini)batch), `count` (units counted: tokens, sequences or pairs), `grad_norm`,
   `lr`, `nonfinite` (1 where a NaN / Inf loss or gradient made the update a no-op), and the loss function's aux
   metrics, which it returns either as sums over the same units (reported divided by `count`) or as `(sum, count)`
-  pairs of their own (reported as sum / count, e.g. a token mean under a sequence-level loss). With several updates, every metric is the mean over the updates, and `<name>_first` holds the first
-  update's value of `loss`, `ratio` and `abs_log_ratio` (where the loss reports them): at the first update the
-  params are those that sampled the rollout.
+  pairs of their own (reported as sum / count, e.g. a token mean under a sequence-level loss). With several
+  updates, every metric is the mean over the updates, and `<name>_first` holds the first update's value of `loss`,
+  `ratio` and `abs_log_ratio` (where the loss reports them): at the first update the params are those that sampled
+  the rollout.
   """
 
   def loss_sum(params, micro_batch):
