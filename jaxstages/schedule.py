@@ -211,7 +211,7 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
     result = json.loads(eval_path.read_text())
     wall = sum(json.loads(wall_path.read_text())) if wall_path.exists() else summary.get("wall_s_this_run", 0.0)
     rows.append(_report_row(entry, cfg, summary, wall, result, config))
-  protocol = dataclasses.asdict(_eval_config(config, {}, "sft"))
+  protocol = dataclasses.asdict(_eval_config(config, {}, kind=""))  # the sampling protocol shared by every stage
   report = {"name": config.get("name", run_dir.name), "run_dir": str(run_dir), "stages": rows,
             "eval": {k: protocol[k] for k in ("problems", "n", "ks", "temperature")},
             "total_flops": sum(r["flops"] for r in rows), "total_wall_s": sum(r["wall_s"] for r in rows)}
