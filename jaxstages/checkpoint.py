@@ -4,13 +4,24 @@ Each checkpoint step holds four items: `params`, `opt_state`, `meta` (step, rng)
 JSON state), so a later stage can restore `params` alone (the stage hand-off) while a resumed stage restores all four.
 Arrays are restored straight into the shardings of the target state, so a checkpoint written on one mesh loads on
 another. Paths go through `etils.epath` as orbax's do: local folders and cloud URLs (`gs://...`) alike.
+
+Orbax writes a step into a temporary folder and renames it into place once every item is committed, so a save cut
+short by a kill never shows up as a step. What that cannot catch is a committed step damaged afterwards (a
+truncated or deleted file, a disk that filled up while syncing): once a step is committed, `MANIFEST` records the
+size and CRC-32 of each of its files, and a resume checks the latest step against it. A step that fails the check,
+or fails to restore, is moved to `../broken_checkpoints/` with a warning naming it and the step used instead, and
+the previous good step is restored. Checkpoints hold arrays (tensorstore) and JSON only, never pickles.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
+import zlib
 from typing import Any
 
 import jax
+import jax.experimental.multihost_utils
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -24,6 +35,57 @@ def _path(directory: str | epath.Path) -> epath.Path:
 
 def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+MANIFEST = "jaxstages_manifest.json"  # in each step folder: {"files": {relative path: [bytes, crc32]}}
+
+
+class BrokenCheckpointError(RuntimeError):
+  """No checkpoint step of a stage passes its manifest check and restores."""
+
+
+def _crc32(path: epath.Path) -> int:
+  crc = 0
+  with path.open("rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(directory: epath.Path) -> list[epath.Path]:
+  out = []
+  for path in sorted(directory.iterdir()):
+    out.extend(_files(path) if path.is_dir() else [path])
+  return out
+
+
+def write_manifest(step_dir: epath.Path) -> None:
+  """Records the size and CRC-32 of every file of a committed step (written aside, then renamed into place)."""
+  files = {str(p.relative_to(step_dir)): [p.stat().length, _crc32(p)] for p in _files(step_dir) if p.name != MANIFEST}
+  tmp = step_dir / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps({"files": files}))
+  tmp.rename(step_dir / MANIFEST)
+
+
+def check_step(step_dir: epath.Path) -> str | None:
+  """None when every file in the step's manifest is there with its size and CRC-32 (or the step has no manifest:
+  a kill between commit and manifest; restoring it is then the test), else what is wrong, for a message."""
+  manifest = step_dir / MANIFEST
+  if not manifest.exists():
+    return None
+  try:
+    files = json.loads(manifest.read_text())["files"]
+  except (ValueError, KeyError) as e:
+    return f"its manifest {manifest} is unreadable ({e})"
+  for name, (size, crc) in files.items():
+    path = step_dir / name
+    if not path.exists():
+      return f"{path} is missing"
+    if (actual := path.stat().length) != size:
+      return f"{path} has {actual} bytes, the manifest says {size}"
+    if _crc32(path) != crc:
+      return f"{path} does not match its CRC-32 in the manifest"
+  return None
 
 
 class Checkpointer:
@@ -52,7 +114,17 @@ class Checkpointer:
         params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         data=ocp.args.JsonSave(data_state or {}))
-    return self.manager.save(step, args=args, force=True)
+    started = self.manager.save(step, args=args, force=True)
+    self._write_manifests(exclude=step)  # orbax waited for the previous saves before starting this one
+    return started
+
+  def _write_manifests(self, exclude: int | None = None) -> None:
+    if jax.process_index() != 0:
+      return
+    for s in self.manager.all_steps():
+      step_dir = self.directory / str(s)
+      if s != exclude and step_dir.exists() and not (step_dir / MANIFEST).exists():
+        write_manifest(step_dir)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -60,11 +132,46 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def restore(self, target: TrainState, shardings: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-    """The train state at `step` (default: latest) placed in `shardings`, and the data iterator state."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+  def restore(self, target: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
+    """The train state of the latest good step placed in `shardings`, and the data iterator state. Steps that fail
+    their manifest check or their restore are moved aside with a warning, and the one before is tried."""
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    broken = []
+    for step in steps:
+      problem = check_step(self.directory / str(step))
+      if problem is None:
+        try:
+          restored = self._restore(step, target, shardings)
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means: not this step
+          first_line = (str(e).splitlines() or [""])[0][:300]
+          problem = f"restoring it failed: {type(e).__name__}: {first_line}"
+      if problem is None:
+        if broken:
+          self._set_aside(broken, used=step)
+        return restored
+      broken.append((step, problem))
+    raise BrokenCheckpointError(f"no checkpoint in {self.directory} can be restored: " + "; ".join(
+        f"step {s}: {p}" for s, p in broken))
+
+  def _set_aside(self, broken: list[tuple[int, str]], used: int) -> None:
+    """Moves broken steps to `../broken_checkpoints/` (so later saves can take their step numbers) and warns."""
+    aside = self.directory.parent / "broken_checkpoints"
+    for step, problem in broken:
+      warnings.warn(f"checkpoint step {step} in {self.directory} is broken ({problem}); it is moved to {aside} and "
+                    f"the run resumes from step {used}", stacklevel=3)
+      if jax.process_index() == 0:
+        aside.mkdir(parents=True, exist_ok=True)
+        target = aside / str(step)
+        while target.exists():
+          target = aside / (target.name + "-again")
+        (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      jax.experimental.multihost_utils.sync_global_devices("jaxstages: broken checkpoints set aside")
+    self.manager.reload()
+
+  def _restore(self, step: int, target: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
     args = ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(target.params, shardings.params)),
         opt_state=ocp.args.StandardRestore(_abstract(target.opt_state, shardings.opt_state)),
@@ -77,6 +184,7 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self._write_manifests()
 
   def close(self) -> None:
     self.manager.close()

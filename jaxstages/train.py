@@ -498,9 +498,10 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   checkpointer = Checkpointer(workdir / "checkpoints", stage.checkpoint_every, stage.keep_checkpoints,
                               stage.async_checkpoints)
   data_iter = make_pipeline(data_cfg, tokenizer)
-  resumed_from = checkpointer.latest_step()
-  if resumed_from is not None:
-    state, data_state = checkpointer.restore(state, shardings)
+  resumed_from = None
+  if checkpointer.latest_step() is not None:
+    state, data_state = checkpointer.restore(state, shardings)  # the latest good step (broken ones set aside)
+    resumed_from = int(state.step)
     objective_state = data_state.pop("objective", None)
     data_iter.set_state(data_state)
     if objective.set_state is not None and objective_state is not None:

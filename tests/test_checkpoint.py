@@ -43,3 +43,72 @@ def test_save_restore_on_another_mesh_and_params_only(tmp_path, tiny_cfg, device
   params = restore_params(tmp_path / "ckpt", target.params, shardings.params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _biggest_file(step_dir):
+  return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _saved_steps(tmp_path, tiny_cfg, steps=(1, 2, 3)):
+  mesh = make_mesh(MeshConfig(8, 1, 1))
+  _, state, shardings = init_train_state(create_model(tiny_cfg, seed=1, mesh=mesh), optax.adamw(1e-3), mesh, seed=3)
+  ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=3)
+  saved = {}
+  for step in steps:
+    state = type(state)(jax.tree.map(lambda p: p + 1.0, state.params), state.opt_state, state.step * 0 + step,
+                        state.rng)
+    ckpt.save(state, {"position": step})
+    saved[step] = _leaves(state.params)
+  ckpt.wait()
+  ckpt.close()
+  return state, shardings, saved
+
+
+def test_broken_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, tiny_cfg, devices):
+  import pytest
+
+  from jaxstages.checkpoint import MANIFEST, BrokenCheckpointError
+
+  target, shardings, saved = _saved_steps(tmp_path, tiny_cfg)
+  root = tmp_path / "ckpt"
+  assert all((root / str(s) / MANIFEST).exists() for s in (1, 2, 3))
+  # no pickles anywhere: tensorstore chunks and JSON only (a pickle starts with PROTO 0x80 and a protocol number)
+  for path in root.rglob("*"):
+    if path.is_file():
+      head = path.read_bytes()[:2]
+      assert not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5), path
+
+  # step 3 truncated (a partly written file), step 2 with a file missing: the run falls back to step 1
+  big = _biggest_file(root / "3")
+  big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+  (_biggest_file(root / "2")).unlink()
+  ckpt = Checkpointer(root, save_every=1, keep=3)
+  with pytest.warns(UserWarning) as caught:
+    restored, data = ckpt.restore(target, shardings)
+  messages = [str(w.message) for w in caught]
+  assert any("step 3" in m and "bytes" in m and "resumes from step 1" in m for m in messages), messages
+  assert any("step 2" in m and "missing" in m and "resumes from step 1" in m for m in messages), messages
+  assert int(restored.step) == 1 and data == {"position": 1}
+  for a, b in zip(_leaves(restored.params), saved[1]):
+    np.testing.assert_array_equal(a, b)
+  # the broken steps are kept aside for inspection, and their step numbers can be saved again
+  assert sorted(p.name for p in (tmp_path / "broken_checkpoints").iterdir()) == ["2", "3"]
+  assert ckpt.all_steps() == [1]
+  assert ckpt.save(restored, {"position": 2}, force=True, step=2)
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+
+  # without a manifest (killed between commit and manifest) a damaged step is caught by its failed restore
+  (root / "2" / MANIFEST).unlink()
+  big = _biggest_file(root / "2")
+  big.write_bytes(b"\0" * big.stat().st_size)
+  with pytest.warns(UserWarning, match="step 2 .*restoring it failed.*resumes from step 1"):
+    restored, _ = Checkpointer(root, save_every=1, keep=3).restore(target, shardings)
+  assert int(restored.step) == 1
+
+  # nothing good left: an error naming every step and what is wrong with it, never garbage
+  big = _biggest_file(root / "1")
+  big.write_bytes(big.read_bytes()[:-1])
+  with pytest.raises(BrokenCheckpointError, match="step 1: .*bytes"):
+    Checkpointer(root, save_every=1, keep=3).restore(target, shardings)
