@@ -61,7 +61,8 @@ def _files(directory: epath.Path) -> list[epath.Path]:
 
 def write_manifest(step_dir: epath.Path) -> None:
   """Records the size and CRC-32 of every file of a committed step (written aside, then renamed into place)."""
-  files = {str(p.relative_to(step_dir)): [p.stat().length, _crc32(p)] for p in _files(step_dir) if not p.name.startswith(MANIFEST)}
+  files = {str(p.relative_to(step_dir)): [p.stat().length, _crc32(p)]
+           for p in _files(step_dir) if not p.name.startswith(MANIFEST)}
   tmp = step_dir / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps({"files": files}))
   tmp.rename(step_dir / MANIFEST)
