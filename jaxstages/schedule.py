@@ -4,7 +4,8 @@ distillation included), each starting from the previous one's final checkpoint, 
   jaxstages run --config configs/pipelines/quickstart.py --workdir runs/quickstart
 
 A pipeline config holds `name`, `stages` (a list; each has a `name`, the training `config` it starts from, e.g.
-`"train.py:sft-toy"`, dotted `overrides`, and a length: `steps`, `tokens` or `flops`), `eval` (the keys of
+`"train.py:sft-toy"`, dotted `overrides`, and a length: `steps`, `tokens` or `flops`), `overrides` for every stage
+(applied before each stage's own: a model shape or a seed the whole run shares), `eval` (the keys of
 `evaluation.EvalConfig` for the table written after every stage) and `price_per_chip_hour`. With
 `compute.total_flops` and `compute.split = {stage: fraction}` each listed stage's length is its share of the budget,
 turned into steps by the stage's FLOPs per step. An RL stage's FLOPs per step are known only once it has sampled
@@ -37,7 +38,7 @@ import ml_collections
 from jaxstages.config import ConfigError, apply_overrides, check_keys, load_config, to_dict
 from jaxstages.metrics import write_atomic
 
-PIPELINE_KEYS = ("name", "stages", "eval", "compute", "price_per_chip_hour")
+PIPELINE_KEYS = ("name", "stages", "overrides", "eval", "compute", "price_per_chip_hour")
 STAGE_KEYS = ("name", "config", "overrides", "steps", "tokens", "flops", "eval_prompt")
 
 
@@ -78,8 +79,9 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
   if split and not compute.get("total_flops"):
     raise ConfigError("compute.split needs compute.total_flops")
   out, previous, shapes = [], None, {}
+  shared = dict(config.get("overrides") or {})
   for e in entries:
-    overrides = [f"{k}={v!r}" for k, v in dict(e.get("overrides") or {}).items()]
+    overrides = [f"{k}={v!r}" for k, v in {**shared, **dict(e.get("overrides") or {})}.items()]
     cfg = to_dict(apply_overrides(load_config(e["config"]), overrides))
     cfg["stage"]["name"] = e["name"]
     if previous is not None and "stage.init_from" not in dict(e.get("overrides") or {}):

@@ -138,6 +138,11 @@ def test_flop_budget_split_gives_each_stage_its_share(tmp_path):
   assert pre["planned_flops"] == pytest.approx(rl["planned_flops"], rel=0.05)
   assert pre["planned_flops"] + rl["planned_flops"] == pytest.approx(4e13, rel=0.05)
   assert rl_cfg["stage"]["flops_budget"] == pytest.approx(2e13)  # RL runs until its measured FLOPs reach it
+  # pipeline-wide overrides reach every stage; a stage's own override of the same key wins
+  rl_lr = dict(pipeline["stages"][1], overrides={"optim.lr": 1e-5})
+  shared = stage_configs({**pipeline, "stages": [pipeline["stages"][0], rl_lr],
+                          "overrides": {"stage.seed": 7, "optim.lr": 0.5}}, tmp_path)
+  assert [(c["stage"]["seed"], c["optim"]["lr"]) for _, c in shared] == [(7, 0.5), (7, 1e-5)]
   with pytest.raises(ConfigError, match="'rll'.*'rl'"):
     stage_configs({**pipeline, "compute": dict(total_flops=1e12, split={"rll": 1.0})}, tmp_path)
   with pytest.raises(ConfigError, match="one length"):
