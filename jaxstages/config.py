@@ -2,7 +2,8 @@
 
 Configs are data (ml_collections `ConfigDict`s written in `configs/*.py`, each file with a `get_config(arg)`).
 Code turns a config into a typed, frozen dataclass with `from_config`, which rejects unknown keys with the
-nearest valid names, so a typo never silently falls back to a default.
+nearest valid names, so a typo never silently falls back to a default, and values whose type does not match a
+field's annotation (`steps="ten"`), so a wrong type fails where it is written rather than deep inside training.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import importlib.util
+import numbers
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,13 +51,55 @@ def to_dict(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, 
   return dict(config)
 
 
+_SCALARS = (int, float, str, bool, type(None))
+
+
+@functools.cache
+def _scalar_fields(cls: type) -> dict[str, tuple[type, ...]]:
+  """field name -> the types its annotation allows, for fields annotated only with int/float/str/bool/None (e.g.
+  `int`, `float | None`); richer annotations (tuples, `Any`) are left to the class's own checks."""
+  try:
+    hints = typing.get_type_hints(cls)
+  except (NameError, TypeError):  # an annotation that cannot be resolved at run time: check nothing rather than fail
+    return {}
+  out = {}
+  for field in dataclasses.fields(cls):
+    hint = hints.get(field.name)
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    allowed = typing.get_args(hint) if union else (hint,)
+    if all(t in _SCALARS for t in allowed):
+      out[field.name] = allowed
+  return out
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+  # bools are ints to Python, but `steps=True` is a mistake; ints are fine where a float belongs (`lr=1`)
+  if isinstance(value, bool):
+    return bool in allowed
+  return ((value is None and type(None) in allowed) or (isinstance(value, str) and str in allowed)
+          or (isinstance(value, numbers.Integral) and (int in allowed or float in allowed))
+          or (isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float in allowed))
+
+
+def check_types(cls: type, values: Mapping[str, Any], where: str) -> None:
+  """Raises `ConfigError` naming the key, the expected type and the value of the first entry of `values` that does
+  not fit its field's annotation in the dataclass `cls`."""
+  fields = _scalar_fields(cls)
+  for key, value in values.items():
+    allowed = fields.get(key)
+    if allowed is not None and not _fits(value, allowed):
+      expected = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+      raise ConfigError(f"{key}={value!r} in {where}: expected {expected}, got {type(value).__name__}")
+
+
 def from_config(cls: type[T], config: Mapping[str, Any] | ml_collections.ConfigDict | None = None,
                 where: str | None = None, **overrides: Any) -> T:
-  """Builds the dataclass `cls` from a config mapping, rejecting unknown keys."""
+  """Builds the dataclass `cls` from a config mapping, rejecting unknown keys and values of the wrong type."""
   values = to_dict(config or {})
   values.update(overrides)
   names = [f.name for f in dataclasses.fields(cls)]
   check_keys(values.keys(), names, where or cls.__name__)
+  check_types(cls, values, where or cls.__name__)
   return cls(**values)
 
 
@@ -104,7 +151,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       if node[leaf] is not None and not isinstance(node[leaf], str):
-        raise ConfigError(f"{path}={raw!r}: not a Python literal, and {path} holds a "
+        raise ConfigError(f"{path}={raw!r}: not a Python literal, and {path} holds a value of type "
                           f"{type(node[leaf]).__name__}, not a string") from None
       value = raw
     with node.ignore_type() if isinstance(node, ml_collections.ConfigDict) else contextlib.nullcontext():

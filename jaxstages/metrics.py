@@ -70,7 +70,15 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-  return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+  """The rows of a `metrics.jsonl`; a line that is not JSON fails naming the file and the line number."""
+  rows = []
+  for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {number}: not a JSON object ({e.msg}): {line[:80]!r}") from None
+  return rows
 
 
 def progress(total: int, desc: str, initial: int = 0) -> tqdm:

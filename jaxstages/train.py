@@ -21,7 +21,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +35,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxstages.checkpoint import Checkpointer, restore_params
 from jaxstages.config import ConfigError, check_keys, from_config, to_dict
-from jaxstages.data.pipeline import data_config, make_pipeline
+from jaxstages.data.pipeline import PACKED_KINDS, DataConfig, data_config, make_pipeline
 from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
 from jaxstages.flops import train_flops_per_token
 from jaxstages.metrics import MetricsWriter, progress, write_atomic
-from jaxstages.model import create_model, model_config, param_count
+from jaxstages.model import ModelConfig, create_model, model_config, param_count
 from jaxstages.model.hf import import_hf
 from jaxstages.model.io import load_params
 from jaxstages.optim import OptimConfig, make_optimizer
-from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, data_parallel_size,
-                                global_batch_from_process_local, initialize_distributed, make_mesh, param_shardings,
-                                use_mesh)
+from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, check_batch_divisible,
+                                data_parallel_size, global_batch_from_process_local, initialize_distributed,
+                                make_mesh, param_shardings, use_mesh)
 from jaxstages.state import TrainState, init_train_state
 
 Batch = Mapping[str, jax.Array]
@@ -313,8 +313,42 @@ def stage_model_config(model_block: Mapping[str, Any], tokenizer_vocab: int):
     values["vocab_size"] = vocab_size_for(tokenizer_vocab)
   cfg = model_config(values)
   if cfg.vocab_size < tokenizer_vocab:
-    raise ConfigError(f"model vocab_size {cfg.vocab_size} < the tokenizer's {tokenizer_vocab}")
+    raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the tokenizer's vocabulary of "
+                      f"{tokenizer_vocab} tokens; set model.vocab_size to 0 (the tokenizer's, rounded up) or to at "
+                      f"least {tokenizer_vocab}")
   return cfg
+
+
+def check_positions(model_cfg: ModelConfig, lengths: Mapping[str, int]) -> None:
+  """Raises `ConfigError` when a sequence made of `lengths` (config key -> tokens, e.g. `data.prompt_len` and
+  `grpo.max_new_tokens`) is longer than the model's `max_position_embeddings`: RoPE computes any position without
+  complaint, so the stage would otherwise train or sample at positions the model was not built for."""
+  total = sum(lengths.values())
+  if total > model_cfg.max_position_embeddings:
+    parts = " + ".join(f"{k}={v}" for k, v in lengths.items()) + (f" = {total}" if len(lengths) > 1 else "")
+    raise ConfigError(f"{parts} tokens exceed the model's max_position_embeddings={model_cfg.max_position_embeddings}"
+                      "; shorten the sequences or raise model.max_position_embeddings")
+
+
+def data_positions(data_cfg: DataConfig) -> dict[str, int]:
+  """The longest sequence a pipeline feeds the model, by config key: packed rows and preference pairs are
+  `seq_len` long, prompts `prompt_len` (an objective that samples adds its completions)."""
+  if data_cfg.kind in PACKED_KINDS + ("preference",):
+    return {"data.seq_len": data_cfg.seq_len}
+  return {"data.prompt_len": data_cfg.prompt_len}
+
+
+def next_batch_or_explain(it: Iterator[dict], data_cfg: DataConfig, where: str) -> dict:
+  """`next(it)`, or a `ConfigError` saying which data ran out instead of a bare `StopIteration` (a pipeline that
+  yields no batch at all, or fewer than the stage needs)."""
+  try:
+    return next(it)
+  except StopIteration:
+    sizes = {s.name: s.num_examples or "endless" for s in data_cfg.source_configs}
+    raise ConfigError(f"{where}: the {data_cfg.kind} data pipeline ({data_cfg.split} split) has no more batches of "
+                      f"{data_cfg.batch_size} rows; examples per source {sizes}, data.epochs={data_cfg.epochs}. Give "
+                      "it more examples or epochs (data.epochs=None repeats a finite set forever), or fewer steps "
+                      "or eval batches") from None
 
 
 def _parse_blocks(config, devices):
@@ -325,7 +359,9 @@ def _parse_blocks(config, devices):
   check_keys(config, CONFIG_BLOCKS + OPTION_BLOCKS, "training config")
   stage = StageConfig.from_config(config.get("stage"))
   mesh_cfg = MeshConfig.from_config(config.get("mesh"))
-  return config, stage, make_mesh(mesh_cfg, devices), mesh_cfg.rules, data_config(config["data"])
+  mesh, data_cfg = make_mesh(mesh_cfg, devices), data_config(config["data"])
+  check_batch_divisible(data_cfg.batch_size, mesh, mesh_cfg.rules)  # now, not at the first batch after the build
+  return config, stage, mesh, mesh_cfg.rules, data_cfg
 
 
 def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path, also: Sequence[str] = ()):
@@ -366,14 +402,15 @@ def model_config_of(source: str | Path):
 def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, model_cfg=None,
                step: int | None = None):
   """A model from `source`: a stage folder (its `config.json`, `tokenizer/` and `checkpoints/`; latest step unless
-  `step`), its `checkpoints/` folder, a params folder (`model_config.json`), or `hf:FOLDER`. A stage folder's model
-  shape is its own config's unless `model_cfg` is given (then a checkpoint that does not fit names the tensor)."""
+  `step`), its `checkpoints/` folder, a params folder (`model_config.json`), or `hf:FOLDER`. A stage or params
+  folder's model config is its own unless `model_cfg` is given (then a checkpoint that does not fit names the
+  tensor and both shapes)."""
   source = str(source)
   if source.startswith("hf:"):
     return import_hf(source[3:], mesh=mesh, rules=rules)
   path = Path(source)
   if (path / "model_config.json").exists():
-    return load_params(path, mesh=mesh, rules=rules)
+    return load_params(path, mesh=mesh, rules=rules, **(dataclasses.asdict(model_cfg) if model_cfg else {}))
   stage_dir = path.parent if path.name == "checkpoints" else path
   checkpoints = stage_dir / "checkpoints"
   if not checkpoints.exists():
@@ -408,7 +445,7 @@ def held_out_metrics(eval_fn, params, data_cfg, tokenizer, batches: int, mesh: M
   it = make_pipeline(data_cfg, tokenizer)
   total, count, aux = 0.0, 0.0, {}
   for _ in range(batches):
-    batch = global_batch_from_process_local(next(it), mesh, rules)
+    batch = global_batch_from_process_local(next_batch_or_explain(it, data_cfg, "held-out metrics"), mesh, rules)
     if prepare is not None:
       batch = prepare(batch)
     s, c, a = jax.device_get(eval_fn(params, batch))
@@ -461,6 +498,7 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
   frozen = [block[k] for k in ("teacher", "reference") if block.get(k) and not str(block[k]).startswith("hf:")]
   tokenizer = resolve_tokenizer(stage, data_cfg, workdir, also=frozen)
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
+  check_positions(model_cfg, data_positions(data_cfg))
   optim_cfg = OptimConfig.from_config(config.get("optim"))
   if jax.process_index() == 0:
     write_atomic(workdir / "config.json", json.dumps(config, indent=2, default=str))
@@ -525,7 +563,8 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
     return {**out, "objective": objective.get_state()} if objective.get_state is not None else out
 
   def next_batch() -> Batch:
-    return global_batch_from_process_local(next(data_iter), mesh, rules)
+    return global_batch_from_process_local(next_batch_or_explain(data_iter, data_cfg, f"stage {stage.name!r}"),
+                                           mesh, rules)
 
   writer = MetricsWriter(workdir)
   tokens_per_step = objective.tokens_per_step or data_cfg.batch_size * data_cfg.seq_len
@@ -646,6 +685,7 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
     raise ConfigError(f"plan sizes the packed-data stages ({', '.join(LOSSES)}), not {stage.kind!r}")
   tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else task_tokenizer(data_cfg.task, n_samples=200)
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
+  check_positions(model_cfg, data_positions(data_cfg))
   optimizer, schedule = make_optimizer(OptimConfig.from_config(config.get("optim")), stage.steps)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, stage.seed)))
   abstract = TrainState(params, jax.eval_shape(optimizer.init, params), jax.ShapeDtypeStruct((), jnp.int32),

@@ -336,16 +336,28 @@ def _targets_and_pieces(tokens: Sequence[int], mask: Sequence[float], seq_len: i
           for i in range(0, len(tokens), seq_len)]
 
 
+# documents dropped in a row after which a packed stream is taken to be empty: with `overflow="drop"` and every
+# document longer than `seq_len`, an endless source would otherwise search for a fitting document forever
+MAX_DROPPED_IN_A_ROW = 1000
+
+
 class _DocumentPieces(grain.experimental.FlatMapTransform):
   max_fan_out = 1024  # only bounds MapDataset flat maps; the IterDataset one used here streams any number
 
   def __init__(self, seq_len: int, overflow: str):
     self.seq_len, self.overflow = seq_len, overflow
+    self.dropped = 0  # documents in a row that gave no piece
 
   def flat_map(self, doc: dict) -> list[dict]:
     mask = doc.get("mask")
-    return _targets_and_pieces(doc["tokens"], np.ones(len(doc["tokens"])) if mask is None else mask, self.seq_len,
-                               self.overflow)
+    pieces = _targets_and_pieces(doc["tokens"], np.ones(len(doc["tokens"])) if mask is None else mask,
+                                 self.seq_len, self.overflow)
+    self.dropped = 0 if pieces else self.dropped + 1
+    if self.dropped >= MAX_DROPPED_IN_A_ROW:
+      raise ConfigError(f"{self.dropped} documents in a row gave nothing to pack: each was empty or longer than "
+                        f"seq_len={self.seq_len} with overflow={self.overflow!r}; raise data.seq_len or set "
+                        "data.overflow to 'split' or 'truncate'")
+    return pieces
 
 
 def _rename_packed(row: dict) -> dict:

@@ -257,12 +257,13 @@ def rl_objective(ctx, block: Mapping, kind: str):
   from jaxstages.sharding import gather_to_host, shard_batch
   from jaxstages.stages import Objective
   from jaxstages.stages.ppo import gae, ppo_loss_fn, values_fn, whiten
-  from jaxstages.train import load_model, make_apply
+  from jaxstages.train import check_positions, load_model, make_apply
 
   cfg = rl_config(block, kind)
   d = ctx.data
   tok = ctx.tokenizer
   b, g, n_new, width = d.batch_size, cfg.group_size, cfg.max_new_tokens, d.prompt_len
+  check_positions(ctx.model_cfg, {"data.prompt_len": width, f"{kind}.max_new_tokens": n_new})
   rows_per_step = b * g
   plan = planned_rl_flops(ctx.model_cfg, d, cfg, kind)
   stops = stop_ids(tok)
