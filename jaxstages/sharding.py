@@ -233,12 +233,38 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 # -- multi-process -----------------------------------------------------------------------------------------------
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, local_device_ids: Sequence[int] | None = None) -> None:
+                           process_id: int | None = None, local_device_ids: Sequence[int] | None = None, *,
+                           initialization_timeout: int | None = None, heartbeat_timeout_seconds: int | None = None,
+                           shutdown_timeout_seconds: int | None = None) -> None:
   """Starts `jax.distributed` when running on several processes; does nothing for a single process.
 
   On TPU pod slices and SLURM/Open MPI GPU clusters JAX discovers every argument itself, so each host simply runs
   the same command. Elsewhere pass the coordinator, or set `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
   `JAX_PROCESS_ID`.
+
+  The three timeouts (seconds) bound how long a run can wait on a host that is gone. Each falls back to an
+  environment variable, then to JAX's own default; every process should use the same values.
+
+  - `initialization_timeout` (`JAXSTAGES_INIT_TIMEOUT_SECONDS`, JAX default 300): how long start-up waits for every
+    process to reach the coordination service (hosted by process 0); a host that never comes up makes the others
+    fail after this long.
+  - `heartbeat_timeout_seconds` (`JAXSTAGES_HEARTBEAT_TIMEOUT_SECONDS`, JAX default 100): how long a process may go
+    without a heartbeat before it counts as dead. This is what stops the survivors when a host dies: a collective
+    waiting on a dead peer (gloo on CPU) does not fail by itself, but the coordination service then aborts every
+    remaining process (SIGABRT, "Terminating process because the JAX distributed service detected fatal errors.
+    This most likely indicates that another task died") about this long after the death. When process 0 (the
+    service) dies and its connections close, the others abort at once instead; a host that vanishes without closing
+    them (power loss, a network cut) is noticed after this timeout, whichever process was on it.
+  - `shutdown_timeout_seconds` (`JAXSTAGES_SHUTDOWN_TIMEOUT_SECONDS`, JAX default 300): how long a process that
+    exits (or calls `jax.distributed.shutdown()`) waits for all the others to exit too; past it, every process
+    aborts. This, not the heartbeat, bounds the wait when one process fails with a Python exception while the
+    others sit in a collective: the failed process is still alive (heartbeating) while it waits to exit.
+
+  On a preemptible pod: a heartbeat timeout of 30-60 s stops the survivors of a preempted host sooner, so the
+  scheduler can restart the job from its last checkpoint; much lower risks declaring a briefly stalled host (an
+  overloaded machine, a network blip) dead. Raise the initialization timeout to cover how long a replacement host
+  takes to start. A shorter shutdown timeout (a minute or two) frees the other hosts sooner after one fails; it must
+  still cover the work one process does alone at the end of a run (process 0 writes the summaries and report).
   """
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
@@ -250,8 +276,22 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return
   if num_processes == 1:
     return
+  timeouts = {}  # only those given, so that JAX's own defaults apply to the rest
+  given = {"initialization_timeout": (initialization_timeout, "JAXSTAGES_INIT_TIMEOUT_SECONDS"),
+           "heartbeat_timeout_seconds": (heartbeat_timeout_seconds, "JAXSTAGES_HEARTBEAT_TIMEOUT_SECONDS"),
+           "shutdown_timeout_seconds": (shutdown_timeout_seconds, "JAXSTAGES_SHUTDOWN_TIMEOUT_SECONDS")}
+  for name, (value, env) in given.items():
+    if value is None and os.environ.get(env):
+      try:
+        value = int(os.environ[env])
+      except ValueError:
+        raise ConfigError(f"{env}={os.environ[env]!r}: expected a whole number of seconds") from None
+    if value is not None:
+      if value <= 0:
+        raise ConfigError(f"{name}={value}: a timeout must be a positive number of seconds")
+      timeouts[name] = value
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, local_device_ids=local_device_ids)
+                             process_id=process_id, local_device_ids=local_device_ids, **timeouts)
 
 
 def optimizer_shardings(optimizer, params, params_sharding, mesh: Mesh):

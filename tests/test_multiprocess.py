@@ -1,13 +1,17 @@
-"""Two processes on 127.0.0.1 (4 CPU devices each, gloo collectives) compute the same loss as one process with 8."""
+"""Two processes on 127.0.0.1 (4 CPU devices each, gloo collectives) compute the same loss as one process with 8,
+and when one of them dies the other stops with an error instead of waiting forever."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jaxstages.model import model_config
 
@@ -57,3 +61,55 @@ def test_two_processes_match_one_process(tmp_path, devices):
   loss, _, grad_norm = make_loss_and_grad(model, mesh)(nnx.state(model), shard_batch(batch, mesh))
   assert abs(result["loss"] - float(loss)) <= 1e-5 * float(loss)
   assert abs(result["grad_norm"] - float(grad_norm)) <= 1e-5 * float(grad_norm)
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator_dies", "other_dies"])
+def test_survivor_stops_when_the_other_process_dies(tmp_path, victim):
+  """A collective waiting on a dead peer does not fail by itself (gloo waits for minutes at least); the coordination
+  service's heartbeat must abort the survivor. Process 0 hosts that service, so its death is noticed differently
+  from process 1's: test both."""
+  heartbeat_s = 5
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+  env["JAXSTAGES_HEARTBEAT_TIMEOUT_SECONDS"] = str(heartbeat_s)
+  coordinator = f"127.0.0.1:{_free_port()}"
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  try:
+    for i in range(2):
+      with open(logs[i], "w") as log:
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.multiprocess_loop_worker", coordinator, str(i)],
+                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 60
+    while not all("RUNNING" in log.read_text() for log in logs):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+          "\n".join(log.read_text()[-2000:] for log in logs)
+      time.sleep(0.1)
+
+    procs[victim].send_signal(signal.SIGKILL)
+    survivor = procs[1 - victim]
+    try:
+      survivor.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      pytest.fail(f"process {1 - victim} still running 60 s after process {victim} was killed "
+                  f"(heartbeat timeout {heartbeat_s} s):\n{logs[1 - victim].read_text()[-3000:]}")
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  out = logs[1 - victim].read_text()
+  assert survivor.returncode != 0, out[-3000:]
+  # JAX's own message (the process aborts from a C++ thread, so there is no Python traceback to add to)
+  assert "JAX distributed service detected fatal errors" in out and "another task died" in out, out[-3000:]
+
+
+def test_distributed_timeouts_are_checked_before_starting(monkeypatch):
+  from jaxstages.config import ConfigError
+  from jaxstages.sharding import initialize_distributed
+
+  monkeypatch.setenv("JAXSTAGES_HEARTBEAT_TIMEOUT_SECONDS", "5s")
+  with pytest.raises(ConfigError, match="JAXSTAGES_HEARTBEAT_TIMEOUT_SECONDS"):
+    initialize_distributed("127.0.0.1:1", num_processes=2, process_id=0)
+  monkeypatch.delenv("JAXSTAGES_HEARTBEAT_TIMEOUT_SECONDS")
+  with pytest.raises(ConfigError, match="shutdown_timeout_seconds"):
+    initialize_distributed("127.0.0.1:1", num_processes=2, process_id=0, shutdown_timeout_seconds=0)
