@@ -193,12 +193,17 @@ class Checkpointer:
 
 def restore_params(directory: str | epath.Path, target_params: Any, shardings: Any, step: int | None = None):
   """Only the parameters of another run's or stage's checkpoint (latest step by default): the stage hand-off."""
-  manager = ocp.CheckpointManager(_path(directory), item_names=("params", "opt_state", "meta", "data"),
+  from jaxstages.model.io import check_shapes
+
+  manager = ocp.CheckpointManager(_path(directory), item_handlers={"params": ocp.StandardCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract(target_params, shardings))))
-  manager.close()
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    check_shapes(manager.item_metadata(step)["params"], target_params, f"{directory} (step {step})")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(target_params, shardings))))
+  finally:
+    manager.close()
   return restored.params

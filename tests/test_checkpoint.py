@@ -112,3 +112,23 @@ def test_broken_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, 
   big.write_bytes(big.read_bytes()[:-1])
   with pytest.raises(BrokenCheckpointError, match="step 1: .*bytes"):
     Checkpointer(root, save_every=1, keep=3).restore(target, shardings)
+
+
+def test_params_of_another_shape_name_the_tensor_and_both_shapes(tmp_path, tiny_cfg, devices):
+  """The stage hand-off from a checkpoint folder checks shapes before reading: a narrower model is refused with
+  the tensor's name and both shapes (a params folder does the same: tests/test_bad_input.py)."""
+  import dataclasses
+
+  import pytest
+  from flax import nnx
+
+  from jaxstages.model.io import CheckpointMismatchError
+  from jaxstages.sharding import param_shardings
+
+  _saved_steps(tmp_path, tiny_cfg, steps=(1,))
+  mesh = make_mesh(MeshConfig(8, 1, 1))
+  narrow = dataclasses.replace(tiny_cfg, hidden_size=32)
+  _, target = nnx.split(nnx.eval_shape(lambda: create_model(narrow, 0)))
+  with pytest.raises(CheckpointMismatchError, match=r"ckpt \(step 1\): tensor '[\w.]+' has shape \((\d+, )*64(, \d+)*\) "
+                                                    r"in the checkpoint but the model expects \((\d+, )*32(, \d+)*\)"):
+    restore_params(tmp_path / "ckpt", target, param_shardings(target, mesh))

@@ -52,19 +52,21 @@ def load_params(folder: str | Path, mesh: Mesh | None = None, rules: LogicalRule
                         abstract.to_pure_dict(), shardings.to_pure_dict())
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(folder / "params")
-    _check_shapes(metadata, target, folder)
+    check_shapes(metadata, target, folder)
     restored = checkpointer.restore(folder / "params", target)
   abstract.replace_by_pure_dict(restored)
   return nnx.merge(graphdef, abstract)
 
 
-def _check_shapes(metadata, target, folder: Path) -> None:
+def check_shapes(metadata, target, folder: Path | str) -> None:
   """Names the tensor and both shapes when a checkpoint does not fit the model."""
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
   saved = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
   wanted = dict(jax.tree_util.tree_flatten_with_path(target)[0])
-  name = lambda path: ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+  # params saved from an nnx.State carry each Variable's `value` as a last key; pure-dict targets do not
+  key = lambda p: str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
+  name = lambda path: ".".join(k for k in map(key, path) if k not in ("", "value"))
   saved_names = {name(p): v for p, v in saved.items()}
   for path, want in wanted.items():
     have = saved_names.get(name(path))
