@@ -195,13 +195,15 @@ def restore_params(directory: str | epath.Path, target_params: Any, shardings: A
   """Only the parameters of another run's or stage's checkpoint (latest step by default): the stage hand-off."""
   from jaxstages.model.io import check_shapes
 
-  manager = ocp.CheckpointManager(_path(directory), item_handlers={"params": ocp.StandardCheckpointHandler()},
+  manager = ocp.CheckpointManager(_path(directory), item_names=("params", "opt_state", "meta", "data"),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    check_shapes(manager.item_metadata(step)["params"], target_params, f"{directory} (step {step})")
+    with ocp.StandardCheckpointer() as reader:
+      metadata = reader.metadata(_path(directory) / str(step) / "params")
+    check_shapes(metadata, target_params, f"{directory} (step {step})")
     restored = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(target_params, shardings))))
   finally:

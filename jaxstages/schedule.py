@@ -4,9 +4,9 @@ distillation included), each starting from the previous one's final checkpoint, 
   jaxstages run --config configs/pipelines/quickstart.py --workdir runs/quickstart
 
 A pipeline config holds `name`, `stages` (a list; each has a `name`, the training `config` it starts from, e.g.
-`"train.py:sft-toy"`, dotted `overrides`, and a length: `steps`, `tokens` or `flops`), `overrides` for every stage
-(applied before each stage's own: a model shape or a seed the whole run shares), `eval` (the keys of
-`evaluation.EvalConfig` for the table written after every stage) and `price_per_chip_hour`. With
+`"train.py:sft-toy"`, `overrides` with dotted or nested keys, and a length: `steps`, `tokens` or `flops`),
+`overrides` for every stage (applied before each stage's own: a model shape or a seed the whole run shares), `eval`
+(the keys of `evaluation.EvalConfig` for the table written after every stage) and `price_per_chip_hour`. With
 `compute.total_flops` and `compute.split = {stage: fraction}` each listed stage's length is its share of the budget,
 turned into steps by the stage's FLOPs per step. An RL stage's FLOPs per step are known only once it has sampled
 (generation stops when the longest sample does), so an RL stage given FLOPs runs until its measured FLOPs (sampling,
@@ -64,6 +64,18 @@ def _replace_stage_refs(value: Any, run_dir: Path) -> Any:
   return value
 
 
+def _dotted(overrides: Mapping, prefix: str = "") -> dict:
+  """`{"model": {"num_layers": 2}}` and `{"model.num_layers": 2}` alike as `{"model.num_layers": 2}` (a ConfigDict
+  holds no dotted keys, so a config file nests them)."""
+  out = {}
+  for k, v in dict(overrides).items():
+    if isinstance(v, Mapping) and v:
+      out.update(_dotted(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | None = None
                   ) -> list[tuple[dict, dict]]:
   """The pipeline's stages as (entry, full training config dict), in order, with `init_from` chained, `stage:`
@@ -79,12 +91,12 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
   if split and not compute.get("total_flops"):
     raise ConfigError("compute.split needs compute.total_flops")
   out, previous, shapes = [], None, {}
-  shared = dict(config.get("overrides") or {})
+  shared = _dotted(config.get("overrides") or {})
   for e in entries:
-    overrides = [f"{k}={v!r}" for k, v in {**shared, **dict(e.get("overrides") or {})}.items()]
+    overrides = [f"{k}={v!r}" for k, v in {**shared, **_dotted(e.get("overrides") or {})}.items()]
     cfg = to_dict(apply_overrides(load_config(e["config"]), overrides))
     cfg["stage"]["name"] = e["name"]
-    if previous is not None and "stage.init_from" not in dict(e.get("overrides") or {}):
+    if previous is not None and "stage.init_from" not in _dotted(e.get("overrides") or {}):
       cfg["stage"]["init_from"] = str(previous)
     cfg["stage"]["tokenizer"] = str(run_dir / "tokenizer")
     cfg = _replace_stage_refs(cfg, run_dir)
