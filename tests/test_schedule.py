@@ -89,41 +89,51 @@ def _outcome(run_dir) -> list[dict]:
   return [{k: r[k] for k in keys} for r in report["stages"]]
 
 
+def _newest_mtime(run_dir) -> float:
+  return max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()), default=0.0)
+
+
+def _saves_under_way(run_dir) -> set:
+  """Orbax's temporary step folders: a checkpoint save is being written."""
+  return set(run_dir.glob("*/checkpoints/*.orbax-checkpoint-tmp*"))
+
+
 def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_stage, tmp_path):
-  """`jaxstages run` as a process: uninterrupted, it writes the same report and params as the library call; then
-  SIGKILLed at four random moments of its run time (start-up, training, sampling, saving, evaluating, between
-  stages) and re-run until it finishes, it still does."""
+  """`jaxstages run` as a process, SIGKILLed ten times and re-run until it finishes, writes the same report and
+  final params as the uninterrupted library run: six kills at random moments once the process is at work (start-up,
+  training, sampling, saving, evaluating, between stages: each re-run resumes, so the kills spread over the
+  pipeline), then four while a checkpoint save is being written."""
   reference_dir, pipeline, _ = two_stage
   config = tmp_path / "pipeline.py"
   config.write_text(f"def get_config():\n  return {pipeline!r}\n")
-  cmd = lambda run_dir: [sys.executable, "-m", "jaxstages.cli", "run", "--config", str(config), "--workdir",
-                         str(run_dir)]
-  start = time.time()
-  done = subprocess.run(cmd(tmp_path / "whole"), cwd=REPO, env=ENV, capture_output=True, text=True)
-  assert done.returncode == 0, done.stderr[-3000:]
-  run_time = time.time() - start
+  run_dir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "jaxstages.cli", "run", "--config", str(config), "--workdir", str(run_dir)]
   rng = np.random.default_rng(0)
-  kills = 0
-  for attempt in range(12):
-    proc = subprocess.Popen(cmd(tmp_path / "killed"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    if attempt < 4:  # four kills, each at a moment drawn over an uninterrupted run's time; then run to the end
-      deadline = time.time() + rng.uniform(0.1, 0.9) * run_time
-      while proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+  kills, during_saves = 0, 0
+  for attempt in range(40):
+    started, stale = time.time(), _saves_under_way(run_dir)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kills < 10:
+      at_save, delay = kills >= 6, rng.uniform(0.0, 3.0)
+      while proc.poll() is None and time.time() < started + 120:
+        if at_save and _saves_under_way(run_dir) - stale:
+          break
+        if not at_save and _newest_mtime(run_dir) > started and time.time() > started + delay:
+          break  # the process has written something (it is at work) and the drawn delay has passed
+        time.sleep(0.002 if at_save else 0.02)
       if proc.poll() is None:
+        during_saves += bool(at_save and _saves_under_way(run_dir) - stale)
         os.kill(proc.pid, signal.SIGKILL)
         kills += 1
     _, err = proc.communicate()
     if proc.returncode == 0:
       break
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
-  assert kills >= 2 and proc.returncode == 0
-  for run_dir in (tmp_path / "whole", tmp_path / "killed"):
-    assert _outcome(run_dir) == _outcome(reference_dir)
-    for stage in ("pre", "rl"):
-      for a, b in zip(_final_params(run_dir / stage), _final_params(reference_dir / stage), strict=True):
-        np.testing.assert_array_equal(a, b)
+  assert proc.returncode == 0 and kills == 10 and during_saves >= 3, (kills, during_saves)
+  assert _outcome(run_dir) == _outcome(reference_dir)
+  for stage in ("pre", "rl"):
+    for a, b in zip(_final_params(run_dir / stage), _final_params(reference_dir / stage), strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_flop_budget_split_gives_each_stage_its_share(tmp_path):
