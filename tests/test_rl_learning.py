@@ -2,8 +2,8 @@
 where its greedy strict (process-verified) pass@1 is 22% on the 256 held-out problems used here: inside the
 10-60% band where RL has something to work with.
 
-Budgets (2-core CPU, the two stages side by side): the always-on test runs 10 GRPO steps of 32 prompts x 8 samples
-and 10 PPO steps of 16 x 8 (~1 min with start-up and compilation); the slow one 40 and 30 steps (~3 min). README,
+Budgets (2-core CPU): the always-on test runs 10 GRPO steps of 32 prompts x 8 samples (~1 min with start-up and
+compilation); the slow ones 10 PPO steps of 16 x 8, and 40 GRPO and 30 PPO steps side by side (~3 min). README,
 "Online RL", has the curves.
 """
 
@@ -50,12 +50,18 @@ def _cmd(kind, tmp_path, steps, *overrides):
                    "stage.checkpoint_every=100", f"{kind}.eval_problems={HELD_OUT}", *overrides)
 
 
-def test_grpo_and_ppo_raise_held_out_pass_at_1_in_ten_steps(start_pass_at_1, tmp_path):
+def test_grpo_raises_held_out_pass_at_1_in_ten_steps(start_pass_at_1, tmp_path):
   """10 GRPO steps of 32 prompts x 8 samples (strict reward, lr 3e-4) raise held-out pass@1 by at least 15 points
-  (measured: +23); 10 PPO steps of 16 x 8 with a separate critic by at least 10 (measured: +20)."""
-  gains = _gains(tmp_path, start_pass_at_1, {"grpo": _cmd("grpo", tmp_path, 10, "data.batch_size=32"),
-                                             "ppo": _cmd("ppo", tmp_path, 10)})
-  assert gains["grpo"] >= 0.15 and gains["ppo"] >= 0.10, (start_pass_at_1, gains)
+  (measured: +23)."""
+  gains = _gains(tmp_path, start_pass_at_1, {"grpo": _cmd("grpo", tmp_path, 10, "data.batch_size=32")})
+  assert gains["grpo"] >= 0.15, (start_pass_at_1, gains)
+
+
+@pytest.mark.slow
+def test_ppo_raises_held_out_pass_at_1_in_ten_steps(start_pass_at_1, tmp_path):
+  """10 PPO steps of 16 x 8 with a separate critic raise held-out pass@1 by at least 10 points (measured: +20)."""
+  gains = _gains(tmp_path, start_pass_at_1, {"ppo": _cmd("ppo", tmp_path, 10)})
+  assert gains["ppo"] >= 0.10, (start_pass_at_1, gains)
 
 
 @pytest.mark.slow
