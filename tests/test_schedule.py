@@ -93,6 +93,15 @@ def _newest_mtime(run_dir) -> float:
   return max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()), default=0.0)
 
 
+def _phase(run_dir, stages=("pre", "rl")) -> str:
+  """Where an interrupted pipeline is: the first stage not trained or not evaluated yet."""
+  for stage in stages:
+    for file, doing in (("summary.json", "training"), ("eval.json", "evaluating")):
+      if not (run_dir / stage / file).exists():
+        return f"{stage} {doing}"
+  return "report"
+
+
 def _saves_under_way(run_dir) -> set:
   """Orbax's temporary step folders: a checkpoint save is being written."""
   return set(run_dir.glob("*/checkpoints/*.orbax-checkpoint-tmp*"))
@@ -109,7 +118,7 @@ def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_sta
   run_dir = tmp_path / "killed"
   cmd = [sys.executable, "-m", "jaxstages.cli", "run", "--config", str(config), "--workdir", str(run_dir)]
   rng = np.random.default_rng(0)
-  kills, during_saves = 0, 0
+  kills, during_saves, phases = 0, 0, []
   for attempt in range(40):
     started, stale = time.time(), _saves_under_way(run_dir)
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -125,11 +134,13 @@ def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_sta
         during_saves += bool(at_save and _saves_under_way(run_dir) - stale)
         os.kill(proc.pid, signal.SIGKILL)
         kills += 1
+        phases.append(_phase(run_dir))
     _, err = proc.communicate()
     if proc.returncode == 0:
       break
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
   assert proc.returncode == 0 and kills == 10 and during_saves >= 3, (kills, during_saves)
+  assert {p.split()[0] for p in phases} >= {"pre", "rl"}, phases  # the kills reached both stages
   assert _outcome(run_dir) == _outcome(reference_dir)
   for stage in ("pre", "rl"):
     for a, b in zip(_final_params(run_dir / stage), _final_params(reference_dir / stage), strict=True):
