@@ -1,5 +1,5 @@
 """A mid-size CPU pipeline: pretrain -> mid-train -> SFT -> GRPO with the ~5.7M-parameter `small` model shape on the
-symbolic task world, for a longer CPU run than the quickstart: ~9e14 FLOPs, ~20x the quickstart's (a few hours on a
+symbolic task world, for a longer CPU run than the quickstart: ~9e14 FLOPs, ~25x the quickstart's (a few hours on a
 2-core CPU, by the quickstart's FLOPs per second; minutes on one accelerator).
 `jaxstages run --config configs/pipelines/cpu-medium.py`.
 
