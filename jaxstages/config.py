@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import hashlib
 import importlib.util
+import json
 import numbers
 import types
 import typing
@@ -101,6 +103,12 @@ def from_config(cls: type[T], config: Mapping[str, Any] | ml_collections.ConfigD
   check_keys(values.keys(), names, where or cls.__name__)
   check_types(cls, values, where or cls.__name__)
   return cls(**values)
+
+
+def config_hash(config: Mapping[str, Any] | ml_collections.ConfigDict) -> str:
+  """sha256 of the config's canonical JSON (sorted keys), first 12 hex digits: names a run or a saved model by what
+  made it."""
+  return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

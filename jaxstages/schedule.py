@@ -166,12 +166,13 @@ def stage_plan(cfg: Mapping, tokenizer_vocab: int | None = None, teacher_model=N
   raise ConfigError(f"stage kind {kind!r} has no FLOPs plan from its config; give the stage a length in steps")
 
 
-def _eval_config(pipeline: Mapping, entry: Mapping, kind: str):
+def _eval_config(pipeline: Mapping, entry: Mapping, kind: str, data_prompt: str = "chat"):
   from jaxstages.evaluation import EvalConfig
 
   values = dict(pipeline.get("eval") or {})
-  # a base model is prompted with the problem as a document, a chat-tuned one with the user turn
-  default = "document" if kind in ("pretrain", "midtrain") else "chat"
+  # a base model is prompted with the problem as a document, a chat-tuned one with the user turn; an RL stage with
+  # document prompts (RL straight from a base) keeps the document
+  default = "document" if kind in ("pretrain", "midtrain") or data_prompt == "document" else "chat"
   values["prompt"] = entry.get("eval_prompt") or values.get("prompt") or default
   return EvalConfig.from_config(values)
 
@@ -219,7 +220,8 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
       mesh = make_mesh()
       model = load_model(stage_dir, mesh)
       result = evaluate(model, load_tokenizer(run_dir / "tokenizer"), data_config(cfg["data"]).task,
-                        _eval_config(config, entry, cfg["stage"]["kind"]), mesh=mesh, show_progress=False)
+                        _eval_config(config, entry, cfg["stage"]["kind"], cfg["data"].get("prompt", "chat")),
+                        mesh=mesh, show_progress=False)
       if jax.process_index() == 0:
         write_atomic(eval_path, json.dumps(result, indent=2))
     result = json.loads(eval_path.read_text())

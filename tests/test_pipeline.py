@@ -322,6 +322,18 @@ def test_rl_batches_are_left_padded_with_matching_metadata(any_tok):
       assert 3 <= row["op"] <= 4 and row["valid"] == 1
 
 
+def test_rl_document_prompts_are_the_problem_text(any_tok):
+  """`prompt="document"`: RL straight from a pre-trained base sees the problem as in pre-training (text, newline)."""
+  cfg = pl.data_config(dict(kind="rl", task=TASK, num_examples=8, batch_size=4, prompt_len=256, seed=7,
+                            prompt="document"))
+  for row in unbatch(next(iter(pl.make_pipeline(cfg, any_tok, 0, 1)))):
+    n = int(row["prompt_mask"].sum())
+    p = tasks.generate(cfg.task, 7, "train", int(row["index"]))
+    assert row["prompt_tokens"][256 - n:].tolist() == any_tok.encode(p.text() + "\n")
+  with pytest.raises(ConfigError, match="prompt='story' is not one of"):
+    pl.data_config(dict(kind="rl", task=TASK, prompt="story"))
+
+
 def test_eval_grid_is_covered_once_and_padded(tok):
   cfg = pl.data_config(dict(kind="eval", task=TASK, eval_ops=(2, 3), eval_contexts=("p", "r"), eval_per_cell=3,
                             batch_size=4, prompt_len=200))

@@ -35,7 +35,7 @@ def main():
   args.steps = args.steps or base.stage.steps
   args.eval_every = args.eval_every or max(1, args.steps // 4)
   config = apply_overrides(load_config("configs/train.py:pretrain-toy"), [
-      f"stage.steps={args.steps}", f"stage.checkpoint_every={args.eval_every}", "stage.keep_checkpoints=None",
+      f"stage.steps={args.steps}", f"stage.checkpoint_every={args.eval_every}", "stage.keep_checkpoints=1000",
       "stage.async_checkpoints=False", *args.overrides])
   run_stage(config, workdir)
 

@@ -68,6 +68,7 @@ DEFAULT_FORMAT = {"pretrain": "pretrain", "midtrain": "instruction", "sft": "sft
 OVERFLOW = ("split", "truncate", "drop")
 LOSS_ON = ("assistant", "all")
 REJECTED = ("mixed", "result", "operand")
+PROMPTS = ("chat", "document")
 INTERP = ("constant", "linear")
 # Contexts as int ids, so RL batches can carry them as arrays; stable because SURFACES is a fixed literal.
 CONTEXTS: tuple[str, ...] = tuple(c for surface in tasks.SURFACES.values() for c in surface)
@@ -135,6 +136,9 @@ class DataConfig:
   overflow: str = "split"  # packed documents longer than seq_len: split | truncate | drop
   pack_bins: int | None = None  # rows packed at once (more: fuller rows); default the per-process batch
   prompt_len: int = 128  # rl/eval/preference: left-padded prompt length
+  # rl/eval: the prompt as a chat user turn ("chat"), or the problem as a document, as in pre-training ("document":
+  # RL straight from a pre-trained base, which then ends its completion with the end-of-document token)
+  prompt: str = "chat"
   eval_ops: tuple = (2, 3, 4, 5, 6)  # eval: the grid's ops
   eval_contexts: tuple = ()  # eval: the grid's contexts; default every context of the task mixture
   eval_per_cell: int = 32  # eval: problems per (op, context) cell
@@ -144,7 +148,7 @@ class DataConfig:
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
     for key, allowed in (("kind", KINDS), ("loss_on", LOSS_ON), ("overflow", OVERFLOW),
-                         ("schedule_interp", INTERP), ("rejected", REJECTED)):
+                         ("schedule_interp", INTERP), ("rejected", REJECTED), ("prompt", PROMPTS)):
       if getattr(self, key) not in allowed:
         raise ConfigError(f"data {key}={getattr(self, key)!r} is not one of {list(allowed)}")
     task = self.task
@@ -425,10 +429,14 @@ def _pad(ids: Sequence[int], length: int, side: str, pad_id: int, what: str) -> 
 
 
 def rl_example(tokenizer: Tokenizer, p: tasks.Problem, prompt_len: int, think: bool | None = None,
-               valid: bool = True) -> dict:
-  """The prompt of `p`, left-padded to `[prompt_len]`, with the verifier's metadata as scalars."""
+               valid: bool = True, prompt_kind: str = "chat") -> dict:
+  """The prompt of `p` (a chat user turn, or the problem as a document when `prompt_kind="document"`), left-padded
+  to `[prompt_len]`, with the verifier's metadata as scalars."""
   prompt = tasks.rl_prompt(p, think)
-  ids, _ = tokenizer.encode_chat(prompt["messages"], add_generation_prompt=True)
+  if prompt_kind == "document":  # the pre-training format: the problem's text, the solution follows its newline
+    ids = tokenizer.encode(p.text() + "\n")
+  else:
+    ids, _ = tokenizer.encode_chat(prompt["messages"], add_generation_prompt=True)
   tokens, mask = _pad(ids, prompt_len, "left", tokenizer.pad_id, "RL prompt (prompt_len)")
   return {"prompt_tokens": tokens, "prompt_mask": mask, "answer": np.int32(prompt["answer"]),
           "op": np.int32(prompt["op"]), "context": np.int32(CONTEXT_IDS[prompt["context"]]),
@@ -496,7 +504,8 @@ def _source_dataset(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer, pr
         tokenizer, tasks.sft_messages(problem(i), think=_think(cfg.think_mix, seed, i)), cfg.loss_on))
   elif src.format == "rl":
     return indices.map(lambda i: rl_example(tokenizer, problem(i), cfg.prompt_len,
-                                            _think(cfg.think_mix, seed, max(i, 0)), valid=i >= 0)
+                                            _think(cfg.think_mix, seed, max(i, 0)), valid=i >= 0,
+                                            prompt_kind=cfg.prompt)
                        ).to_iter_dataset(_read_options(cfg))
   else:  # preference
     return indices.map(lambda i: preference_example(tokenizer, problem(i), cfg.seq_len, cfg.prompt_len,
@@ -518,7 +527,8 @@ def _eval_dataset(cfg: DataConfig, tokenizer: Tokenizer, process_index: int, pro
   def example(g: int) -> dict:
     op, ctx = cells[max(g, 0) // per_cell]
     p = tasks.generate(cfg.task, cfg.seed, cfg.split, max(g, 0) % per_cell, op=op, context=ctx)
-    return rl_example(tokenizer, p, cfg.prompt_len, _think(cfg.think_mix, cfg.seed, max(g, 0)), valid=g >= 0)
+    return rl_example(tokenizer, p, cfg.prompt_len, _think(cfg.think_mix, cfg.seed, max(g, 0)), valid=g >= 0,
+                      prompt_kind=cfg.prompt)
 
   return indices.map(example).to_iter_dataset(_read_options(cfg))
 

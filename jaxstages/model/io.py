@@ -75,3 +75,30 @@ def check_shapes(metadata, target, folder: Path | str) -> None:
     if tuple(have.shape) != tuple(want.shape):
       raise CheckpointMismatchError(f"{folder}: tensor {name(path)!r} has shape {tuple(have.shape)} in the "
                                     f"checkpoint but the model expects {tuple(want.shape)}")
+
+
+def export_stage(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dtype: str | None = None) -> Path:
+  """A stage's checkpoint (latest, or `step`) as a self-contained params folder: `params/` + `model_config.json`
+  (`save_params`), the stage's `tokenizer/`, and `source.json` with the stage's config, its hash
+  (`jaxstages.config.config_hash`), the step and the stage's summary, so whoever uses the folder can re-make it."""
+  import shutil
+
+  import jax.numpy as jnp
+
+  from jaxstages.config import config_hash
+  from jaxstages.evaluation import load_stage
+
+  run, out = Path(run_dir), Path(out_dir)
+  model, tokenizer, config = load_stage(run, step)
+  if dtype:
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), state))
+  if out.exists():
+    shutil.rmtree(out)
+  save_params(model, out)
+  tokenizer.save(out / "tokenizer")
+  summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
+  (out / "source.json").write_text(json.dumps(
+      {"run": run.name, "step": step or (summary or {}).get("step"), "config_hash": config_hash(config),
+       "param_dtype": dtype or "as trained", "summary": summary, "config": config}, indent=2))
+  return out

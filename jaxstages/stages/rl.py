@@ -266,7 +266,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
   check_positions(ctx.model_cfg, {"data.prompt_len": width, f"{kind}.max_new_tokens": n_new})
   rows_per_step = b * g
   plan = planned_rl_flops(ctx.model_cfg, d, cfg, kind)
-  stops = stop_ids(tok)
+  stops = stop_ids(tok, chat=d.prompt == "chat")
   scfg = SamplingConfig(max_new_tokens=n_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=g,
                         stop_tokens=stops, pad_id=tok.pad_id, prompt_buckets=(width,))
   params_sharding = jax.tree.map(lambda x: x.sharding, ctx.initial_params)
@@ -420,7 +420,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
     from jaxstages.evaluation import EvalConfig, evaluate as run_eval
     lo, hi = d.task.op_range
     contexts = tuple(dict.fromkeys(m.context for m in d.task.mixture))
-    ecfg = EvalConfig(ops=tuple(range(lo, hi + 1)), contexts=contexts, problems=cfg.eval_problems, prompt="chat",
+    ecfg = EvalConfig(ops=tuple(range(lo, hi + 1)), contexts=contexts, problems=cfg.eval_problems, prompt=d.prompt,
                       max_new_tokens=n_new, batch_size=max(cfg.eval_problems, 1))
     result = run_eval(policy_of(nnx.merge(ctx.graphdef, params)), tok, d.task, ecfg, mesh=ctx.mesh,
                       show_progress=False)

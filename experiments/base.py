@@ -1,0 +1,105 @@
+"""The shared base: the model pre-trained once on the in-distribution op range of the task world, which every
+experiment's RL and mid-training start from. Cached by the hash of its full stage config.
+
+  python -m experiments.base [--scale cpu] [--workdir runs/experiments] [--export]
+
+`ensure_base(scale)` returns the base's folder: the committed `experiments/artifacts/base-<scale>` when its
+`source.json` holds the same config hash, else `<workdir>/<scale>/base-<hash>`, pre-trained there first if it is not
+finished. The command also evaluates the base against its gate (below) and writes `experiments/results/base/`;
+`--export` copies a freshly trained base into `experiments/artifacts/base-<scale>` (`jaxstages.model.io.export_stage`).
+
+The gate (cpu scale; experiments/README.md), on strict (process-verified) pass@k from 64 samples per problem at
+temperature 1 with document prompts: op 1 solved often (pass@1) and nearly always within 64 samples, op 2 (the edge)
+rarely at pass@1 but often within 64 samples, op 4 never. `GATES` holds the thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+from experiments.common import ARTIFACTS, SCALES, Scale, cells, evaluate_start, markdown_table, parse_args, \
+    write_results
+
+# (context, op, metric, lowest, highest): what the cpu base must show (its measured values sit inside, with room for
+# the spread between re-made bases): op 1 solved often and nearly always within 64 samples, op 2 (the edge) rarely
+# at pass@1 but often within 64 samples, op 4 never
+GATES = {
+    "cpu": [("p", 1, "pass@1", 0.25, 1.0), ("p", 1, "pass@64", 0.8, 1.0), ("p", 2, "pass@1", 0.0, 0.15),
+            ("p", 2, "pass@64", 0.2, 1.0), ("p", 4, "pass@64", 0.0, 0.05)],
+}
+
+
+def base_config(scale: Scale, **overrides) -> ml_collections.ConfigDict:
+  """The base's full stage config: the scale's pre-training config, its model shape and overrides, then `overrides`
+  (dotted keys)."""
+  from jaxstages.config import apply_overrides, load_config
+  cfg = load_config(scale.base["config"])
+  values = {**{f"model.{k}": v for k, v in scale.model.items()}, **scale.base["overrides"], **overrides}
+  return apply_overrides(cfg, [f"{k}={v!r}" for k, v in values.items()])
+
+
+def finished(run_dir: Path) -> bool:
+  path = run_dir / "summary.json"
+  if not path.exists():
+    return False
+  summary = json.loads(path.read_text())
+  return summary.get("step") == summary.get("steps")
+
+
+def ensure_base(scale: Scale, workdir: str | Path, **overrides) -> Path:
+  """The base of `scale` (with extra dotted-key `overrides`: another base, e.g. another context mixture): the
+  committed artifact when its config hash matches, else a cached or freshly pre-trained run folder."""
+  from jaxstages.config import config_hash
+  from jaxstages.train import run_stage
+
+  cfg = base_config(scale, **overrides)
+  digest = config_hash(cfg)
+  artifact = ARTIFACTS / f"base-{scale.name}"
+  if (artifact / "source.json").exists():
+    if json.loads((artifact / "source.json").read_text())["config_hash"] == digest:
+      return artifact
+  run_dir = Path(workdir) / scale.name / f"base-{digest}"
+  if not finished(run_dir):
+    print(f"-- pre-training the base {run_dir}", flush=True)
+    run_stage(cfg, run_dir)
+  return run_dir
+
+
+def check_gate(scale: Scale, result: dict) -> list[str]:
+  """The gate's failures (empty: the base passes)."""
+  by_cell = cells(result)
+  failures = []
+  for context, op, metric, lo, hi in GATES.get(scale.name, []):
+    value = by_cell[(context, op)][metric]
+    if not lo <= value <= hi:
+      failures.append(f"{metric} at {context} op {op} = {value:.3f}, outside [{lo}, {hi}]")
+  return failures
+
+
+def main(argv=None) -> None:
+  args = parse_args("base", __doc__, argv, extra=lambda p: p.add_argument("--export", action="store_true"))
+  scale = SCALES[args.scale]
+  base = ensure_base(scale, args.workdir)
+  if args.export and base != ARTIFACTS / f"base-{scale.name}":
+    from jaxstages.model.io import export_stage
+    base = export_stage(base, ARTIFACTS / f"base-{scale.name}")
+  result = evaluate_start(scale, base, args.workdir)
+  failures = check_gate(scale, result)
+  ks = [k for k in result["cells"][0] if k.startswith("pass@")]
+  rows = [[c["op"], *[f"{100 * c[k]:.1f}" for k in ks], f"{100 * c['answer@1']:.1f}"] for c in result["cells"]]
+  table = markdown_table(["op", *[f"strict {k} (%)" for k in ks], "answer@1 (%)"], rows)
+  gate = "passes" if not failures else "FAILS: " + "; ".join(failures)
+  summary = json.loads((base / "source.json").read_text())["summary"] if (base / "source.json").exists() else \
+      json.loads((base / "summary.json").read_text())
+  md = (f"The base `{base.relative_to(base.parents[1]) if base.is_relative_to(ARTIFACTS) else base}`: "
+        f"{summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3g} FLOPs, "
+        f"{summary.get('wall_s_this_run', 0) / 60:.1f} min.\n\nGate: {gate}.\n\n{table}")
+  write_results(args, "base", {"base": str(base), "gate_failures": failures, "eval": result}, md)
+  print(md)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,298 @@
+"""What every experiment shares: its scale (model, base, RL and evaluation settings), the command line, running one
+arm x seed as a pipeline, evaluating a start model, summaries over seeds and the results folder.
+
+An experiment is a few *arms*, each a pipeline of stages after a start model (the shared base of
+`experiments/base.py`, or a base of its own), run once per seed. Every run folder lives under
+`--workdir/<experiment>/<arm>/seed<k>` and is a `jaxstages run` folder: re-running the command skips finished runs and
+resumes an interrupted one. Results go to `experiments/results/<experiment>/`: `results.json` (every number, per seed,
+with the command), `results.md` (the tables: mean ± spread over seeds, spread = the sample standard deviation) and
+`<experiment>.png`.
+
+Scales: `cpu` is the toy world measured here (a 2-layer ~0.46M-parameter model on a 2-core CPU), `minimal` the same
+code at a size that runs in seconds (for the tests; its numbers mean nothing), `accelerator` the interplay study's
+own sizes (a ~100M model on the story surface; shared REFERENCES) for a TPU or GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "experiments" / "results"
+ARTIFACTS = REPO / "experiments" / "artifacts"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """One size of every experiment. Op ranges are (lo, hi) inclusive."""
+
+  name: str
+  model: dict  # model overrides for every stage (the base's shape)
+  base: dict  # the base's pre-training: `config` (a training config) and `overrides` (dotted keys)
+  midtrain: dict  # mid-training after the base: `config` and `overrides`
+  rl: dict  # RL after the base: `config` and `overrides`
+  rl_steps: int  # RL steps of an arm whose length is given in steps
+  ranges: dict  # the op ranges: too-easy, in-distribution, edge, too-hard
+  eval_ops: tuple  # the ops every experiment evaluates
+  eval: dict  # evaluation.EvalConfig keys shared by every evaluation (problems, n, ks, temperature)
+  contexts: tuple = ("p", "q")  # the main context and the second one (context seeding)
+  budget_flops: float = 0.0  # compute_allocation: mid-training + RL budget after the base
+
+
+# The base's pre-training mixture: context p, with the second context q seeded at 1% at op 1 only (context_seeding
+# varies the share)
+SEEDED_Q = (("p", 0.99), ("q", 0.01, (1, 1)))
+
+# Settings measured on the toy world (experiments/README.md): RL with the strict reward on document prompts straight
+# from the base, 32 prompts x 8 samples a step, lr 1.5e-4 constant (the quickstart's RL lr), no KL term.
+_CPU_RL = {"data.prompt": "document", "data.batch_size": 32, "optim.lr": 1.5e-4, "grpo.reward": "strict",
+           "grpo.eval_problems": 0, "stage.eval_every": 0, "stage.checkpoint_every": 20, "stage.log_every": 5}
+
+SCALES: dict[str, Scale] = {
+    "cpu": Scale(
+        name="cpu",
+        model=dict(num_layers=2),
+        base=dict(config="train.py:pretrain-toy",
+                  overrides={"stage.steps": 3000, "stage.eval_every": 0, "stage.checkpoint_every": 500,
+                             "stage.log_every": 50, "optim.warmup_fraction": 0.05, "data.task.reach": "near",
+                             "data.task.contexts": SEEDED_Q}),
+        midtrain=dict(config="train.py:midtrain-toy",
+                      overrides={"stage.eval_every": 0, "stage.checkpoint_every": 50, "data.batch_size": 16,
+                                 "data.task.reach": "near", "data.task.contexts": SEEDED_Q}),
+        rl=dict(config="train.py:grpo-toy", overrides=dict(_CPU_RL, **{"data.task.reach": "near"})),
+        rl_steps=40,
+        # by the base's measured competence (experiments/README.md): op 1 nearly always solved within 64 samples, op 2
+        # sometimes, op 3 rarely, ops 4-5 never
+        ranges={"too-easy": (1, 1), "in-distribution": (1, 2), "edge": (2, 3), "too-hard": (4, 5)},
+        eval_ops=(1, 2, 3, 4),
+        eval=dict(problems=64, n=64, ks=(1, 4, 16, 64), temperature=1.0),
+        budget_flops=4e12,
+    ),
+    "minimal": Scale(
+        name="minimal",
+        model=dict(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),  # batches of 8: one
+        # row per device of the test mesh
+        base=dict(config="train.py:pretrain-toy",
+                  overrides={"stage.steps": 6, "stage.eval_every": 0, "stage.checkpoint_every": 6,
+                             "stage.log_every": 3, "stage.async_checkpoints": False, "data.task.reach": "near",
+                             "data.task.contexts": SEEDED_Q, "data.task.op_range": (1, 2), "data.seq_len": 128}),
+        midtrain=dict(config="train.py:midtrain-toy",
+                      overrides={"stage.eval_every": 0, "stage.checkpoint_every": 100, "stage.log_every": 1,
+                                 "stage.async_checkpoints": False, "data.batch_size": 8, "data.seq_len": 128,
+                                 "data.task.reach": "near", "data.task.contexts": SEEDED_Q,
+                                 "data.task.op_range": (1, 2)}),
+        rl=dict(config="train.py:grpo-toy",
+                overrides=dict(_CPU_RL, **{"data.task.reach": "near", "data.batch_size": 8, "grpo.group_size": 2,
+                                           "grpo.max_new_tokens": 24, "stage.log_every": 1,
+                                           "stage.checkpoint_every": 100, "stage.async_checkpoints": False})),
+        rl_steps=1,
+        ranges={"too-easy": (1, 1), "in-distribution": (1, 1), "edge": (2, 2), "too-hard": (2, 2)},
+        eval_ops=(1, 2),
+        eval=dict(problems=2, n=2, ks=(1, 2), temperature=1.0, max_new_tokens=24),
+        budget_flops=2e9,
+    ),
+    # the interplay study (shared REFERENCES): ~100M Qwen2-shape model, story surface, pre-training on op 2-10, RL sets
+    # op 7-10 / 11-14 / 17-20, 128 samples at temperature 0.7
+    "accelerator": Scale(
+        name="accelerator",
+        model={},
+        base=dict(config="train.py:pretrain-interplay", overrides={}),
+        midtrain=dict(config="train.py:midtrain-interplay", overrides={}),
+        rl=dict(config="train.py:grpo-interplay", overrides={"data.prompt": "document", "grpo.reward": "strict"}),
+        rl_steps=200,
+        ranges={"too-easy": (2, 6), "in-distribution": (7, 10), "edge": (11, 14), "too-hard": (17, 20)},
+        eval_ops=(5, 8, 10, 12, 14, 16, 18, 20),
+        eval=dict(problems=128, n=128, ks=(1, 8, 32, 128), temperature=0.7),
+        contexts=("zoo", "school"),
+        budget_flops=2e19,
+    ),
+}
+
+
+# -- command line ------------------------------------------------------------------------------------------------------
+
+def parse_args(experiment: str, doc: str, argv: Sequence[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+  """The command line of `python -m experiments.<experiment>`: `--seeds N` (seeds 0..N-1), `--scale`, `--workdir` (run folders), `--out` (results folder), `--arms` (a
+  subset, comma-separated)."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--scale", default="cpu", choices=sorted(SCALES))
+  parser.add_argument("--workdir", default=str(REPO / "runs" / "experiments"))
+  parser.add_argument("--out", default=None, help="default: experiments/results/<experiment> (cpu), else "
+                                                  "<workdir>/results/<experiment>")
+  parser.add_argument("--arms", default=None, help="run only these arms (comma-separated)")
+  if extra:
+    extra(parser)
+  args = parser.parse_args(argv)
+  given = list(sys.argv[1:] if argv is None else argv)
+  kept = []  # the command without --workdir / --out: where runs and results go does not change them
+  while given:
+    a = given.pop(0)
+    if a in ("--workdir", "--out"):
+      given.pop(0)
+    elif not a.startswith(("--workdir=", "--out=")):
+      kept.append(a)
+  args.command = " ".join(["python -m", f"experiments.{experiment}", *map(shlex.quote, kept)])
+  return args
+
+
+def out_dir(args: argparse.Namespace, experiment: str) -> Path:
+  if args.out:
+    return Path(args.out)
+  return RESULTS / experiment if args.scale == "cpu" else Path(args.workdir) / args.scale / "results" / experiment
+
+
+def chosen(arms: Sequence[str], args: argparse.Namespace) -> list[str]:
+  if not args.arms:
+    return list(arms)
+  picked = args.arms.split(",")
+  unknown = [a for a in picked if a not in arms]
+  if unknown:
+    raise SystemExit(f"unknown arm(s) {unknown}; this experiment's arms: {list(arms)}")
+  return [a for a in arms if a in picked]
+
+
+# -- runs --------------------------------------------------------------------------------------------------------------
+
+def stage(config: Mapping, name: str, start: str | Path | None = None, steps: int | None = None,
+          flops: float | None = None, **overrides: Any) -> dict:
+  """A pipeline stage entry from a scale's `base` / `midtrain` / `rl` block, starting from `start` (default: the
+  previous stage), with extra dotted-key overrides."""
+  entry = {"name": name, "config": config["config"], "overrides": dict(config["overrides"], **overrides)}
+  if start is not None:
+    entry["overrides"]["stage.init_from"] = str(start)
+  if steps is not None:
+    entry["steps"] = steps
+  if flops is not None:
+    entry["flops"] = flops
+  return entry
+
+
+def pipeline(scale: Scale, name: str, stages: list[dict], seed: int, eval_ops: Sequence[int] | None = None,
+             contexts: Sequence[str] | None = None) -> dict:
+  """A pipeline config: `stages` with the scale's model, `seed` for initialisation, sampling and the data order, and
+  the scale's evaluation after every stage."""
+  return {"name": name, "stages": stages,
+          "overrides": {"model": dict(scale.model), "stage": {"seed": seed}},
+          "eval": dict(scale.eval, ops=tuple(eval_ops or scale.eval_ops),
+                       contexts=tuple(contexts or scale.contexts[:1])),
+          "compute": {"total_flops": 0.0, "split": {}}, "price_per_chip_hour": 0.0}
+
+
+def rl_max_new_tokens(scale: Scale, hi: int) -> int:
+  """Room for the gold solution of an op-`hi` problem with slack (as the evaluation's default)."""
+  return max(scale.rl["overrides"].get("grpo.max_new_tokens", 0), 16 * hi + 16)
+
+
+def rl_pipeline(scale: Scale, name: str, start: str | Path, op_range: tuple[int, int], seed: int,
+                steps: int | None = None, eval_ops: Sequence[int] | None = None,
+                eval_contexts: Sequence[str] | None = None, **overrides: Any) -> dict:
+  """RL from `start` on `op_range` for `steps` (default the scale's `rl_steps`), prompts and sampling by `seed`,
+  evaluated on `eval_ops` x `eval_contexts` (default: the scale's ops, its main context)."""
+  rl = stage(scale.rl, "rl", start=start, steps=steps or scale.rl_steps, **{
+      "data.task.op_range": tuple(op_range), "data.seed": 100 + seed,
+      "grpo.max_new_tokens": rl_max_new_tokens(scale, op_range[1]), **overrides})
+  return pipeline(scale, name, [rl], seed, eval_ops=eval_ops, contexts=eval_contexts)
+
+
+def run(config: Mapping, workdir: str | Path, scale: Scale) -> tuple[dict, Path]:
+  """Runs (or resumes, or only reads back) one pipeline in `<workdir>/<scale>/runs/<hash>`, the hash of its config
+  without its name, so experiments that need the same run share it. Returns its report
+  (`jaxstages.schedule.run_pipeline`) and its folder."""
+  from jaxstages.config import config_hash
+  from jaxstages.schedule import run_pipeline
+  run_dir = Path(workdir) / scale.name / "runs" / config_hash({k: v for k, v in config.items() if k != "name"})
+  print(f"-- {config['name']}: {run_dir}", flush=True)
+  return run_pipeline(config, run_dir), run_dir
+
+
+def evaluate_start(scale: Scale, source: str | Path, workdir: str | Path, eval_ops: Sequence[int] | None = None,
+                   contexts: Sequence[str] | None = None) -> dict:
+  """The scale's evaluation of a start model (a stage or params folder) with document prompts, cached in
+  `<workdir>/<scale>/evals/` by the folder's name and the evaluation's config hash."""
+  from jaxstages.config import config_hash, load_config
+  from jaxstages.evaluation import EvalConfig
+
+  source = Path(source)
+  cfg = EvalConfig.from_config(dict(scale.eval, ops=tuple(eval_ops or scale.eval_ops),
+                                    contexts=tuple(contexts or scale.contexts[:1]), prompt="document"))
+  path = Path(workdir) / scale.name / "evals" / f"{source.name}-{config_hash(dataclasses.asdict(cfg))}.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  from jaxstages.data.pipeline import data_config
+  from jaxstages.data.tokenizer import load_tokenizer
+  from jaxstages.evaluation import evaluate
+  from jaxstages.sharding import make_mesh
+  from jaxstages.train import load_model
+
+  mesh = make_mesh()
+  model = load_model(source, mesh)
+  tokenizer = load_tokenizer(source / "tokenizer")
+  task = data_config(load_config(scale.rl["config"]).data).task
+  print(f"-- evaluating {source}", flush=True)
+  result = evaluate(model, tokenizer, task, cfg, mesh=mesh, show_progress=False)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2))
+  return result
+
+
+def cells(result: Mapping | Sequence[Mapping]) -> dict[tuple[str, int], dict]:
+  """An evaluation's cells (or a report row's `eval` list) by (context, op)."""
+  return {(c["context"], c["op"]): c for c in (result["cells"] if isinstance(result, Mapping) else result)}
+
+
+def stage_metrics(run_dir: str | Path, stage_name: str, keys: Sequence[str]) -> list[dict]:
+  """Rows of a stage's `metrics.jsonl` (training rows only) holding `step` and `keys`."""
+  from jaxstages.metrics import read_metrics
+  rows = [r for r in read_metrics(Path(run_dir) / stage_name / "metrics.jsonl") if keys[0] in r]
+  return [{"step": r["step"], **{k: r.get(k) for k in keys}} for r in rows]
+
+
+# -- summaries and results ---------------------------------------------------------------------------------------------
+
+def summary(values: Sequence[float]) -> dict:
+  """Mean, spread (sample standard deviation; 0 for one value) and the values themselves."""
+  values = [float(v) for v in values]
+  mean = sum(values) / len(values)
+  spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+  return {"mean": mean, "spread": spread, "n": len(values), "values": values}
+
+
+def fmt(s: Mapping, scale: float = 100.0, digits: int = 1) -> str:
+  """`mean ± spread` (in percent by default)."""
+  return f"{s['mean'] * scale:.{digits}f} ± {s['spread'] * scale:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  out = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
+  out += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+  return "\n".join(out) + "\n"
+
+
+def write_results(args: argparse.Namespace, experiment: str, results: dict, markdown: str,
+                  plot: Callable[[Path], None] | None = None) -> Path:
+  """Writes `results.json` (with the command, scale, seeds and date), `results.md` (the command, then `markdown`)
+  and the plot (`plot(path)`) to the experiment's results folder; returns it."""
+  out = out_dir(args, experiment)
+  out.mkdir(parents=True, exist_ok=True)
+  meta = {"experiment": experiment, "command": args.command, "scale": args.scale, "seeds": args.seeds,
+          "date": datetime.date.today().isoformat()}
+  (out / "results.json").write_text(json.dumps(dict(meta, **results), indent=2, default=str))
+  (out / "results.md").write_text(f"# {experiment}\n\nMade by `{args.command}` ({args.scale} scale, {args.seeds} "
+                                  f"seed(s), {meta['date']}).\n\n{markdown}")
+  if plot is not None:
+    import matplotlib
+    matplotlib.use("Agg")
+    plot(out / f"{experiment}.png")
+  print(f"results: {out}", flush=True)
+  return out

@@ -1,0 +1,87 @@
+"""Does RL extend what the base can do, and on which problems? RL from the shared base on four op ranges (too easy,
+in-distribution, the edge of competence, too hard), then strict pass@k on every evaluated op.
+
+  python -m experiments.edge_of_competence [--seeds 3] [--scale cpu]
+
+The claim (Zhang, Neubig, Yue 2025): RL on the edge range raises pass@k at large k (new problems solved at all), RL on
+in-distribution problems raises pass@1 but not pass@k at large k (it sharpens what the base already does), RL on
+too-hard problems does nothing (no sample is ever rewarded). Every arm takes the same number of RL steps; a seed
+changes the RL prompts and sampling (the base is shared). Reward curves come from each run's `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+from experiments.base import ensure_base
+from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, \
+    rl_pipeline, run, stage_metrics, summary, write_results
+
+ARMS = ("too-easy", "in-distribution", "edge", "too-hard")
+
+
+def plot(results: dict, ks: list[int], ops: list[int], path) -> None:
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(ops) + 1, figsize=(3.2 * (len(ops) + 1), 3.2))
+  for ax, op in zip(axes, ops):
+    for arm, cell in [("base", results["base"])] + [(a, results["arms"][a]) for a in results["arms"]]:
+      ys = [cell[str(op)][f"pass@{k}"]["mean"] for k in ks]
+      ax.plot(ks, ys, marker="o", ms=3, label=arm, ls="--" if arm == "base" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"op {op}")
+    ax.set_xlabel("k")
+    ax.set_ylim(0, 1)
+  axes[0].set_ylabel("strict pass@k")
+  axes[0].legend(fontsize=7)
+  ax = axes[-1]
+  for arm, curves in results["reward_curves"].items():
+    steps = [r["step"] for r in curves[0]]
+    mean = [sum(c[i]["pass_rate"] for c in curves) / len(curves) for i in range(len(steps))]
+    ax.plot(steps, mean, label=arm)
+  ax.set_title("RL: strict pass rate of the samples")
+  ax.set_xlabel("RL step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+  args = parse_args("edge_of_competence", __doc__, argv)
+  scale = SCALES[args.scale]
+  base = ensure_base(scale, args.workdir)
+  ops, ks = list(scale.eval_ops), list(scale.eval["ks"])
+  base_cells = cells(evaluate_start(scale, base, args.workdir))
+  metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
+  results = {"base": {str(op): {m: summary([base_cells[("p", op)][m]]) for m in metrics} for op in ops},
+             "arms": {}, "reward_curves": {}, "ranges": {a: scale.ranges[a] for a in ARMS}}
+  for arm in chosen(ARMS, args):
+    per_seed, curves = [], []
+    for seed in range(args.seeds):
+      report, run_dir = run(rl_pipeline(scale, f"edge_of_competence-{arm}-{seed}", base, scale.ranges[arm], seed),
+                            args.workdir, scale)
+      per_seed.append(cells(report["stages"][-1]["eval"]))
+      curves.append(stage_metrics(run_dir, "rl", ["pass_rate", "reward_mean", "zero_variance_groups"]))
+    results["arms"][arm] = {str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in metrics}
+                            for op in ops}
+    results["reward_curves"][arm] = curves
+
+  kmax = ks[-1]
+  header = ["RL on (ops)", *[f"op {op} pass@1" for op in ops], *[f"op {op} pass@{kmax}" for op in ops]]
+  rows = [["(base)", *[fmt(results["base"][str(op)]["pass@1"]) for op in ops],
+           *[fmt(results["base"][str(op)][f"pass@{kmax}"]) for op in ops]]]
+  for arm, by_op in results["arms"].items():
+    lo, hi = scale.ranges[arm]
+    rows.append([f"{arm} ({lo}-{hi})", *[fmt(by_op[str(op)]["pass@1"]) for op in ops],
+                 *[fmt(by_op[str(op)][f"pass@{kmax}"]) for op in ops]])
+  first = {a: [c[0]["pass_rate"] for c in results["reward_curves"][a]] for a in results["reward_curves"]}
+  last = {a: [c[-1]["pass_rate"] for c in results["reward_curves"][a]] for a in results["reward_curves"]}
+  curve_rows = [[a, fmt(summary(first[a])), fmt(summary(last[a]))] for a in first]
+  md = (f"Strict pass@k (%) on context p after {scale.rl_steps} RL steps from the shared base, "
+        f"{scale.eval['problems']} problems x {scale.eval['n']} samples per op at temperature "
+        f"{scale.eval['temperature']}; mean ± spread over {args.seeds} seeds.\n\n"
+        + markdown_table(header, rows)
+        + "\nStrict pass rate of the RL samples (%), first and last logged step:\n\n"
+        + markdown_table(["RL on", "first", "last"], curve_rows))
+  write_results(args, "edge_of_competence", results, md, plot=lambda p: plot(results, ks, ops, p))
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
