@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments.common import ARTIFACTS, SCALES, Scale, cells, evaluate_start, markdown_table, parse_args, \
+from experiments.common import ARTIFACTS, REPO, SCALES, Scale, cells, evaluate_start, markdown_table, parse_args, \
     write_results
 
 # (context, op, metric, lowest, highest): what the cpu base must show (its measured values sit inside, with room for
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
   gate = "passes" if not failures else "FAILS: " + "; ".join(failures)
   summary = json.loads((base / "source.json").read_text())["summary"] if (base / "source.json").exists() else \
       json.loads((base / "summary.json").read_text())
-  md = (f"The base `{base.relative_to(base.parents[1]) if base.is_relative_to(ARTIFACTS) else base}`: "
+  md = (f"The base `{base.relative_to(REPO) if base.is_relative_to(REPO) else base}`: "
         f"{summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3g} FLOPs, "
         f"{summary.get('wall_s_this_run', 0) / 60:.1f} min.\n\nGate: {gate}.\n\n{table}")
   write_results(args, "base", {"base": str(base), "gate_failures": failures, "eval": result}, md)

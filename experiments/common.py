@@ -75,7 +75,7 @@ SCALES: dict[str, Scale] = {
         ranges={"too-easy": (1, 1), "in-distribution": (1, 2), "edge": (2, 3), "too-hard": (4, 5)},
         eval_ops=(1, 2, 3, 4),
         eval=dict(problems=64, n=64, ks=(1, 4, 16, 64), temperature=1.0),
-        budget_flops=4e12,
+        budget_flops=3e12,
     ),
     "minimal": Scale(
         name="minimal",
@@ -178,14 +178,23 @@ def stage(config: Mapping, name: str, start: str | Path | None = None, steps: in
   return entry
 
 
+def eval_protocol(scale: Scale, eval_ops: Sequence[int] | None = None, contexts: Sequence[str] | None = None,
+                  problems: int | None = None) -> dict:
+  """The scale's evaluation (EvalConfig keys) on `eval_ops` x `contexts` (default: the scale's ops, its main
+  context), with `problems` per cell when given."""
+  protocol = dict(scale.eval, ops=tuple(eval_ops or scale.eval_ops), contexts=tuple(contexts or scale.contexts[:1]))
+  if problems:
+    protocol["problems"] = problems
+  return protocol
+
+
 def pipeline(scale: Scale, name: str, stages: list[dict], seed: int, eval_ops: Sequence[int] | None = None,
-             contexts: Sequence[str] | None = None) -> dict:
+             contexts: Sequence[str] | None = None, problems: int | None = None) -> dict:
   """A pipeline config: `stages` with the scale's model, `seed` for initialisation, sampling and the data order, and
-  the scale's evaluation after every stage."""
+  the scale's evaluation after every stage (`eval_protocol`)."""
   return {"name": name, "stages": stages,
           "overrides": {"model": dict(scale.model), "stage": {"seed": seed}},
-          "eval": dict(scale.eval, ops=tuple(eval_ops or scale.eval_ops),
-                       contexts=tuple(contexts or scale.contexts[:1])),
+          "eval": eval_protocol(scale, eval_ops, contexts, problems),
           "compute": {"total_flops": 0.0, "split": {}}, "price_per_chip_hour": 0.0}
 
 
@@ -196,13 +205,14 @@ def rl_max_new_tokens(scale: Scale, hi: int) -> int:
 
 def rl_pipeline(scale: Scale, name: str, start: str | Path, op_range: tuple[int, int], seed: int,
                 steps: int | None = None, eval_ops: Sequence[int] | None = None,
-                eval_contexts: Sequence[str] | None = None, **overrides: Any) -> dict:
+                eval_contexts: Sequence[str] | None = None, eval_problems: int | None = None,
+                **overrides: Any) -> dict:
   """RL from `start` on `op_range` for `steps` (default the scale's `rl_steps`), prompts and sampling by `seed`,
   evaluated on `eval_ops` x `eval_contexts` (default: the scale's ops, its main context)."""
   rl = stage(scale.rl, "rl", start=start, steps=steps or scale.rl_steps, **{
       "data.task.op_range": tuple(op_range), "data.seed": 100 + seed,
       "grpo.max_new_tokens": rl_max_new_tokens(scale, op_range[1]), **overrides})
-  return pipeline(scale, name, [rl], seed, eval_ops=eval_ops, contexts=eval_contexts)
+  return pipeline(scale, name, [rl], seed, eval_ops=eval_ops, contexts=eval_contexts, problems=eval_problems)
 
 
 def run(config: Mapping, workdir: str | Path, scale: Scale) -> tuple[dict, Path]:
@@ -217,15 +227,14 @@ def run(config: Mapping, workdir: str | Path, scale: Scale) -> tuple[dict, Path]
 
 
 def evaluate_start(scale: Scale, source: str | Path, workdir: str | Path, eval_ops: Sequence[int] | None = None,
-                   contexts: Sequence[str] | None = None) -> dict:
+                   contexts: Sequence[str] | None = None, problems: int | None = None) -> dict:
   """The scale's evaluation of a start model (a stage or params folder) with document prompts, cached in
   `<workdir>/<scale>/evals/` by the folder's name and the evaluation's config hash."""
   from jaxstages.config import config_hash, load_config
   from jaxstages.evaluation import EvalConfig
 
   source = Path(source)
-  cfg = EvalConfig.from_config(dict(scale.eval, ops=tuple(eval_ops or scale.eval_ops),
-                                    contexts=tuple(contexts or scale.contexts[:1]), prompt="document"))
+  cfg = EvalConfig.from_config(dict(eval_protocol(scale, eval_ops, contexts, problems), prompt="document"))
   path = Path(workdir) / scale.name / "evals" / f"{source.name}-{config_hash(dataclasses.asdict(cfg))}.json"
   if path.exists():
     return json.loads(path.read_text())

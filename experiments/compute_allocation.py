@@ -41,7 +41,13 @@ def arm_pipeline(scale, share: float, base, seed: int, eval_ops) -> dict:
   if share < 1:
     stages.append(stage(scale.rl, "rl", start=None if stages else base, flops=(1 - share) * scale.budget_flops, **{
         "data.task.op_range": (lo, hi), "data.seed": 100 + seed, "grpo.max_new_tokens": rl_max_new_tokens(scale, hi)}))
-  return pipeline(scale, f"compute_allocation-{round(100 * share)}-{seed}", stages, seed, eval_ops=eval_ops)
+  return pipeline(scale, f"compute_allocation-{round(100 * share)}-{seed}", stages, seed, eval_ops=eval_ops,
+                  problems=eval_problems(scale))
+
+
+def eval_problems(scale) -> int:
+  """Half the scale's problems per cell: up to two evaluations for each of 15 runs."""
+  return max(1, scale.eval["problems"] // 2)
 
 
 def plot(results: dict, ops: list[int], ks: list[int], path) -> None:
@@ -70,7 +76,7 @@ def main(argv=None) -> None:
   ops = sorted({*range(lo, hi + 1), scale.ranges["too-hard"][0]})
   ks = list(scale.eval["ks"])
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
-  base_cells = cells(evaluate_start(scale, base, args.workdir))
+  base_cells = cells(evaluate_start(scale, base, args.workdir, eval_ops=ops, problems=eval_problems(scale)))
   results = {"budget_flops": scale.budget_flops, "base": {str(op): {m: summary([base_cells[("p", op)][m]])
                                                                     for m in metrics} for op in ops}, "arms": {}}
   names = {arm_name(s): s for s in MIDTRAIN_SHARES}
@@ -99,7 +105,7 @@ def main(argv=None) -> None:
                  *[fmt(arm["eval"][str(op)]["pass@1"]) for op in ops],
                  *[fmt(arm["eval"][str(op)][f"pass@{kmax}"]) for op in ops]])
   md = (f"A budget of {scale.budget_flops:.3g} FLOPs after the base, split between mid-training (80% ops {lo}-{hi}, "
-        f"20% replay) and GRPO on ops {lo}-{hi}. Strict pass@k (%) on context p, {scale.eval['problems']} problems x "
+        f"20% replay) and GRPO on ops {lo}-{hi}. Strict pass@k (%) on context p, {eval_problems(scale)} problems x "
         f"{scale.eval['n']} samples per op at temperature {scale.eval['temperature']}; mean ± spread over "
         f"{args.seeds} seeds (steps of seed 0).\n\n" + markdown_table(header, rows))
   write_results(args, "compute_allocation", results, md, plot=lambda p: plot(results, ops, ks, p))

@@ -6,7 +6,7 @@ p at every op), then RL on a 50/50 mix of p and q; strict pass@k on q across ops
 
 The claim (Zhang, Neubig, Yue 2025): transfer to the new context needs a small seed of it in pre-training: with 0% or
 0.1% RL does not make the model solve the new context's harder problems, with ≥ 1% it does (up to +60 points
-pass@128). The 1% base is the shared one (`experiments/base.py`); the other three are pre-trained the same way with
+pass@128). Evaluated on the second context only, with half the scale's problems per op. The 1% base is the shared one (`experiments/base.py`); the other three are pre-trained the same way with
 only the mixture changed, once each (a seed changes the RL prompts and sampling, not the base).
 """
 
@@ -38,7 +38,7 @@ def plot(results: dict, ops: list[int], ks: list[int], second: str, path) -> Non
   for ax, k in zip(axes, (ks[0], ks[-1])):
     for name, arm in results["arms"].items():
       line, = ax.plot(ops, [arm["after_rl"][str(op)][f"pass@{k}"]["mean"] for op in ops], marker="o", label=name)
-      ax.plot(ops, [arm["base"][str(op)][f"pass@{k}"]["mean"] for op in ops], ls=":", color=line.get_color())
+      ax.plot(ops, [arm["before_rl"][str(op)][f"pass@{k}"]["mean"] for op in ops], ls=":", color=line.get_color())
     ax.set_title(f"context {second}: strict pass@{k} (dotted: before RL)", fontsize=9)
     ax.set_xlabel("op")
     ax.set_xticks(ops)
@@ -56,41 +56,35 @@ def main(argv=None) -> None:
   ops = sorted({*range(rl_range[0], rl_range[1] + 1), hi + 1})
   ks = list(scale.eval["ks"])
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
+  problems = max(1, scale.eval["problems"] // 2)  # half the scale's problems per cell: eight bases and runs to evaluate
   results = {"rl_range": rl_range, "rl_contexts": {main_ctx: 0.5, second: 0.5}, "arms": {}}
   names = {arm_name(s): s for s in SHARES}
   for name in chosen(list(names), args):
     share = names[name]
     base = ensure_base(scale, args.workdir, **{"data.task.contexts": mixture(scale, share)})
-    before = cells(evaluate_start(scale, base, args.workdir, eval_ops=ops, contexts=(main_ctx, second)))
+    before = cells(evaluate_start(scale, base, args.workdir, eval_ops=ops, contexts=(second,), problems=problems))
     per_seed = []
     for seed in range(args.seeds):
       report, _ = run(rl_pipeline(scale, f"context_seeding-{name}-{seed}", base, rl_range, seed, eval_ops=ops,
-                                  eval_contexts=(main_ctx, second),
+                                  eval_contexts=(second,), eval_problems=problems,
                                   **{"data.task.contexts": ((main_ctx, 0.5), (second, 0.5))}), args.workdir, scale)
       per_seed.append(cells(report["stages"][-1]["eval"]))
     results["arms"][name] = {
-        "share": share, "base": str(base),
-        **{key: {str(op): {m: summary([c[(ctx, op)][m] for c in per_seed] if key.startswith("after")
-                                      else [before[(ctx, op)][m]]) for m in metrics} for op in ops}
-           for key, ctx in (("after_rl", second), ("base", second), ("after_rl_main", main_ctx),
-                            ("base_main", main_ctx))}}
+        "share": share, "base_folder": str(base),
+        "after_rl": {str(op): {m: summary([c[(second, op)][m] for c in per_seed]) for m in metrics} for op in ops},
+        "before_rl": {str(op): {m: summary([before[(second, op)][m]]) for m in metrics} for op in ops}}
 
   kmax = ks[-1]
   header = [f"{second} in pre-training", *[f"op {op} pass@1" for op in ops], *[f"op {op} pass@{kmax}" for op in ops]]
   rows = []
   for name, arm in results["arms"].items():
-    for key, label in (("base", "before RL"), ("after_rl", "after RL")):
+    for key, label in (("before_rl", "before RL"), ("after_rl", "after RL")):
       rows.append([f"{name}, {label}", *[fmt(arm[key][str(op)]["pass@1"]) for op in ops],
                    *[fmt(arm[key][str(op)][f"pass@{kmax}"]) for op in ops]])
-  main_rows = [[name, *[fmt(arm["after_rl_main"][str(op)]["pass@1"]) for op in ops]]
-               for name, arm in results["arms"].items()]
   md = (f"Context {second} in pre-training only at op {mixture(scale, 0.01)[1][2][0]}; RL for {scale.rl_steps} steps "
         f"on ops {rl_range[0]}-{rl_range[1]}, half {main_ctx}, half {second}. Strict pass@k (%) on context {second}, "
-        f"{scale.eval['problems']} problems x {scale.eval['n']} samples per op at temperature "
-        f"{scale.eval['temperature']}; after RL mean ± spread over {args.seeds} seeds (before RL: the one base).\n\n"
-        + markdown_table(header, rows)
-        + f"\nContext {main_ctx} after RL, strict pass@1 (%):\n\n"
-        + markdown_table([f"{second} in pre-training", *[f"op {op}" for op in ops]], main_rows))
+        f"{problems} problems x {scale.eval['n']} samples per op at temperature {scale.eval['temperature']}; after RL "
+        f"mean ± spread over {args.seeds} seeds (before RL: the one base).\n\n" + markdown_table(header, rows))
   write_results(args, "context_seeding", results, md, plot=lambda p: plot(results, ops, ks, second, p))
   print(md)
 

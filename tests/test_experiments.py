@@ -76,10 +76,10 @@ def test_compute_allocation_spends_its_budget_in_both_stages(workdir):
 
 def test_context_seeding_reuses_the_shared_base_for_one_percent(workdir):
   results = run_experiment(context_seeding, workdir, "--arms", "1%")
-  assert results["arms"]["1%"]["base"] == str(base.ensure_base(MINIMAL, workdir))
+  assert results["arms"]["1%"]["base_folder"] == str(base.ensure_base(MINIMAL, workdir))
   assert context_seeding.mixture(MINIMAL, 0.0) == (("p", 1.0),)
   arm = results["arms"]["1%"]
-  assert set(arm) >= {"after_rl", "base", "after_rl_main", "base_main"}
+  assert set(arm["after_rl"]) == set(arm["before_rl"]) == {"1", "2", "3"}  # the RL ops and one beyond
 
 
 @pytest.mark.slow
