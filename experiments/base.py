@@ -49,16 +49,17 @@ def finished(run_dir: Path) -> bool:
   return summary.get("step") == summary.get("steps")
 
 
-def ensure_base(scale: Scale, workdir: str | Path, **overrides) -> Path:
+def ensure_base(scale: Scale, workdir: str | Path, use_artifact: bool = True, **overrides) -> Path:
   """The base of `scale` (with extra dotted-key `overrides`: another base, e.g. another context mixture): the
-  committed artifact when its config hash matches, else a cached or freshly pre-trained run folder."""
+  committed artifact when its config hash matches (and `use_artifact`), else a cached or freshly pre-trained run
+  folder."""
   from jaxstages.config import config_hash
   from jaxstages.train import run_stage
 
   cfg = base_config(scale, **overrides)
   digest = config_hash(cfg)
   artifact = ARTIFACTS / f"base-{scale.name}"
-  if (artifact / "source.json").exists():
+  if use_artifact and (artifact / "source.json").exists():
     if json.loads((artifact / "source.json").read_text())["config_hash"] == digest:
       return artifact
   run_dir = Path(workdir) / scale.name / f"base-{digest}"
@@ -79,14 +80,8 @@ def check_gate(scale: Scale, result: dict) -> list[str]:
   return failures
 
 
-def main(argv=None) -> None:
-  args = parse_args("base", __doc__, argv, extra=lambda p: p.add_argument("--export", action="store_true"))
-  scale = SCALES[args.scale]
-  base = ensure_base(scale, args.workdir)
-  if args.export and base != ARTIFACTS / f"base-{scale.name}":
-    from jaxstages.model.io import export_stage
-    base = export_stage(base, ARTIFACTS / f"base-{scale.name}")
-  result = evaluate_start(scale, base, args.workdir)
+def describe(scale: Scale, base: Path, result: dict) -> tuple[str, list[str]]:
+  """The base's size, cost, gate verdict and evaluation table (Markdown), and its gate failures."""
   failures = check_gate(scale, result)
   ks = [k for k in result["cells"][0] if k.startswith("pass@")]
   rows = [[c["op"], *[f"{100 * c[k]:.1f}" for k in ks], f"{100 * c['answer@1']:.1f}"] for c in result["cells"]]
@@ -94,10 +89,32 @@ def main(argv=None) -> None:
   gate = "passes" if not failures else "FAILS: " + "; ".join(failures)
   summary = json.loads((base / "source.json").read_text())["summary"] if (base / "source.json").exists() else \
       json.loads((base / "summary.json").read_text())
-  md = (f"The base `{base.relative_to(REPO) if base.is_relative_to(REPO) else base}`: "
-        f"{summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3g} FLOPs, "
-        f"{summary.get('wall_s_this_run', 0) / 60:.1f} min.\n\nGate: {gate}.\n\n{table}")
-  write_results(args, "base", {"base": str(base), "gate_failures": failures, "eval": result}, md)
+  return (f"The base `{base.relative_to(REPO) if base.is_relative_to(REPO) else base.name}`: "
+          f"{summary['steps']} steps, {summary['tokens']:,} tokens, {summary['flops']:.3g} FLOPs, "
+          f"{summary.get('wall_s_this_run', 0) / 60:.1f} min.\n\nGate: {gate}.\n\n{table}"), failures
+
+
+def main(argv=None) -> None:
+  def extra(parser):
+    parser.add_argument("--export", action="store_true", help="copy a freshly trained base into experiments/artifacts")
+    parser.add_argument("--remake", action="store_true", help="also pre-train the base again (in --workdir) and "
+                                                              "evaluate it next to the committed one")
+  args = parse_args("base", __doc__, argv, extra=extra)
+  scale = SCALES[args.scale]
+  bases = [ensure_base(scale, args.workdir)]
+  if args.export and bases[0] != ARTIFACTS / f"base-{scale.name}":
+    from jaxstages.model.io import export_stage
+    bases = [export_stage(bases[0], ARTIFACTS / f"base-{scale.name}")]
+  if args.remake:
+    bases.append(ensure_base(scale, args.workdir, use_artifact=False))
+  results, sections = {}, []
+  for base in bases:
+    result = evaluate_start(scale, base, args.workdir)
+    md, failures = describe(scale, base, result)
+    results[str(base)] = {"gate_failures": failures, "eval": result}
+    sections.append(md)
+  md = "\n".join(sections)
+  write_results(args, "base", {"base": str(bases[0]), "bases": results}, md)
   print(md)
 
 

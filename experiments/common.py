@@ -79,8 +79,8 @@ SCALES: dict[str, Scale] = {
     ),
     "minimal": Scale(
         name="minimal",
-        model=dict(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),  # batches of 8: one
-        # row per device of the test mesh
+        # batches of 8: one row per device of the test mesh
+        model=dict(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),
         base=dict(config="train.py:pretrain-toy",
                   overrides={"stage.steps": 6, "stage.eval_every": 0, "stage.checkpoint_every": 6,
                              "stage.log_every": 3, "stage.async_checkpoints": False, "data.task.reach": "near",
@@ -122,8 +122,8 @@ SCALES: dict[str, Scale] = {
 
 def parse_args(experiment: str, doc: str, argv: Sequence[str] | None = None,
                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-  """The command line of `python -m experiments.<experiment>`: `--seeds N` (seeds 0..N-1), `--scale`, `--workdir` (run folders), `--out` (results folder), `--arms` (a
-  subset, comma-separated)."""
+  """The command line of `python -m experiments.<experiment>`: `--seeds N` (seeds 0..N-1), `--scale`, `--workdir`
+  (run folders), `--out` (results folder), `--arms` (a subset, comma-separated)."""
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--scale", default="cpu", choices=sorted(SCALES))

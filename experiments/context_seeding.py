@@ -6,8 +6,9 @@ p at every op), then RL on a 50/50 mix of p and q; strict pass@k on q across ops
 
 The claim (Zhang, Neubig, Yue 2025): transfer to the new context needs a small seed of it in pre-training: with 0% or
 0.1% RL does not make the model solve the new context's harder problems, with ≥ 1% it does (up to +60 points
-pass@128). Evaluated on the second context only, with half the scale's problems per op. The 1% base is the shared one (`experiments/base.py`); the other three are pre-trained the same way with
-only the mixture changed, once each (a seed changes the RL prompts and sampling, not the base).
+pass@128). Evaluated on the second context only, with half the scale's problems per op. The 1% base is the shared
+one (`experiments/base.py`); the other three are pre-trained the same way with only the mixture changed, once each (a
+seed changes the RL prompts and sampling, not the base).
 """
 
 from __future__ import annotations

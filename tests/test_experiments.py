@@ -45,7 +45,8 @@ def test_base_is_cached_by_config_hash(workdir):
   assert base.ensure_base(MINIMAL, workdir) == folder and (folder / "summary.json").stat().st_mtime_ns == summary
   # another mixture is another base
   assert base.ensure_base(MINIMAL, workdir, **{"data.task.contexts": "p"}) != folder
-  assert {(c["context"], c["op"]) for c in results["eval"]["cells"]} == {("p", op) for op in MINIMAL.eval_ops}
+  cells = results["bases"][str(folder)]["eval"]["cells"]
+  assert {(c["context"], c["op"]) for c in cells} == {("p", op) for op in MINIMAL.eval_ops}
 
 
 def test_edge_of_competence_and_process_reward_share_the_strict_run(workdir):
