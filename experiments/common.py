@@ -2,13 +2,13 @@
 arm x seed as a pipeline, evaluating a start model, summaries over seeds and the results folder.
 
 An experiment is a few *arms*, each a pipeline of stages after a start model (the shared base of
-`experiments/base.py`, or a base of its own), run once per seed. Every run folder lives under
-`--workdir/<experiment>/<arm>/seed<k>` and is a `jaxstages run` folder: re-running the command skips finished runs and
-resumes an interrupted one. Results go to `experiments/results/<experiment>/`: `results.json` (every number, per seed,
+`experiments/base.py`, or a base of its own), run once per seed. Every run folder is a `jaxstages run` folder named by
+the hash of its config, `--workdir/<scale>/runs/<hash>`: re-running the command skips finished runs and resumes an
+interrupted one, and experiments that need the same run share it. Results go to `experiments/results/<experiment>/`: `results.json` (every number, per seed,
 with the command), `results.md` (the tables: mean ± spread over seeds, spread = the sample standard deviation) and
 `<experiment>.png`.
 
-Scales: `cpu` is the toy world measured here (a 2-layer ~0.46M-parameter model on a 2-core CPU), `minimal` the same
+Scales: `cpu` is the toy world measured here (a 2-layer 0.49M-parameter model on a 2-core CPU), `minimal` the same
 code at a size that runs in seconds (for the tests; its numbers mean nothing), `accelerator` the interplay study's
 own sizes (a ~100M model on the story surface; shared REFERENCES) for a TPU or GPU.
 """
