@@ -203,6 +203,23 @@ def rl_max_new_tokens(scale: Scale, hi: int) -> int:
   return max(scale.rl["overrides"].get("grpo.max_new_tokens", 0), 16 * hi + 16)
 
 
+def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int]) -> dict:
+  """`{"data.prompt_len": n}` when the RL config's prompt length is too short for the problems of `op_range` (the
+  longest of 256 train problems at its top op, in the start's tokenizer, rounded up to 32), else nothing."""
+  from jaxstages.config import apply_overrides, load_config
+  from jaxstages.data import tasks
+  from jaxstages.data.pipeline import data_config
+  from jaxstages.data.tokenizer import load_tokenizer
+
+  cfg = apply_overrides(load_config(scale.rl["config"]), [f"{k}={v!r}" for k, v in scale.rl["overrides"].items()
+                                                         if k.startswith("data.")])
+  data = data_config(cfg.data)
+  tokenizer = load_tokenizer(Path(start) / "tokenizer")
+  longest = max(len(tokenizer.encode(tasks.generate(data.task, 0, "train", i, op=op_range[1]).text() + "\n"))
+                for i in range(256))
+  return {} if longest <= data.prompt_len else {"data.prompt_len": -(-(longest + 8) // 32) * 32}
+
+
 def rl_pipeline(scale: Scale, name: str, start: str | Path, op_range: tuple[int, int], seed: int,
                 steps: int | None = None, eval_ops: Sequence[int] | None = None,
                 eval_contexts: Sequence[str] | None = None, eval_problems: int | None = None,
@@ -211,7 +228,8 @@ def rl_pipeline(scale: Scale, name: str, start: str | Path, op_range: tuple[int,
   evaluated on `eval_ops` x `eval_contexts` (default: the scale's ops, its main context)."""
   rl = stage(scale.rl, "rl", start=start, steps=steps or scale.rl_steps, **{
       "data.task.op_range": tuple(op_range), "data.seed": 100 + seed,
-      "grpo.max_new_tokens": rl_max_new_tokens(scale, op_range[1]), **overrides})
+      "grpo.max_new_tokens": rl_max_new_tokens(scale, op_range[1]), **rl_prompt_len(scale, start, op_range),
+      **overrides})
   return pipeline(scale, name, [rl], seed, eval_ops=eval_ops, contexts=eval_contexts, problems=eval_problems)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from experiments.base import ensure_base
 from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, pipeline, \
-    rl_max_new_tokens, run, stage, summary, write_results
+    rl_max_new_tokens, rl_prompt_len, run, stage, summary, write_results
 
 MIDTRAIN_SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)  # of the budget; RL gets the rest
 
@@ -40,7 +40,8 @@ def arm_pipeline(scale, share: float, base, seed: int, eval_ops) -> dict:
         "data.seed": 200 + seed}))
   if share < 1:
     stages.append(stage(scale.rl, "rl", start=None if stages else base, flops=(1 - share) * scale.budget_flops, **{
-        "data.task.op_range": (lo, hi), "data.seed": 100 + seed, "grpo.max_new_tokens": rl_max_new_tokens(scale, hi)}))
+        "data.task.op_range": (lo, hi), "data.seed": 100 + seed, "grpo.max_new_tokens": rl_max_new_tokens(scale, hi),
+        **rl_prompt_len(scale, base, (lo, hi))}))
   return pipeline(scale, f"compute_allocation-{round(100 * share)}-{seed}", stages, seed, eval_ops=eval_ops,
                   problems=eval_problems(scale))
 
