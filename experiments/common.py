@@ -203,17 +203,23 @@ def rl_max_new_tokens(scale: Scale, hi: int) -> int:
   return max(scale.rl["overrides"].get("grpo.max_new_tokens", 0), 16 * hi + 16)
 
 
+def rl_data(scale: Scale):
+  """The RL stages' data config (`DataConfig`) with the scale's `data.*` overrides: its task is the problem world every
+  evaluation draws from."""
+  from jaxstages.config import apply_overrides, load_config
+  from jaxstages.data.pipeline import data_config
+  cfg = apply_overrides(load_config(scale.rl["config"]), [f"{k}={v!r}" for k, v in scale.rl["overrides"].items()
+                                                         if k.startswith("data.")])
+  return data_config(cfg.data)
+
+
 def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int]) -> dict:
   """`{"data.prompt_len": n}` when the RL config's prompt length is too short for the problems of `op_range` (the
   longest of 256 train problems at its top op, in the start's tokenizer, rounded up to 32), else nothing."""
-  from jaxstages.config import apply_overrides, load_config
   from jaxstages.data import tasks
-  from jaxstages.data.pipeline import data_config
   from jaxstages.data.tokenizer import load_tokenizer
 
-  cfg = apply_overrides(load_config(scale.rl["config"]), [f"{k}={v!r}" for k, v in scale.rl["overrides"].items()
-                                                         if k.startswith("data.")])
-  data = data_config(cfg.data)
+  data = rl_data(scale)
   tokenizer = load_tokenizer(Path(start) / "tokenizer")
   longest = max(len(tokenizer.encode(tasks.generate(data.task, 0, "train", i, op=op_range[1]).text() + "\n"))
                 for i in range(256))
@@ -248,15 +254,16 @@ def evaluate_start(scale: Scale, source: str | Path, workdir: str | Path, eval_o
                    contexts: Sequence[str] | None = None, problems: int | None = None) -> dict:
   """The scale's evaluation of a start model (a stage or params folder) with document prompts, cached in
   `<workdir>/<scale>/evals/` by the folder's name and the evaluation's config hash."""
-  from jaxstages.config import config_hash, load_config
+  from jaxstages.config import config_hash
   from jaxstages.evaluation import EvalConfig
 
   source = Path(source)
   cfg = EvalConfig.from_config(dict(eval_protocol(scale, eval_ops, contexts, problems), prompt="document"))
-  path = Path(workdir) / scale.name / "evals" / f"{source.name}-{config_hash(dataclasses.asdict(cfg))}.json"
+  task = rl_data(scale).task  # the problems the runs after the start are evaluated on (e.g. operands on one chain)
+  key = config_hash({"eval": dataclasses.asdict(cfg), "task": dataclasses.asdict(task)})
+  path = Path(workdir) / scale.name / "evals" / f"{source.name}-{key}.json"
   if path.exists():
     return json.loads(path.read_text())
-  from jaxstages.data.pipeline import data_config
   from jaxstages.data.tokenizer import load_tokenizer
   from jaxstages.evaluation import evaluate
   from jaxstages.sharding import make_mesh
@@ -265,7 +272,6 @@ def evaluate_start(scale: Scale, source: str | Path, workdir: str | Path, eval_o
   mesh = make_mesh()
   model = load_model(source, mesh)
   tokenizer = load_tokenizer(source / "tokenizer")
-  task = data_config(load_config(scale.rl["config"]).data).task
   print(f"-- evaluating {source}", flush=True)
   result = evaluate(model, tokenizer, task, cfg, mesh=mesh, show_progress=False)
   path.parent.mkdir(parents=True, exist_ok=True)
