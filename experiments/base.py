@@ -20,8 +20,8 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments.common import ARTIFACTS, REPO, SCALES, Scale, cells, evaluate_start, markdown_table, parse_args, \
-    write_results
+from experiments.common import ARTIFACTS, REPO, SCALES, Scale, cells, evaluate_start, finished, markdown_table, \
+    parse_args, write_results
 
 # (context, op, metric, lowest, highest): what the cpu base must show (its measured values sit inside, with room for
 # the spread between re-made bases): op 1 solved often and nearly always within 64 samples, op 2 (the edge) rarely
@@ -39,14 +39,6 @@ def base_config(scale: Scale, **overrides) -> ml_collections.ConfigDict:
   cfg = load_config(scale.base["config"])
   values = {**{f"model.{k}": v for k, v in scale.model.items()}, **scale.base["overrides"], **overrides}
   return apply_overrides(cfg, [f"{k}={v!r}" for k, v in values.items()])
-
-
-def finished(run_dir: Path) -> bool:
-  path = run_dir / "summary.json"
-  if not path.exists():
-    return False
-  summary = json.loads(path.read_text())
-  return summary.get("step") == summary.get("steps")
 
 
 def ensure_base(scale: Scale, workdir: str | Path, use_artifact: bool = True, **overrides) -> Path:

@@ -46,6 +46,11 @@ class Scale:
   eval: dict  # evaluation.EvalConfig keys shared by every evaluation (problems, n, ks, temperature)
   contexts: tuple = ("p", "q")  # the main context and the second one (context seeding)
   budget_flops: float = 0.0  # compute_allocation: mid-training + RL budget after the base
+  light_eval: dict = dataclasses.field(default_factory=dict)  # fewer samples (n, ks) for the many-arm experiments
+  sizes: dict = dataclasses.field(default_factory=dict)  # rl_scaling: model overrides of each size, smallest first
+  sft: dict = dataclasses.field(default_factory=dict)  # online_vs_offline's start: SFT of the base (chat)
+  dpo: dict = dataclasses.field(default_factory=dict)  # online_vs_offline: DPO after that SFT
+  distill: dict = dataclasses.field(default_factory=dict)  # distill_vs_rl: distillation on document prompts
 
 
 # The base's pre-training mixture: context p, with the second context q seeded at 1% at op 1 only (context_seeding
@@ -56,6 +61,25 @@ SEEDED_Q = (("p", 0.99), ("q", 0.01, (1, 1)))
 # from the base, 32 prompts x 8 samples a step, lr 1.5e-4 constant (the quickstart's RL lr), no KL term.
 _CPU_RL = {"data.prompt": "document", "data.batch_size": 32, "optim.lr": 1.5e-4, "grpo.reward": "strict",
            "grpo.eval_problems": 0, "stage.eval_every": 0, "stage.checkpoint_every": 20, "stage.log_every": 5}
+
+# online_vs_offline's shared start: chat SFT of the base on context p, ops 1-3, plain answers (no think flag)
+_CPU_SFT = {"data.task.reach": "near", "data.task.contexts": "p", "data.task.op_range": (1, 3), "stage.steps": 300,
+            "stage.eval_every": 0, "stage.checkpoint_every": 300, "data.think_mix": (0.0, 0.0, 1.0),
+            "data.seq_len": 256}
+# DPO from that start: 32 pairs a step, β 0.1, lr 1e-4 constant (dpo-toy's), the KL drift on 32 held-out prompts
+_CPU_DPO = {"data.task.reach": "near", "data.task.contexts": "p", "data.batch_size": 32, "stage.eval_every": 10,
+            "stage.eval_batches": 2, "stage.checkpoint_every": 20, "stage.log_every": 5, "dpo.drift_prompts": 32,
+            "dpo.drift_max_new_tokens": 64, "dpo.pair_samples": 8, "dpo.pair_max_new_tokens": 64}
+# distillation on the RL stages' document prompts: 32 prompts a step, one completion each, lr 3e-4 constant
+_CPU_DISTILL = {"data.kind": "rl", "data.sources": (), "data.prompt": "document", "data.task.reach": "near",
+                "data.task.contexts": "p", "data.prompt_len": 48, "data.batch_size": 32, "stage.eval_every": 0,
+                "stage.checkpoint_every": 50, "stage.log_every": 5, "optim.lr": 3e-4, "optim.schedule": "constant",
+                "optim.warmup_fraction": 0.0, "optim.weight_decay": 0.0}
+# the accelerator scale's chat / distillation stages on the interplay study's story surface (not run here)
+_STORY_CHAT = {"data.task.surface": "story", "data.task.contexts": "zoo", "data.task.op_range": (7, 14),
+               "data.seq_len": 2048, "data.batch_size": 256}
+_MINIMAL_STAGE = {"stage.log_every": 1, "stage.checkpoint_every": 100, "stage.async_checkpoints": False,
+                  "stage.eval_every": 0, "data.seq_len": 128}
 
 SCALES: dict[str, Scale] = {
     "cpu": Scale(
@@ -76,6 +100,11 @@ SCALES: dict[str, Scale] = {
         eval_ops=(1, 2, 3, 4),
         eval=dict(problems=64, n=64, ks=(1, 4, 16, 64), temperature=1.0),
         budget_flops=3e12,
+        light_eval=dict(n=16, ks=(1, 4, 16)),
+        sizes={"1 layer": dict(num_layers=1), "2 layers": dict(num_layers=2), "4 layers": dict(num_layers=4)},
+        sft=dict(config="train.py:sft-toy", overrides=_CPU_SFT),
+        dpo=dict(config="train.py:dpo-toy", overrides=_CPU_DPO),
+        distill=dict(config="train.py:distill-toy", overrides=_CPU_DISTILL),
     ),
     "minimal": Scale(
         name="minimal",
@@ -99,12 +128,23 @@ SCALES: dict[str, Scale] = {
         eval_ops=(1, 2),
         eval=dict(problems=2, n=2, ks=(1, 2), temperature=1.0, max_new_tokens=24),
         budget_flops=2e9,
+        light_eval=dict(n=2, ks=(1, 2)),
+        sizes={"1 layer": dict(num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),
+               "2 layers": dict(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)},
+        sft=dict(config="train.py:sft-toy", overrides=dict(_CPU_SFT, **_MINIMAL_STAGE, **{"stage.steps": 2})),
+        dpo=dict(config="train.py:dpo-toy", overrides=dict(_CPU_DPO, **_MINIMAL_STAGE, **{
+            "data.batch_size": 8, "dpo.drift_prompts": 2, "dpo.pair_samples": 2, "dpo.pair_max_new_tokens": 24,
+            "dpo.drift_max_new_tokens": 24})),
+        distill=dict(config="train.py:distill-toy", overrides=dict(_CPU_DISTILL, **_MINIMAL_STAGE, **{
+            "data.batch_size": 8, "distill.max_new_tokens": 24})),
     ),
     # the interplay study (shared REFERENCES): ~100M Qwen2-shape model, story surface, pre-training on op 2-10, RL sets
     # op 7-10 / 11-14 / 17-20, 128 samples at temperature 0.7
     "accelerator": Scale(
         name="accelerator",
-        model={},
+        # interplay-100m (configs/models.py) for every stage, including those whose configs are the toy ones
+        model=dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=2, intermediate_size=3072,
+                   rope_theta=1_000_000.0, max_position_embeddings=2048, dtype="bfloat16"),
         base=dict(config="train.py:pretrain-interplay", overrides={}),
         midtrain=dict(config="train.py:midtrain-interplay", overrides={}),
         rl=dict(config="train.py:grpo-interplay", overrides={"data.prompt": "document", "grpo.reward": "strict"}),
@@ -114,6 +154,15 @@ SCALES: dict[str, Scale] = {
         eval=dict(problems=128, n=128, ks=(1, 8, 32, 128), temperature=0.7),
         contexts=("zoo", "school"),
         budget_flops=2e19,
+        light_eval=dict(n=32, ks=(1, 8, 32)),
+        # the RL scaling study's ladder (0.5B-72B) at 4x steps of width: the interplay model's shape at 1/4, 1/2, 1x
+        sizes={"25m": dict(hidden_size=384, num_layers=8), "50m": dict(hidden_size=512, num_layers=12),
+               "100m": {}},
+        sft=dict(config="train.py:sft-toy", overrides=_STORY_CHAT),
+        dpo=dict(config="train.py:dpo-toy", overrides=dict(_STORY_CHAT, **{"dpo.drift_prompts": 128})),
+        distill=dict(config="train.py:distill-toy", overrides=dict(_STORY_CHAT, **{
+            "data.kind": "rl", "data.sources": (), "data.prompt": "document", "data.prompt_len": 1024,
+            "distill.max_new_tokens": 1024})),
     ),
 }
 
@@ -179,22 +228,25 @@ def stage(config: Mapping, name: str, start: str | Path | None = None, steps: in
 
 
 def eval_protocol(scale: Scale, eval_ops: Sequence[int] | None = None, contexts: Sequence[str] | None = None,
-                  problems: int | None = None) -> dict:
+                  problems: int | None = None, samples: Mapping | None = None) -> dict:
   """The scale's evaluation (EvalConfig keys) on `eval_ops` x `contexts` (default: the scale's ops, its main
-  context), with `problems` per cell when given."""
-  protocol = dict(scale.eval, ops=tuple(eval_ops or scale.eval_ops), contexts=tuple(contexts or scale.contexts[:1]))
+  context), with `problems` per cell when given and `samples` (e.g. `scale.light_eval`: n and ks) replacing the
+  scale's."""
+  protocol = dict(scale.eval, ops=tuple(eval_ops or scale.eval_ops), contexts=tuple(contexts or scale.contexts[:1]),
+                  **(samples or {}))
   if problems:
     protocol["problems"] = problems
   return protocol
 
 
 def pipeline(scale: Scale, name: str, stages: list[dict], seed: int, eval_ops: Sequence[int] | None = None,
-             contexts: Sequence[str] | None = None, problems: int | None = None) -> dict:
-  """A pipeline config: `stages` with the scale's model, `seed` for initialisation, sampling and the data order, and
-  the scale's evaluation after every stage (`eval_protocol`)."""
+             contexts: Sequence[str] | None = None, problems: int | None = None,
+             samples: Mapping | None = None, model: Mapping | None = None) -> dict:
+  """A pipeline config: `stages` with the scale's model (or `model`), `seed` for initialisation, sampling and the
+  data order, and the scale's evaluation after every stage (`eval_protocol`)."""
   return {"name": name, "stages": stages,
-          "overrides": {"model": dict(scale.model), "stage": {"seed": seed}},
-          "eval": eval_protocol(scale, eval_ops, contexts, problems),
+          "overrides": {"model": dict(scale.model if model is None else model), "stage": {"seed": seed}},
+          "eval": eval_protocol(scale, eval_ops, contexts, problems, samples),
           "compute": {"total_flops": 0.0, "split": {}}, "price_per_chip_hour": 0.0}
 
 
@@ -250,19 +302,45 @@ def run(config: Mapping, workdir: str | Path, scale: Scale) -> tuple[dict, Path]
   return run_pipeline(config, run_dir), run_dir
 
 
+def finished(run_dir: Path) -> bool:
+  """Whether a stage folder holds its last step."""
+  path = run_dir / "summary.json"
+  if not path.exists():
+    return False
+  summary = json.loads(path.read_text())
+  return summary.get("step") == summary.get("steps")
+
+
+def ensure_stage(scale: Scale, workdir: str | Path, name: str, block: Mapping, start: str | Path,
+                 model: Mapping | None = None, **overrides: Any) -> Path:
+  """A start model every arm shares (e.g. an SFT of the base): the scale's `block` (`config` and `overrides`) from
+  `start` with `overrides`, trained once in `<workdir>/<scale>/<name>-<config hash>`; returns the folder."""
+  from jaxstages.config import apply_overrides, config_hash, load_config
+  from jaxstages.train import run_stage
+  values = {**{f"model.{k}": v for k, v in (scale.model if model is None else model).items()}, **block["overrides"],
+            "stage.init_from": str(start), **overrides}
+  cfg = apply_overrides(load_config(block["config"]), [f"{k}={v!r}" for k, v in values.items()])
+  run_dir = Path(workdir) / scale.name / f"{name}-{config_hash(cfg)}"
+  if not finished(run_dir):
+    print(f"-- training {run_dir}", flush=True)
+    run_stage(cfg, run_dir)
+  return run_dir
+
+
 def evaluate_start(scale: Scale, source: str | Path, workdir: str | Path, eval_ops: Sequence[int] | None = None,
-                   contexts: Sequence[str] | None = None, problems: int | None = None) -> dict:
-  """The scale's evaluation of a start model (a stage or params folder) with document prompts, cached in
+                   contexts: Sequence[str] | None = None, problems: int | None = None,
+                   samples: Mapping | None = None, prompt: str = "document") -> dict:
+  """The scale's evaluation of a start model (a stage or params folder) with document (or chat) prompts, cached in
   `<workdir>/<scale>/evals/` by the folder's name and the evaluation's config hash."""
   from jaxstages.config import config_hash
   from jaxstages.evaluation import EvalConfig
 
   source = Path(source)
-  cfg = EvalConfig.from_config(dict(eval_protocol(scale, eval_ops, contexts, problems), prompt="document"))
+  cfg = EvalConfig.from_config(dict(eval_protocol(scale, eval_ops, contexts, problems, samples), prompt=prompt))
   task = rl_data(scale).task  # the problems the runs after the start are evaluated on (e.g. operands on one chain)
   key = config_hash({"eval": dataclasses.asdict(cfg), "task": dataclasses.asdict(task)})
   path = Path(workdir) / scale.name / "evals" / f"{source.name}-{key}.json"
-  if path.exists():
+  if path.exists() and "correct" in json.loads(path.read_text())["cells"][0]:  # older files lack per-problem counts
     return json.loads(path.read_text())
   from jaxstages.data.tokenizer import load_tokenizer
   from jaxstages.evaluation import evaluate

@@ -101,7 +101,7 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
              show_progress: bool = True) -> dict:
   """Samples, verifies and scores every (op, context) cell. Returns `{"cells": [...], "config": ...}`; each cell has
   `op`, `context`, `problems`, `samples`, `pass@k` for each k, `maj@n`, `answer@1`, `mean_length` (tokens),
-  `answered` (samples with an answer line) and `format` (samples in the expected form: one answer line at the end,
+  `answered` (samples with an answer line), `correct` (the strictly correct samples of each problem) and `format` (samples in the expected form: one answer line at the end,
   after a think block, empty for `/no_think`, when `think` is set; `rewards.format_ok`) and, when `think` is set,
   `think_followed`: samples whose think block is non-empty for `/think` and present but empty for `/no_think`."""
   contexts = cfg.contexts or tuple(dict.fromkeys(m.context for m in task_cfg.mixture))
@@ -139,7 +139,8 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
         if bar is not None:
           bar.update(len(chunk))
       strict = np.asarray(strict).reshape(len(problems), cfg.n)
-      cell = {"op": op, "context": context, "problems": len(problems), "samples": cfg.n}
+      cell = {"op": op, "context": context, "problems": len(problems), "samples": cfg.n,
+              "correct": [int(c) for c in strict.sum(1)]}  # strictly correct samples of each problem
       for k in cfg.ks:
         cell[f"pass@{k}"] = float(np.mean([pass_at_k(cfg.n, int(c), k) for c in strict.sum(1)]))
       cell[f"maj@{cfg.n}"] = float(np.mean([majority_correct(answers[i * cfg.n:(i + 1) * cfg.n], p.answer)
@@ -154,6 +155,48 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   if bar is not None:
     bar.close()
   return {"config": dataclasses.asdict(cfg), "cells": cells}
+
+
+def kl_drift_fn(ctx, ref_graphdef, ref_params, n_prompts: int, max_new_tokens: int, seed: int = 0):
+  """`params -> {kl_from_reference, drift_length}`: how far a stage's policy has moved from a frozen reference.
+
+  On the first `n_prompts` eval-split problems of the stage's task (never trained on; chat turns or documents, as
+  the stage's `data.prompt`), one sample each from the policy at temperature 1; the sequence KL(π‖π_ref) is the sum
+  over the completion of the exact per-token KL between the two next-token distributions (a Rao-Blackwellised,
+  lower-variance estimate of the sequence KL than the log-ratio of the sample). `drift_length` is the mean
+  completion length. `ctx` is the stage's context (graphdef, data, tokenizer, mesh, rules); DPO and RL use it alike.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxstages.sampling import completion_rows
+  from jaxstages.sharding import use_mesh
+  from jaxstages.stages.distill import reverse_kl
+
+  d, tok = ctx.data, ctx.tokenizer
+  kind = getattr(d, "prompt", "chat")
+  prompts = [eval_prompt(tasks.generate(d.task, d.seed, "eval", i), tok, EvalConfig(prompt=kind))
+             for i in range(n_prompts)]
+  sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, stop_tokens=stop_ids(tok, kind == "chat"),
+                            pad_id=tok.pad_id)
+
+  def sequence_kl(params, ref, rows):
+    policy, reference = nnx.merge(ctx.graphdef, params), nnx.merge(ref_graphdef, ref)
+    inputs = (rows["tokens"], rows["positions"], rows["segment_ids"])
+    per_token = reverse_kl(policy(*inputs)[0], reference(*inputs)[0])  # KL(π‖π_ref) at every position
+    return jnp.sum(per_token * rows["completion_mask"], axis=-1)
+
+  kl_fn = jax.jit(sequence_kl)
+
+  def kl_drift(params) -> dict[str, float]:
+    samples = sample(nnx.merge(ctx.graphdef, params), prompts, sampling, seed, ctx.mesh, ctx.rules)
+    rows = completion_rows(prompts, samples, 1, tok.pad_id)
+    with use_mesh(ctx.mesh, ctx.rules):
+      kl = kl_fn(params, ref_params, {k: jnp.asarray(v) for k, v in rows.items()})
+    return {"kl_from_reference": float(jnp.mean(kl)), "drift_length": float(np.mean(np.asarray(samples.lengths)))}
+
+  return kl_drift
 
 
 def _data_shards(mesh) -> int:

@@ -300,7 +300,7 @@ def distill_objective(ctx, block) -> Objective:
                           jax.tree.map(lambda x: x.sharding, teacher_params), ctx.rules, out_batch_sharded=True)
   tok = ctx.tokenizer
   sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
-                            stop_tokens=stop_ids(tok), pad_id=tok.pad_id)
+                            stop_tokens=stop_ids(tok, chat=ctx.data.prompt == "chat"), pad_id=tok.pad_id)
   d = ctx.data
 
   def generate(state, batch, step: int) -> dict:

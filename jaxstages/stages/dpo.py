@@ -54,8 +54,7 @@ from jaxstages.losses import token_log_probs
 
 if TYPE_CHECKING:
   from jaxstages.stages import Objective
-from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, unpad_prompts
-from jaxstages.sharding import use_mesh
+from jaxstages.sampling import SamplingConfig, sample, stop_ids, unpad_prompts
 
 KINDS = ("sigmoid", "ipo", "hinge", "simpo")
 PAIR_SOURCES = ("task", "reference", "policy")
@@ -232,12 +231,6 @@ def dpo_loss_fn(cfg: DPOConfig):
   return loss
 
 
-def drift_prompts(data_cfg, tokenizer, n: int) -> list[list[int]]:
-  """Chat prompts of the first `n` eval-split problems of the stage's task (never trained on)."""
-  return [tokenizer.encode_chat(tasks.rl_prompt(tasks.generate(data_cfg.task, data_cfg.seed, "eval", i))["messages"],
-                                add_generation_prompt=True)[0] for i in range(n)]
-
-
 def sampled_pairs(model: nnx.Module, batch, cfg: DPOConfig, data_cfg, tokenizer, seed: int, mesh, rules) -> dict:
   """The batch with each pair's sides replaced, where the samples allow, by `cfg.pair_samples` completions of its
   prompt from `model`, scored by the task verifier: chosen = the first strictly correct one, rejected = the first
@@ -284,7 +277,7 @@ def dpo_objective(ctx, block) -> Objective:
   lower-variance estimate of the sequence KL), at every evaluation."""
   from jaxstages.flops import forward_flops_per_token, train_flops_per_token
   from jaxstages.stages import Objective  # noqa: F811 (the stages package imports this module)
-  from jaxstages.stages.distill import reverse_kl
+  from jaxstages.evaluation import kl_drift_fn
   from jaxstages.train import load_model, make_apply
 
   cfg = from_config(DPOConfig, block, where="dpo config")
@@ -313,25 +306,8 @@ def dpo_objective(ctx, block) -> Objective:
       batch = sampled_pairs(model, batch, cfg, ctx.data, ctx.tokenizer, seed, ctx.mesh, ctx.rules)
     return add_reference(batch) if needs_ref else batch
 
-  prompts = drift_prompts(ctx.data, ctx.tokenizer, cfg.drift_prompts) if cfg.drift_prompts else []
-  sampling = SamplingConfig(max_new_tokens=cfg.drift_max_new_tokens, temperature=1.0,
-                            stop_tokens=stop_ids(ctx.tokenizer), pad_id=ctx.tokenizer.pad_id)
-
-  def sequence_kl(policy, reference, rows):
-    inputs = (rows["tokens"], rows["positions"], rows["segment_ids"])
-    per_token = reverse_kl(policy(*inputs)[0], reference(*inputs)[0])  # KL(π‖π_ref) at every position
-    return jnp.sum(per_token * rows["completion_mask"], axis=-1)
-
-  kl_fn = jax.jit(lambda params, ref, rows: sequence_kl(nnx.merge(ctx.graphdef, params),
-                                                        nnx.merge(ref_graphdef, ref), rows))
-
-  def kl_drift(params) -> dict[str, float]:
-    samples = sample(nnx.merge(ctx.graphdef, params), prompts, sampling, cfg.drift_seed, ctx.mesh, ctx.rules)
-    rows = completion_rows(prompts, samples, 1, ctx.tokenizer.pad_id)
-    with use_mesh(ctx.mesh, ctx.rules):
-      kl = kl_fn(params, ref_params, {k: jnp.asarray(v) for k, v in rows.items()})
-    return {"kl_from_reference": float(jnp.mean(kl)),
-            "drift_length": float(np.mean(np.asarray(samples.lengths)))}
+  kl_drift = (kl_drift_fn(ctx, ref_graphdef, ref_params, cfg.drift_prompts, cfg.drift_max_new_tokens, cfg.drift_seed)
+              if cfg.drift_prompts else None)
 
   d = ctx.data
   tokens = 2 * d.batch_size * (d.seq_len - 1)
@@ -344,4 +320,4 @@ def dpo_objective(ctx, block) -> Objective:
   return Objective(loss=dpo_loss_fn(cfg), data_kinds=("preference",),
                    prepare=prepare if needs_ref or cfg.pairs != "task" else None,
                    eval_prepare=add_reference if needs_ref else None,
-                   evaluate=kl_drift if prompts else None, tokens_per_step=tokens, flops_per_step=flops)
+                   evaluate=kl_drift, tokens_per_step=tokens, flops_per_step=flops)

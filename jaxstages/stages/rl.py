@@ -103,6 +103,9 @@ class RLConfig:
   # policy's trunk)
   # held-out evaluation (greedy, strict) at every eval_every and at the end; 0: none
   eval_problems: int = 0
+  # the KL of the policy from its starting params on this many held-out prompts (one sample each, max_new_tokens) at
+  # every evaluation (`evaluation.kl_drift_fn`, as DPO's `dpo.drift_prompts`); 0: none
+  drift_prompts: int = 0
   seed: int = 0
 
   def __post_init__(self):
@@ -414,9 +417,16 @@ def rl_objective(ctx, block: Mapping, kind: str):
     spent["flops"] += last["flops_sampling"] + last["flops_logprobs"] + last["flops_update"]
     return batch_out
 
+  kl_drift = None
+  if cfg.drift_prompts:
+    from jaxstages.evaluation import kl_drift_fn
+    kl_drift = kl_drift_fn(ctx, ctx.graphdef, jax.tree.map(jnp.copy, ctx.initial_params), cfg.drift_prompts, n_new,
+                           seed=cfg.seed)
+
   def evaluate(params) -> dict[str, float]:
+    drift = kl_drift(params) if kl_drift else {}
     if not cfg.eval_problems:
-      return {}
+      return drift
     from jaxstages.evaluation import EvalConfig, evaluate as run_eval
     lo, hi = d.task.op_range
     contexts = tuple(dict.fromkeys(m.context for m in d.task.mixture))
@@ -427,7 +437,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
     out = {f"eval_pass@1_op{c['op']}_{c['context']}": c["pass@1"] for c in result["cells"]}
     out["eval_pass@1"] = float(np.mean([c["pass@1"] for c in result["cells"]]))
     out["eval_answer@1"] = float(np.mean([c["answer@1"] for c in result["cells"]]))
-    return out
+    return {**out, **drift}
 
   loss = ppo_loss_fn(cfg) if kind == "ppo" else grpo_loss_fn(cfg.policy_loss_config())
   return Objective(
