@@ -281,14 +281,16 @@ def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int]) ->
 def rl_pipeline(scale: Scale, name: str, start: str | Path, op_range: tuple[int, int], seed: int,
                 steps: int | None = None, eval_ops: Sequence[int] | None = None,
                 eval_contexts: Sequence[str] | None = None, eval_problems: int | None = None,
-                **overrides: Any) -> dict:
+                model: Mapping | None = None, **overrides: Any) -> dict:
   """RL from `start` on `op_range` for `steps` (default the scale's `rl_steps`), prompts and sampling by `seed`,
-  evaluated on `eval_ops` x `eval_contexts` (default: the scale's ops, its main context)."""
+  evaluated on `eval_ops` x `eval_contexts` (default: the scale's ops, its main context); `model`: another shape
+  than the scale's (the start's)."""
   rl = stage(scale.rl, "rl", start=start, steps=steps or scale.rl_steps, **{
       "data.task.op_range": tuple(op_range), "data.seed": 100 + seed,
       "grpo.max_new_tokens": rl_max_new_tokens(scale, op_range[1]), **rl_prompt_len(scale, start, op_range),
       **overrides})
-  return pipeline(scale, name, [rl], seed, eval_ops=eval_ops, contexts=eval_contexts, problems=eval_problems)
+  return pipeline(scale, name, [rl], seed, eval_ops=eval_ops, contexts=eval_contexts, problems=eval_problems,
+                  model=model)
 
 
 def run(config: Mapping, workdir: str | Path, scale: Scale) -> tuple[dict, Path]:
@@ -300,6 +302,18 @@ def run(config: Mapping, workdir: str | Path, scale: Scale) -> tuple[dict, Path]
   run_dir = Path(workdir) / scale.name / "runs" / config_hash({k: v for k, v in config.items() if k != "name"})
   print(f"-- {config['name']}: {run_dir}", flush=True)
   return run_pipeline(config, run_dir), run_dir
+
+
+def model_params(folder: str | Path) -> int:
+  """Parameters of a stage or params folder's model (embeddings included)."""
+  from jaxstages.data.tokenizer import load_tokenizer
+  from jaxstages.model.config import ModelConfig, param_count
+  folder = Path(folder)
+  if (folder / "model_config.json").exists():
+    return param_count(ModelConfig(**json.loads((folder / "model_config.json").read_text())))
+  model = json.loads((folder / "config.json").read_text())["model"]
+  model["vocab_size"] = model["vocab_size"] or load_tokenizer(folder / "tokenizer").vocab_size
+  return param_count(ModelConfig(**model))
 
 
 def finished(run_dir: Path) -> bool:

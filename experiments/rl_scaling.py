@@ -1,0 +1,157 @@
+"""How does RL scale with model size, compute and data, and what does re-using RL data cost? GRPO from bases of three
+sizes pre-trained on the same tokens, the held-out error (1 − strict pass@1) against RL compute and against RL data
+with a power-law fit per size; and the same number of RL steps from many prompts seen once against τ = 4 and 16
+epochs over 4x and 16x fewer prompts.
+
+  python -m experiments.rl_scaling [--seeds 3] [--scale cpu]
+
+The claim (Tan et al. 2025, "Scaling behaviors of LLM reinforcement learning post-training", Qwen2.5 0.5B-72B): the
+error falls as a power law in RL compute and in data, larger models reach a lower error with a steeper (more
+efficient) curve, and re-using data for up to ~τ = 25 epochs costs little against fresh data.
+
+Every size is pre-trained with the shared base's recipe (same data, steps and seed; `experiments.base`), then RL on
+the in-distribution range (the scale's `ranges["in-distribution"]`) with the edge_of_competence settings (its
+2-layer runs are shared). The error curve comes from the RL samples themselves: with an endless prompt stream every
+step's prompts are new, so the pass rate of a step's samples (before its update) is a held-out estimate; each
+logged point averages `stage.log_every` steps. The error after RL is from the evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+from experiments.base import ensure_base
+from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, model_params, \
+    parse_args, rl_pipeline, run, stage_metrics, summary, write_results
+
+REUSE = (1, 4, 16)  # epochs over the prompts (1: every prompt new)
+
+
+def size_base(scale, args, size: str):
+  return ensure_base(scale, args.workdir, **{f"model.{k}": v for k, v in scale.sizes[size].items()})
+
+
+def power_law(xs: list[float], ys: list[float]) -> dict:
+  """Least-squares fit of log y = log a − b log x: {a, b, r2} (y = a x^−b); NaNs for fewer than two points."""
+  if len(set(xs)) < 2:
+    return {"a": math.nan, "b": math.nan, "r2": math.nan}
+  lx, ly = [math.log(x) for x in xs], [math.log(max(y, 1e-6)) for y in ys]
+  mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+  sxx = sum((x - mx) ** 2 for x in lx)
+  slope = sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sxx
+  intercept = my - slope * mx
+  ss_tot = sum((y - my) ** 2 for y in ly)
+  ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(lx, ly))
+  return {"a": math.exp(intercept), "b": -slope, "r2": 1 - ss_res / ss_tot if ss_tot else 0.0}
+
+
+def error_curve(run_dir, log_every: int, rollouts_per_step: int) -> list[dict]:
+  """(RL FLOPs, rollouts, error) at the middle of every logged window of the RL samples' strict pass rate."""
+  rows = stage_metrics(run_dir, "rl", ["pass_rate", "flops"])
+  out = []
+  for r in rows:
+    mid = r["step"] - (log_every - 1) / 2  # the window's middle step
+    out.append({"step": r["step"], "flops": r["flops"] * mid / r["step"], "rollouts": mid * rollouts_per_step,
+                "error": 1 - r["pass_rate"]})
+  return out
+
+
+def plot(results: dict, path) -> None:
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  for size, s in results["sizes"].items():
+    for ax, x in ((axes[0], "flops"), (axes[1], "rollouts")):
+      xs, ys = [p[x] for p in s["curve"]], [p["error"] for p in s["curve"]]
+      line = ax.plot(xs, ys, "o", ms=3, label=f"{size} ({s['params'] / 1e6:.2f}M)")[0]
+      fit = s[f"fit_{x}"]
+      ax.plot(xs, [fit["a"] * v ** -fit["b"] for v in xs], "-", lw=1, color=line.get_color())
+  for ax, label in ((axes[0], "RL FLOPs"), (axes[1], "RL rollouts")):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("error of the RL samples (1 − strict pass rate)")
+  axes[0].legend(fontsize=7)
+  taus = list(results["reuse"])
+  for i, op in enumerate(results["reuse_ops"]):
+    means = [results["reuse"][t]["eval"][str(op)]["pass@1"]["mean"] for t in taus]
+    spreads = [results["reuse"][t]["eval"][str(op)]["pass@1"]["spread"] for t in taus]
+    axes[2].bar([j + 0.35 * i for j in range(len(taus))], means, 0.35, yerr=spreads, capsize=3, label=f"op {op}")
+    axes[2].axhline(results["reuse_base"][str(op)], ls=":", lw=0.8, color=f"C{i}")
+  axes[2].set_xticks([j + 0.175 for j in range(len(taus))], [f"τ = {t}" for t in taus])
+  axes[2].set_ylabel("strict pass@1 after RL (dotted: base)")
+  axes[2].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+  args = parse_args("rl_scaling", __doc__, argv)
+  scale = SCALES[args.scale]
+  lo, hi = scale.ranges["in-distribution"]
+  ops = list(range(lo, hi + 1))
+  ks = list(scale.eval["ks"])
+  rl = scale.rl["overrides"]
+  group = rl.get("grpo.group_size", 8)
+  per_step = rl["data.batch_size"] * group
+  results = {"ops": ops, "sizes": {}, "reuse": {}, "reuse_ops": ops}
+  for size in chosen(list(scale.sizes), args):
+    base = size_base(scale, args, size)
+    model = {**scale.model, **scale.sizes[size]}
+    base_cells = cells(evaluate_start(scale, base, args.workdir))
+    curves, errors = [], []
+    for seed in range(args.seeds):
+      config = rl_pipeline(scale, f"edge_of_competence-in-distribution-{seed}" if model == scale.model
+                           else f"rl_scaling-{size.replace(' ', '')}-{seed}", base, (lo, hi), seed, model=model)
+      report, run_dir = run(config, args.workdir, scale)
+      after = cells(report["stages"][-1]["eval"])
+      errors.append(1 - sum(after[("p", op)]["pass@1"] for op in ops) / len(ops))
+      curves.append(error_curve(run_dir, rl["stage.log_every"], per_step))
+    curve = [{k: sum(c[i][k] for c in curves) / len(curves) for k in curves[0][i]} for i in range(len(curves[0]))]
+    results["sizes"][size] = {
+        "params": model_params(base), "base_folder": base.name,
+        "base_error": 1 - sum(base_cells[("p", op)]["pass@1"] for op in ops) / len(ops),
+        "error_after": summary(errors), "curve": curve, "curves": curves,
+        "fit_flops": power_law([p["flops"] for p in curve], [p["error"] for p in curve]),
+        "fit_rollouts": power_law([p["rollouts"] for p in curve], [p["error"] for p in curve])}
+
+  # data reuse: the shared base (the scale's own size), the same steps over fewer prompts
+  base = ensure_base(scale, args.workdir)
+  base_cells = cells(evaluate_start(scale, base, args.workdir))
+  results["reuse_base"] = {str(op): base_cells[("p", op)]["pass@1"] for op in ops}
+  prompts = scale.rl_steps * rl["data.batch_size"]
+  for tau in REUSE if not args.arms else ():
+    per_seed = []
+    for seed in range(args.seeds):
+      extra = {} if tau == 1 else {"data.num_examples": max(1, prompts // tau)}
+      name = f"edge_of_competence-in-distribution-{seed}" if tau == 1 else f"rl_scaling-reuse{tau}-{seed}"
+      report, _ = run(rl_pipeline(scale, name, base, (lo, hi), seed, **extra), args.workdir, scale)
+      per_seed.append(cells(report["stages"][-1]["eval"]))
+    results["reuse"][tau] = {"prompts": max(1, prompts // tau), "eval": {
+        str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in (f"pass@{k}" for k in ks)} for op in ops}}
+
+  rows = []
+  for size, s in results["sizes"].items():
+    rows.append([size, f"{s['params'] / 1e6:.2f}M", f"{100 * s['base_error']:.1f}", fmt(s["error_after"]),
+                 f"{s['curve'][0]['error'] * 100:.1f} → {s['curve'][-1]['error'] * 100:.1f}",
+                 f"{s['fit_flops']['b']:.3f} (R² {s['fit_flops']['r2']:.2f})",
+                 f"{s['fit_rollouts']['b']:.3f} (R² {s['fit_rollouts']['r2']:.2f})"])
+  kmax = ks[-1]
+  reuse_rows = [[f"τ = {t}", r["prompts"], *[fmt(r["eval"][str(op)]["pass@1"]) for op in ops],
+                 *[fmt(r["eval"][str(op)][f"pass@{kmax}"]) for op in ops]] for t, r in results["reuse"].items()]
+  md = (f"GRPO on ops {lo}-{hi} for {scale.rl_steps} steps ({per_step} rollouts a step) from bases of each size "
+        f"pre-trained on the same tokens. Error = 1 − strict pass@1, mean over ops {lo}-{hi}; after RL from the "
+        f"evaluation ({scale.eval['problems']} problems x {scale.eval['n']} samples per op), along RL from the "
+        f"samples of each logged window (new prompts every step). Fit: error = a · x^−b over the windows (mean of "
+        f"{args.seeds} seeds); b is the exponent.\n\n"
+        + markdown_table(["size", "parameters", "base error %", "error after RL %", "RL-sample error % (first → last "
+                          "window)", "b vs FLOPs", "b vs rollouts"], rows)
+        + f"\nData reuse on the {scale.model.get('num_layers', '')}-layer base: {scale.rl_steps} steps from "
+          f"{prompts} prompts seen once (τ = 1) or τ epochs over {prompts} / τ prompts. Strict pass@k (%):\n\n"
+        + markdown_table(["epochs", "prompts", *[f"op {op} pass@1" for op in ops],
+                          *[f"op {op} pass@{kmax}" for op in ops]], reuse_rows))
+  write_results(args, "rl_scaling", results, md, plot=lambda p: plot(results, p))
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
