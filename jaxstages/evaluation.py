@@ -189,12 +189,15 @@ def kl_drift_fn(ctx, ref_graphdef, ref_params, n_prompts: int, max_new_tokens: i
 
   kl_fn = jax.jit(sequence_kl)
 
+  padded = prompts + [prompts[-1]] * (-len(prompts) % _data_shards(ctx.mesh))  # the sampler splits rows evenly
+
   def kl_drift(params) -> dict[str, float]:
-    samples = sample(nnx.merge(ctx.graphdef, params), prompts, sampling, seed, ctx.mesh, ctx.rules)
-    rows = completion_rows(prompts, samples, 1, tok.pad_id)
+    samples = sample(nnx.merge(ctx.graphdef, params), padded, sampling, seed, ctx.mesh, ctx.rules)
+    rows = completion_rows(padded, samples, 1, tok.pad_id)
     with use_mesh(ctx.mesh, ctx.rules):
-      kl = kl_fn(params, ref_params, {k: jnp.asarray(v) for k, v in rows.items()})
-    return {"kl_from_reference": float(jnp.mean(kl)), "drift_length": float(np.mean(np.asarray(samples.lengths)))}
+      kl = np.asarray(kl_fn(params, ref_params, {k: jnp.asarray(v) for k, v in rows.items()}))[:n_prompts]
+    return {"kl_from_reference": float(kl.mean()),
+            "drift_length": float(np.mean(np.asarray(samples.lengths)[:n_prompts]))}
 
   return kl_drift
 
