@@ -42,23 +42,34 @@ def base_config(scale: Scale, **overrides) -> ml_collections.ConfigDict:
 
 
 def ensure_base(scale: Scale, workdir: str | Path, use_artifact: bool = True, **overrides) -> Path:
-  """The base of `scale` (with extra dotted-key `overrides`: another base, e.g. another context mixture): the
-  committed artifact when its config hash matches (and `use_artifact`), else a cached or freshly pre-trained run
-  folder."""
+  """The base of `scale` (with extra dotted-key `overrides`: another base, e.g. another size or context mixture):
+  a finished run folder `<workdir>/<scale>/base-<hash>` if there is one (so the runs made from it stay cached), else
+  the committed artifact whose `source.json` holds the same config hash (`artifact_folder`; when `use_artifact`),
+  else a freshly pre-trained run folder."""
   from jaxstages.config import config_hash
   from jaxstages.train import run_stage
 
   cfg = base_config(scale, **overrides)
   digest = config_hash(cfg)
-  artifact = ARTIFACTS / f"base-{scale.name}"
+  run_dir = Path(workdir) / scale.name / f"base-{digest}"
+  if finished(run_dir):
+    return run_dir
+  artifact = artifact_folder(scale, digest)
   if use_artifact and (artifact / "source.json").exists():
     if json.loads((artifact / "source.json").read_text())["config_hash"] == digest:
       return artifact
-  run_dir = Path(workdir) / scale.name / f"base-{digest}"
-  if not finished(run_dir):
-    print(f"-- pre-training the base {run_dir}", flush=True)
-    run_stage(cfg, run_dir)
+  print(f"-- pre-training the base {run_dir}", flush=True)
+  run_stage(cfg, run_dir)
   return run_dir
+
+
+def artifact_folder(scale: Scale, digest: str) -> Path:
+  """Where a base is committed: `experiments/artifacts/base-<scale>` for the scale's own base, else
+  `base-<scale>-<config hash>` (e.g. rl_scaling's other sizes)."""
+  default = ARTIFACTS / f"base-{scale.name}"
+  if (default / "source.json").exists() and json.loads((default / "source.json").read_text())["config_hash"] == digest:
+    return default
+  return ARTIFACTS / f"base-{scale.name}-{digest}"
 
 
 def check_gate(scale: Scale, result: dict) -> list[str]:
@@ -91,14 +102,22 @@ def main(argv=None) -> None:
     parser.add_argument("--export", action="store_true", help="copy a freshly trained base into experiments/artifacts")
     parser.add_argument("--remake", action="store_true", help="also pre-train the base again (in --workdir) and "
                                                               "evaluate it next to the committed one")
+    parser.add_argument("--size", default=None, help="another of the scale's model sizes (rl_scaling's), e.g. "
+                                                     "'4 layers'")
   args = parse_args("base", __doc__, argv, extra=extra)
   scale = SCALES[args.scale]
-  bases = [ensure_base(scale, args.workdir)]
-  if args.export and bases[0] != ARTIFACTS / f"base-{scale.name}":
+  if args.size and args.size not in scale.sizes:
+    raise SystemExit(f"unknown size {args.size!r}; the {scale.name} scale's sizes: {list(scale.sizes)}")
+  overrides = {f"model.{k}": v for k, v in scale.sizes[args.size].items()} if args.size else {}
+  bases = [ensure_base(scale, args.workdir, **overrides)]
+  if args.export and not bases[0].is_relative_to(ARTIFACTS):
+    from jaxstages.config import config_hash
     from jaxstages.model.io import export_stage
-    bases = [export_stage(bases[0], ARTIFACTS / f"base-{scale.name}")]
+    digest = config_hash(base_config(scale, **overrides))
+    bases = [export_stage(bases[0], ARTIFACTS / (f"base-{scale.name}-{digest}" if args.size else
+                                                 f"base-{scale.name}"))]
   if args.remake:
-    bases.append(ensure_base(scale, args.workdir, use_artifact=False))
+    bases.append(ensure_base(scale, args.workdir, use_artifact=False, **overrides))
   results, sections = {}, []
   for base in bases:
     result = evaluate_start(scale, base, args.workdir)
@@ -106,6 +125,8 @@ def main(argv=None) -> None:
     results[str(base)] = {"gate_failures": failures, "eval": result}
     sections.append(md)
   md = "\n".join(sections)
+  if args.size:  # another size: its own results folder unless --out
+    args.out = args.out or str(Path(args.workdir) / scale.name / "results" / f"base-{args.size.replace(' ', '')}")
   write_results(args, "base", {"base": str(bases[0]), "bases": results}, md)
   print(md)
 

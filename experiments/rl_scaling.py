@@ -122,7 +122,8 @@ def main(argv=None) -> None:
   for tau in REUSE if not args.arms else ():
     per_seed = []
     for seed in range(args.seeds):
-      extra = {} if tau == 1 else {"data.num_examples": max(1, prompts // tau)}
+      # τ > 1: evaluated on the RL ops only (each op's problems and samples are the same with or without the others)
+      extra = {} if tau == 1 else {"data.num_examples": max(1, prompts // tau), "eval_ops": ops}
       name = f"edge_of_competence-in-distribution-{seed}" if tau == 1 else f"rl_scaling-reuse{tau}-{seed}"
       report, _ = run(rl_pipeline(scale, name, base, (lo, hi), seed, **extra), args.workdir, scale)
       per_seed.append(cells(report["stages"][-1]["eval"]))
