@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 
 from experiments.common import ARTIFACTS, REPO, SCALES, Scale, cells, evaluate_start, finished, markdown_table, \
-    parse_args, write_results
+    parse_args, recorded_path, write_results
 
 # (context, op, metric, lowest, highest): what the cpu base must show (its measured values sit inside, with room for
 # the spread between re-made bases): op 1 solved often and nearly always within 64 samples, op 2 (the edge) rarely
@@ -122,12 +122,12 @@ def main(argv=None) -> None:
   for base in bases:
     result = evaluate_start(scale, base, args.workdir)
     md, failures = describe(scale, base, result)
-    results[str(base)] = {"gate_failures": failures, "eval": result}
+    results[recorded_path(base, args.workdir)] = {"gate_failures": failures, "eval": result}
     sections.append(md)
   md = "\n".join(sections)
   if args.size:  # another size: its own results folder unless --out
     args.out = args.out or str(Path(args.workdir) / scale.name / "results" / f"base-{args.size.replace(' ', '')}")
-  write_results(args, "base", {"base": str(bases[0]), "bases": results}, md)
+  write_results(args, "base", {"base": recorded_path(bases[0], args.workdir), "bases": results}, md)
   print(md)
 
 

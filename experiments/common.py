@@ -304,6 +304,16 @@ def run(config: Mapping, workdir: str | Path, scale: Scale) -> tuple[dict, Path]
   return run_pipeline(config, run_dir), run_dir
 
 
+def recorded_path(path: str | Path, workdir: str | Path) -> str:
+  """How a results file names a folder: relative to the repository (a committed artifact) or to `--workdir` (a
+  run), so the file does not depend on where either lives."""
+  path = Path(path).resolve()
+  for root in (REPO, Path(workdir).resolve()):
+    if path.is_relative_to(root):
+      return str(path.relative_to(root))
+  return str(path)
+
+
 def model_params(folder: str | Path) -> int:
   """Parameters of a stage or params folder's model (embeddings included)."""
   from jaxstages.data.tokenizer import load_tokenizer

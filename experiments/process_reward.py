@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from experiments.base import ensure_base
 from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, \
-    rl_pipeline, run, stage_metrics, summary, write_results
+    recorded_path, rl_pipeline, run, stage_metrics, summary, write_results
 
 REWARDS = {"outcome": {"grpo.reward": "outcome"}, "mixed": {"grpo.reward": "mixed", "grpo.process_alpha": 0.5},
            "strict": {}}  # strict: the scale's RL reward
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
                                         **REWARDS[arm]), args.workdir, scale)
       per_seed.append({k: with_hacking(c) for k, c in cells(report["stages"][-1]["eval"]).items()})
       curves.append(stage_metrics(run_dir, "rl", ["hack_rate", "pass_rate", "outcome_rate"]))
-      results["runs"].setdefault(arm, []).append(str(run_dir))
+      results["runs"].setdefault(arm, []).append(recorded_path(run_dir, args.workdir))
     results["arms"][arm] = {str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in metrics}
                             for op in ops}
     results["curves"][arm] = curves
