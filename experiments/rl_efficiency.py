@@ -12,7 +12,8 @@ The RL arms are edge_of_competence's runs (shared by config hash). The base's pe
 its evaluation (n samples of each eval problem of the bucket's ops), so H(p) = mean_i H(p_i) in bits and the expected
 zero-variance fraction is mean_i (p_i^G + (1 − p_i)^G); the observed one is the RL run's own. The SFT arm trains on
 the gold solutions of the bucket's problems as documents (the pre-training format, loss on every token) at the
-mid-training lr, as many steps as RL. Gain = strict pass@1 after − before on the bucket's evaluated ops.
+mid-training lr, as many steps as RL, on the RL arm's own prompts (the same task, seed and problem indices,
+revisited over epochs). Gain = strict pass@1 after − before on the bucket's evaluated ops.
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ def base_statistics(base_cells: dict, ops: list[int], group: int) -> dict:
 
 def sft_pipeline(scale, bucket: str, base, seed: int) -> dict:
   lo, hi = scale.ranges[bucket]
+  rl_task = rl_data(scale).task
+  # the RL arm's prompts: the same task, seed and indices (the first steps x batch of the stream), revisited
   sft = stage(scale.midtrain, "sft", start=base, steps=scale.rl_steps, **{
       "data.sources": (dict(name="gold", format="pretrain", task=dict(op_range=(lo, hi))),),
-      "data.schedule": (), "data.seed": 100 + seed, "data.batch_size": scale.rl["overrides"]["data.batch_size"]})
+      "data.task.contexts": rl_task.contexts, "data.schedule": (), "data.seed": 100 + seed,
+      "data.num_examples": scale.rl_steps * scale.rl["overrides"]["data.batch_size"],
+      "data.batch_size": scale.rl["overrides"]["data.batch_size"]})
   return pipeline(scale, f"rl_efficiency-sft-{bucket}-{seed}", [sft], seed, eval_ops=bucket_ops(scale, bucket))
 
 
