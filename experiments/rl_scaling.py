@@ -65,9 +65,11 @@ def plot(results: dict, path) -> None:
       line = ax.plot(xs, ys, "o", ms=3, label=f"{size} ({s['params'] / 1e6:.2f}M)")[0]
       fit = s[f"fit_{x}"]
       ax.plot(xs, [fit["a"] * v ** -fit["b"] for v in xs], "-", lw=1, color=line.get_color())
+  from matplotlib.ticker import NullFormatter
   for ax, label in ((axes[0], "RL FLOPs"), (axes[1], "RL rollouts")):
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(label)
     ax.set_ylabel("error of the RL samples (1 − strict pass rate)")
   axes[0].legend(fontsize=7)
@@ -98,19 +100,20 @@ def main(argv=None) -> None:
     base = size_base(scale, args, size)
     model = {**scale.model, **scale.sizes[size]}
     base_cells = cells(evaluate_start(scale, base, args.workdir))
-    curves, errors = [], []
+    curves, errors, flops = [], [], []
     for seed in range(args.seeds):
       config = rl_pipeline(scale, f"edge_of_competence-in-distribution-{seed}" if model == scale.model
                            else f"rl_scaling-{size.replace(' ', '')}-{seed}", base, (lo, hi), seed, model=model)
       report, run_dir = run(config, args.workdir, scale)
       after = cells(report["stages"][-1]["eval"])
       errors.append(1 - sum(after[("p", op)]["pass@1"] for op in ops) / len(ops))
+      flops.append(report["total_flops"])
       curves.append(error_curve(run_dir, rl["stage.log_every"], per_step))
     curve = [{k: sum(c[i][k] for c in curves) / len(curves) for k in curves[0][i]} for i in range(len(curves[0]))]
     results["sizes"][size] = {
         "params": model_params(base), "base_folder": base.name,
         "base_error": 1 - sum(base_cells[("p", op)]["pass@1"] for op in ops) / len(ops),
-        "error_after": summary(errors), "curve": curve, "curves": curves,
+        "error_after": summary(errors), "flops": summary(flops), "curve": curve, "curves": curves,
         "fit_flops": power_law([p["flops"] for p in curve], [p["error"] for p in curve]),
         "fit_rollouts": power_law([p["rollouts"] for p in curve], [p["error"] for p in curve])}
 
@@ -132,7 +135,10 @@ def main(argv=None) -> None:
 
   rows = []
   for size, s in results["sizes"].items():
+    gain = summary([100 * (s["base_error"] - e) / (f / 1e15) for e, f in zip(s["error_after"]["values"],
+                                                                             s["flops"]["values"])])
     rows.append([size, f"{s['params'] / 1e6:.2f}M", f"{100 * s['base_error']:.1f}", fmt(s["error_after"]),
+                 f"{s['flops']['mean']:.3g}", fmt(gain, 1, 0),
                  f"{s['curve'][0]['error'] * 100:.1f} → {s['curve'][-1]['error'] * 100:.1f}",
                  f"{s['fit_flops']['b']:.3f} (R² {s['fit_flops']['r2']:.2f})",
                  f"{s['fit_rollouts']['b']:.3f} (R² {s['fit_rollouts']['r2']:.2f})"])
@@ -144,8 +150,9 @@ def main(argv=None) -> None:
         f"evaluation ({scale.eval['problems']} problems x {scale.eval['n']} samples per op), along RL from the "
         f"samples of each logged window (new prompts every step). Fit: error = a · x^−b over the windows (mean of "
         f"{args.seeds} seeds); b is the exponent.\n\n"
-        + markdown_table(["size", "parameters", "base error %", "error after RL %", "RL-sample error % (first → last "
-                          "window)", "b vs FLOPs", "b vs rollouts"], rows)
+        + markdown_table(["size", "parameters", "base error %", "error after RL %", "RL FLOPs",
+                          "points of error removed per PFLOP", "RL-sample error % (first → last window)",
+                          "b vs FLOPs", "b vs rollouts"], rows)
         + f"\nData reuse on the {scale.model.get('num_layers', '')}-layer base: {scale.rl_steps} steps from "
           f"{prompts} prompts seen once (τ = 1) or τ epochs over {prompts} / τ prompts. Strict pass@k (%):\n\n"
         + markdown_table(["epochs", "prompts", *[f"op {op} pass@1" for op in ops],
