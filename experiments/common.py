@@ -76,7 +76,8 @@ _CPU_DISTILL = {"data.kind": "rl", "data.sources": (), "data.prompt": "document"
                 "stage.checkpoint_every": 50, "stage.log_every": 5, "optim.lr": 3e-4, "optim.schedule": "constant",
                 "optim.warmup_fraction": 0.0, "optim.weight_decay": 0.0}
 # the accelerator scale's chat / distillation stages on the interplay study's story surface (not run here)
-_STORY_CHAT = {"data.task.surface": "story", "data.task.contexts": "zoo", "data.task.op_range": (7, 14),
+_STORY_CHAT = {"data.task.surface": "story", "data.task.contexts": "zoo", "data.eval_contexts": ("zoo",),
+               "data.task.op_range": (7, 14),
                "data.seq_len": 2048, "data.batch_size": 256}
 _MINIMAL_STAGE = {"stage.log_every": 1, "stage.checkpoint_every": 100, "stage.async_checkpoints": False,
                   "stage.eval_every": 0, "data.seq_len": 128}
@@ -142,9 +143,10 @@ SCALES: dict[str, Scale] = {
     # op 7-10 / 11-14 / 17-20, 128 samples at temperature 0.7
     "accelerator": Scale(
         name="accelerator",
-        # interplay-100m (configs/models.py) for every stage, including those whose configs are the toy ones
+        # interplay-100m's shape (configs/models.py) for every stage, including those whose configs are the toy ones
+        # (whose compute dtype, float32, they keep)
         model=dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=2, intermediate_size=3072,
-                   rope_theta=1_000_000.0, max_position_embeddings=2048, dtype="bfloat16"),
+                   rope_theta=1_000_000.0, max_position_embeddings=2048),
         base=dict(config="train.py:pretrain-interplay", overrides={}),
         midtrain=dict(config="train.py:midtrain-interplay", overrides={}),
         rl=dict(config="train.py:grpo-interplay", overrides={"data.prompt": "document", "grpo.reward": "strict"}),
@@ -159,7 +161,8 @@ SCALES: dict[str, Scale] = {
         sizes={"25m": dict(hidden_size=384, num_layers=8), "50m": dict(hidden_size=512, num_layers=12),
                "100m": {}},
         sft=dict(config="train.py:sft-toy", overrides=_STORY_CHAT),
-        dpo=dict(config="train.py:dpo-toy", overrides=dict(_STORY_CHAT, **{"dpo.drift_prompts": 128})),
+        dpo=dict(config="train.py:dpo-toy",
+                 overrides=dict(_STORY_CHAT, **{"dpo.drift_prompts": 128, "stage.eval_every": 20})),
         distill=dict(config="train.py:distill-toy", overrides=dict(_STORY_CHAT, **{
             "data.kind": "rl", "data.sources": (), "data.prompt": "document", "data.prompt_len": 1024,
             "distill.max_new_tokens": 1024})),
@@ -263,6 +266,14 @@ def rl_data(scale: Scale):
   cfg = apply_overrides(load_config(scale.rl["config"]), [f"{k}={v!r}" for k, v in scale.rl["overrides"].items()
                                                          if k.startswith("data.")])
   return data_config(cfg.data)
+
+
+def rl_shape(scale: Scale) -> dict:
+  """The RL stages' prompts a step (`batch`), samples a prompt (`group`) and logging interval (`log_every`), from the
+  scale's RL config with its overrides."""
+  from jaxstages.config import apply_overrides, load_config
+  cfg = apply_overrides(load_config(scale.rl["config"]), [f"{k}={v!r}" for k, v in scale.rl["overrides"].items()])
+  return {"batch": cfg.data.batch_size, "group": cfg.grpo.group_size, "log_every": cfg.stage.log_every}
 
 
 def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int]) -> dict:

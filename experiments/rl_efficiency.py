@@ -22,7 +22,7 @@ import math
 
 from experiments.base import ensure_base
 from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, pipeline, \
-    rl_data, rl_pipeline, run, stage, stage_metrics, summary, write_results
+    rl_data, rl_pipeline, rl_shape, run, stage, stage_metrics, summary, write_results
 
 BUCKETS = ("too-easy", "in-distribution", "edge", "too-hard")
 
@@ -52,8 +52,7 @@ def sft_pipeline(scale, bucket: str, base, seed: int) -> dict:
   sft = stage(scale.midtrain, "sft", start=base, steps=scale.rl_steps, **{
       "data.sources": (dict(name="gold", format="pretrain", task=dict(op_range=(lo, hi))),),
       "data.task.contexts": rl_task.contexts, "data.schedule": (), "data.seed": 100 + seed,
-      "data.num_examples": scale.rl_steps * scale.rl["overrides"]["data.batch_size"],
-      "data.batch_size": scale.rl["overrides"]["data.batch_size"]})
+      "data.num_examples": scale.rl_steps * rl_shape(scale)["batch"], "data.batch_size": rl_shape(scale)["batch"]})
   return pipeline(scale, f"rl_efficiency-sft-{bucket}-{seed}", [sft], seed, eval_ops=bucket_ops(scale, bucket))
 
 
@@ -70,7 +69,7 @@ def documents_per_step(scale, base, bucket: str) -> float:
              for i in range(256)]
   from jaxstages.config import load_config
   seq_len = scale.midtrain["overrides"].get("data.seq_len", load_config(scale.midtrain["config"]).data.seq_len)
-  return scale.rl["overrides"]["data.batch_size"] * seq_len / (sum(lengths) / len(lengths))
+  return rl_shape(scale)["batch"] * seq_len / (sum(lengths) / len(lengths))
 
 
 def plot(results: dict, path) -> None:
@@ -110,8 +109,8 @@ def main(argv=None) -> None:
   scale = SCALES[args.scale]
   base = ensure_base(scale, args.workdir)
   base_cells = cells(evaluate_start(scale, base, args.workdir))
-  group = 8 if args.scale != "minimal" else scale.rl["overrides"]["grpo.group_size"]
-  rollouts = scale.rl_steps * scale.rl["overrides"]["data.batch_size"] * group
+  group = rl_shape(scale)["group"]
+  rollouts = scale.rl_steps * rl_shape(scale)["batch"] * group
   results = {"rollouts": rollouts, "group_size": group, "buckets": {}}
   for bucket in chosen(BUCKETS, args):
     ops = bucket_ops(scale, bucket)

@@ -22,7 +22,7 @@ import math
 
 from experiments.base import ensure_base
 from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, model_params, \
-    parse_args, rl_pipeline, run, stage_metrics, summary, write_results
+    parse_args, rl_pipeline, rl_shape, run, stage_metrics, summary, write_results
 
 REUSE = (1, 4, 16)  # epochs over the prompts (1: every prompt new)
 
@@ -92,9 +92,8 @@ def main(argv=None) -> None:
   lo, hi = scale.ranges["in-distribution"]
   ops = list(range(lo, hi + 1))
   ks = list(scale.eval["ks"])
-  rl = scale.rl["overrides"]
-  group = rl.get("grpo.group_size", 8)
-  per_step = rl["data.batch_size"] * group
+  rl = rl_shape(scale)
+  per_step = rl["batch"] * rl["group"]
   results = {"ops": ops, "sizes": {}, "reuse": {}, "reuse_ops": ops}
   for size in chosen(list(scale.sizes), args):
     base = size_base(scale, args, size)
@@ -108,7 +107,7 @@ def main(argv=None) -> None:
       after = cells(report["stages"][-1]["eval"])
       errors.append(1 - sum(after[("p", op)]["pass@1"] for op in ops) / len(ops))
       flops.append(report["total_flops"])
-      curves.append(error_curve(run_dir, rl["stage.log_every"], per_step))
+      curves.append(error_curve(run_dir, rl["log_every"], per_step))
     curve = [{k: sum(c[i][k] for c in curves) / len(curves) for k in curves[0][i]} for i in range(len(curves[0]))]
     results["sizes"][size] = {
         "params": model_params(base), "base_folder": base.name,
@@ -121,7 +120,7 @@ def main(argv=None) -> None:
   base = ensure_base(scale, args.workdir)
   base_cells = cells(evaluate_start(scale, base, args.workdir))
   results["reuse_base"] = {str(op): base_cells[("p", op)]["pass@1"] for op in ops}
-  prompts = scale.rl_steps * rl["data.batch_size"]
+  prompts = scale.rl_steps * rl["batch"]
   for tau in REUSE if not args.arms else ():
     per_seed = []
     for seed in range(args.seeds):
