@@ -20,8 +20,8 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments.common import ARTIFACTS, REPO, SCALES, Scale, cells, evaluate_start, finished, markdown_table, \
-    parse_args, recorded_path, write_results
+from experiments.common import ARTIFACTS, REPO, SCALES, Scale, block_config, cells, evaluate_start, finished, \
+    markdown_table, parse_args, recorded_path, write_results
 
 # (context, op, metric, lowest, highest): what the cpu base must show (its measured values sit inside, with room for
 # the spread between re-made bases): op 1 solved often and nearly always within 64 samples, op 2 (the edge) rarely
@@ -35,10 +35,7 @@ GATES = {
 def base_config(scale: Scale, **overrides) -> ml_collections.ConfigDict:
   """The base's full stage config: the scale's pre-training config, its model shape and overrides, then `overrides`
   (dotted keys)."""
-  from jaxstages.config import apply_overrides, load_config
-  cfg = load_config(scale.base["config"])
-  values = {**{f"model.{k}": v for k, v in scale.model.items()}, **scale.base["overrides"], **overrides}
-  return apply_overrides(cfg, [f"{k}={v!r}" for k, v in values.items()])
+  return block_config(scale, scale.base, **overrides)
 
 
 def ensure_base(scale: Scale, workdir: str | Path, use_artifact: bool = True, **overrides) -> Path:

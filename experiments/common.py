@@ -4,9 +4,9 @@ arm x seed as a pipeline, evaluating a start model, summaries over seeds and the
 An experiment is a few *arms*, each a pipeline of stages after a start model (the shared base of
 `experiments/base.py`, or a base of its own), run once per seed. Every run folder is a `jaxstages run` folder named by
 the hash of its config, `--workdir/<scale>/runs/<hash>`: re-running the command skips finished runs and resumes an
-interrupted one, and experiments that need the same run share it. Results go to `experiments/results/<experiment>/`: `results.json` (every number, per seed,
-with the command), `results.md` (the tables: mean ± spread over seeds, spread = the sample standard deviation) and
-`<experiment>.png`.
+interrupted one, and experiments that need the same run share it. Results go to `experiments/results/<experiment>/`:
+`results.json` (every number, per seed, with the command), `results.md` (the tables: mean ± spread over seeds, spread
+= the sample standard deviation) and `<experiment>.png`.
 
 Scales: `cpu` is the toy world measured here (a 2-layer 0.49M-parameter model on a 2-core CPU), `minimal` the same
 code at a size that runs in seconds (for the tests; its numbers mean nothing), `accelerator` the interplay study's
@@ -258,21 +258,26 @@ def rl_max_new_tokens(scale: Scale, hi: int) -> int:
   return max(scale.rl["overrides"].get("grpo.max_new_tokens", 0), 16 * hi + 16)
 
 
+def block_config(scale: Scale, block: Mapping, model: Mapping | None = None, **overrides: Any):
+  """The full stage config of a scale's block (`config` and `overrides`, e.g. `scale.rl`) with the scale's model shape
+  (or `model`), then `overrides` (dotted keys)."""
+  from jaxstages.config import apply_overrides, load_config
+  values = {**{f"model.{k}": v for k, v in (scale.model if model is None else model).items()}, **block["overrides"],
+            **overrides}
+  return apply_overrides(load_config(block["config"]), [f"{k}={v!r}" for k, v in values.items()])
+
+
 def rl_data(scale: Scale):
   """The RL stages' data config (`DataConfig`) with the scale's `data.*` overrides: its task is the problem world every
   evaluation draws from."""
-  from jaxstages.config import apply_overrides, load_config
   from jaxstages.data.pipeline import data_config
-  cfg = apply_overrides(load_config(scale.rl["config"]), [f"{k}={v!r}" for k, v in scale.rl["overrides"].items()
-                                                         if k.startswith("data.")])
-  return data_config(cfg.data)
+  return data_config(block_config(scale, scale.rl).data)
 
 
 def rl_shape(scale: Scale) -> dict:
   """The RL stages' prompts a step (`batch`), samples a prompt (`group`) and logging interval (`log_every`), from the
   scale's RL config with its overrides."""
-  from jaxstages.config import apply_overrides, load_config
-  cfg = apply_overrides(load_config(scale.rl["config"]), [f"{k}={v!r}" for k, v in scale.rl["overrides"].items()])
+  cfg = block_config(scale, scale.rl)
   return {"batch": cfg.data.batch_size, "group": cfg.grpo.group_size, "log_every": cfg.stage.log_every}
 
 
@@ -350,11 +355,9 @@ def ensure_stage(scale: Scale, workdir: str | Path, name: str, block: Mapping, s
                  model: Mapping | None = None, **overrides: Any) -> Path:
   """A start model every arm shares (e.g. an SFT of the base): the scale's `block` (`config` and `overrides`) from
   `start` with `overrides`, trained once in `<workdir>/<scale>/<name>-<config hash>`; returns the folder."""
-  from jaxstages.config import apply_overrides, config_hash, load_config
+  from jaxstages.config import config_hash
   from jaxstages.train import run_stage
-  values = {**{f"model.{k}": v for k, v in (scale.model if model is None else model).items()}, **block["overrides"],
-            "stage.init_from": str(start), **overrides}
-  cfg = apply_overrides(load_config(block["config"]), [f"{k}={v!r}" for k, v in values.items()])
+  cfg = block_config(scale, block, model, **{"stage.init_from": str(start), **overrides})
   run_dir = Path(workdir) / scale.name / f"{name}-{config_hash(cfg)}"
   if not finished(run_dir):
     print(f"-- training {run_dir}", flush=True)
@@ -405,6 +408,17 @@ def stage_metrics(run_dir: str | Path, stage_name: str, keys: Sequence[str]) -> 
 
 
 # -- summaries and results ---------------------------------------------------------------------------------------------
+
+def per_op_summary(per_seed: Sequence[Mapping], ops: Sequence[int], metrics: Sequence[str],
+                   context: str = "p") -> dict:
+  """`{op: {metric: summary over seeds}}` of one evaluation's `cells` per seed (a start model: one "seed")."""
+  return {str(op): {m: summary([c[(context, op)][m] for c in per_seed]) for m in metrics} for op in ops}
+
+
+def mean_over_ops(by_cell: Mapping, ops: Sequence[int], metric: str = "pass@1", context: str = "p") -> float:
+  """A metric of one evaluation's `cells`, averaged over `ops`."""
+  return sum(by_cell[(context, op)][metric] for op in ops) / len(ops)
+
 
 def summary(values: Sequence[float]) -> dict:
   """Mean, spread (sample standard deviation; 0 for one value) and the values themselves."""

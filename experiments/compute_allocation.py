@@ -14,8 +14,8 @@ FLOPs reach its share).
 from __future__ import annotations
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, pipeline, \
-    rl_max_new_tokens, rl_prompt_len, run, stage, summary, write_results
+from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, per_op_summary, \
+    pipeline, rl_max_new_tokens, rl_prompt_len, run, stage, summary, write_results
 
 MIDTRAIN_SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)  # of the budget; RL gets the rest
 
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
       steps.append({r["stage"]: r["steps"] for r in report["stages"]})
     results["arms"][name] = {
         "midtrain_share": share, "flops": flops, "steps": steps,
-        "eval": {str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in metrics} for op in ops}}
+        "eval": per_op_summary(per_seed, ops, metrics)}
 
   kmax = ks[-1]
   header = ["split", "steps (mid / RL)", "FLOPs spent (mid + RL)", *[f"op {op} pass@1" for op in ops],

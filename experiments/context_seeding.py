@@ -14,7 +14,7 @@ seed changes the RL prompts and sampling, not the base).
 from __future__ import annotations
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, \
+from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, per_op_summary, \
     recorded_path, rl_pipeline, run, summary, write_results
 
 SHARES = (0.0, 0.001, 0.01, 0.1)  # of pre-training problems in the second context, at the lowest op only
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
       per_seed.append(cells(report["stages"][-1]["eval"]))
     results["arms"][name] = {
         "share": share, "base_folder": recorded_path(base, args.workdir),
-        "after_rl": {str(op): {m: summary([c[(second, op)][m] for c in per_seed]) for m in metrics} for op in ops},
+        "after_rl": per_op_summary(per_seed, ops, metrics, context=second),
         "before_rl": {str(op): {m: summary([before[(second, op)][m]]) for m in metrics} for op in ops}}
 
   kmax = ks[-1]

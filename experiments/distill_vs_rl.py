@@ -22,7 +22,8 @@ import json
 from pathlib import Path
 
 from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, model_params, \
-    parse_args, pipeline, rl_max_new_tokens, rl_pipeline, rl_prompt_len, run, stage, summary, write_results
+    parse_args, per_op_summary, pipeline, rl_max_new_tokens, rl_pipeline, rl_prompt_len, run, stage, summary, \
+    write_results
 from experiments.rl_scaling import size_base
 
 ARMS = {"rl": "RL (GRPO)", "off-policy": "off-policy distillation (teacher samples, forward KL)",
@@ -72,11 +73,11 @@ def main(argv=None) -> None:
   lo, hi = scale.ranges["in-distribution"]
   ops, ks = list(scale.eval_ops), list(scale.eval["ks"])
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
-  as_summary = lambda c: {str(op): {m: summary([c[("p", op)][m]]) for m in metrics} for op in ops}
   results = {"student_size": sizes[0], "teacher_size": sizes[-1], "student_params": model_params(student),
              "teacher_params": model_params(teacher),
-             "student": as_summary(cells(evaluate_start(scale, student, args.workdir))),
-             "teacher": as_summary(cells(evaluate_start(scale, teacher, args.workdir))), "arms": {}}
+             "student": per_op_summary([cells(evaluate_start(scale, student, args.workdir))], ops, metrics),
+             "teacher": per_op_summary([cells(evaluate_start(scale, teacher, args.workdir))], ops, metrics),
+             "arms": {}}
   model = {**scale.model, **scale.sizes[sizes[0]]}
   rl_flops = []
   for seed in range(args.seeds):  # the RL arm sets every seed's budget
@@ -93,11 +94,11 @@ def main(argv=None) -> None:
       per_seed.append(cells(report["stages"][-1]["eval"]))
       flops.append(report["total_flops"])
       steps.append(report["stages"][-1]["steps"])
-    results["arms"][arm] = {"flops": summary(flops), "steps": steps, "eval": {
-        str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in metrics} for op in ops}}
+    results["arms"][arm] = {"flops": summary(flops), "steps": steps, "eval": per_op_summary(per_seed, ops, metrics)}
 
   kmax = ks[-1]
-  header = ["model / arm", "steps", "FLOPs", *[f"op {op} pass@1" for op in ops], *[f"op {op} pass@{kmax}" for op in ops]]
+  header = ["model / arm", "steps", "FLOPs", *[f"op {op} pass@1" for op in ops],
+            *[f"op {op} pass@{kmax}" for op in ops]]
   row = lambda name, steps, flops, ev: [name, steps, flops, *[fmt(ev[str(op)]["pass@1"]) for op in ops],
                                         *[fmt(ev[str(op)][f"pass@{kmax}"]) for op in ops]]
   rows = [row(f"student: {sizes[0]} base ({results['student_params'] / 1e6:.2f}M)", "", "", results["student"]),

@@ -12,7 +12,7 @@ changes the RL prompts and sampling (the base is shared). Reward curves come fro
 from __future__ import annotations
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, \
+from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, per_op_summary, \
     rl_pipeline, run, stage_metrics, summary, write_results
 
 ARMS = ("too-easy", "in-distribution", "edge", "too-hard")
@@ -58,8 +58,7 @@ def main(argv=None) -> None:
                             args.workdir, scale)
       per_seed.append(cells(report["stages"][-1]["eval"]))
       curves.append(stage_metrics(run_dir, "rl", ["pass_rate", "reward_mean", "zero_variance_groups"]))
-    results["arms"][arm] = {str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in metrics}
-                            for op in ops}
+    results["arms"][arm] = per_op_summary(per_seed, ops, metrics)
     results["reward_curves"][arm] = curves
 
   kmax = ks[-1]

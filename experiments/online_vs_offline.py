@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from experiments.base import ensure_base
 from experiments.common import SCALES, cells, chosen, ensure_stage, evaluate_start, fmt, markdown_table, \
-    parse_args, pipeline, rl_max_new_tokens, run, stage, stage_metrics, summary, write_results
+    parse_args, per_op_summary, pipeline, rl_max_new_tokens, run, stage, stage_metrics, summary, write_results
 
-ARMS = {"grpo": "GRPO (online)", "dpo-task": "DPO, task pairs (gold vs. perturbed)",
-        "dpo-offline": "DPO, pairs sampled from the start (offline)", "dpo-online": "DPO, pairs sampled from the "
-                                                                                     "policy (online)"}
+ARMS = {"grpo": "GRPO (online)",
+        "dpo-task": "DPO, task pairs (gold vs. perturbed)",
+        "dpo-offline": "DPO, pairs sampled from the start (offline)",
+        "dpo-online": "DPO, pairs sampled from the policy (online)"}
 TRAIN_OPS = {"cpu": (1, 2), "minimal": (1, 1), "accelerator": (7, 10)}
 CHAT_PROMPT_LEN = {"cpu": 96, "minimal": 96, "accelerator": 1024}
 EVAL_PROBLEMS = {"cpu": 32, "minimal": 2, "accelerator": 128}
@@ -32,6 +33,7 @@ EVAL_PROBLEMS = {"cpu": 32, "minimal": 2, "accelerator": 128}
 
 def arm_pipeline(scale, arm: str, start, seed: int) -> dict:
   lo, hi = TRAIN_OPS[scale.name]
+  # chat answers carry the turn's end token: 64 tokens (DPO's default pair length) for every arm at cpu scale
   n_new = max(rl_max_new_tokens(scale, hi), 64 if scale.name == "cpu" else 0)
   shared = {"data.task.op_range": (lo, hi), "data.seed": 100 + seed, "data.prompt_len": CHAT_PROMPT_LEN[scale.name]}
   if arm == "grpo":
@@ -79,7 +81,7 @@ def main(argv=None) -> None:
   start_cells = cells(evaluate_start(scale, start, args.workdir, problems=EVAL_PROBLEMS[scale.name],
                                      samples=scale.light_eval, prompt="chat"))
   results = {"train_ops": TRAIN_OPS[scale.name], "start_folder": start.name,
-             "start": {str(op): {m: summary([start_cells[("p", op)][m]]) for m in metrics} for op in ops},
+             "start": per_op_summary([start_cells], ops, metrics),
              "arms": {}}
   for arm in chosen(list(ARMS), args):
     per_seed, drift, train = [], [], []
@@ -91,7 +93,7 @@ def main(argv=None) -> None:
       keys = ["pass_rate"] if arm == "grpo" else ["accuracy", "sampled_chosen", "sampled_rejected"]
       train.append(stage_metrics(run_dir, name, keys))
     results["arms"][arm] = {
-        "eval": {str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in metrics} for op in ops},
+        "eval": per_op_summary(per_seed, ops, metrics),
         "drift": drift, "train": train,
         "final_kl": summary([d[-1]["kl_from_reference"] for d in drift])}
 

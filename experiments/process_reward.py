@@ -16,7 +16,7 @@ as edge_of_competence's edge arm (shared by config hash).
 from __future__ import annotations
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, \
+from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, per_op_summary, \
     recorded_path, rl_pipeline, run, stage_metrics, summary, write_results
 
 REWARDS = {"outcome": {"grpo.reward": "outcome"}, "mixed": {"grpo.reward": "mixed", "grpo.process_alpha": 0.5},
@@ -69,8 +69,7 @@ def main(argv=None) -> None:
       per_seed.append({k: with_hacking(c) for k, c in cells(report["stages"][-1]["eval"]).items()})
       curves.append(stage_metrics(run_dir, "rl", ["hack_rate", "pass_rate", "outcome_rate"]))
       results["runs"].setdefault(arm, []).append(recorded_path(run_dir, args.workdir))
-    results["arms"][arm] = {str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in metrics}
-                            for op in ops}
+    results["arms"][arm] = per_op_summary(per_seed, ops, metrics)
     results["curves"][arm] = curves
 
   header = ["reward", *[f"op {op} strict pass@1" for op in ops], *[f"op {op} right answer, wrong steps" for op in ops]]

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, pipeline, \
-    rl_data, rl_pipeline, rl_shape, run, stage, stage_metrics, summary, write_results
+from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, mean_over_ops, \
+    parse_args, pipeline, rl_data, rl_pipeline, rl_shape, run, stage, stage_metrics, summary, write_results
 
 BUCKETS = ("too-easy", "in-distribution", "edge", "too-hard")
 
@@ -60,6 +60,7 @@ def documents_per_step(scale, base, bucket: str) -> float:
   """Gold-solution documents in one SFT step (rows x row length / the mean document's tokens)."""
   from pathlib import Path
 
+  from jaxstages.config import load_config
   from jaxstages.data import tasks
   from jaxstages.data.tokenizer import load_tokenizer
   tok = load_tokenizer(Path(base) / "tokenizer")
@@ -67,7 +68,6 @@ def documents_per_step(scale, base, bucket: str) -> float:
   lo, hi = scale.ranges[bucket]
   lengths = [len(tok.encode(tasks.generate(data.task, 0, "train", i, op=lo + i % (hi - lo + 1)).text())) + 1
              for i in range(256)]
-  from jaxstages.config import load_config
   seq_len = scale.midtrain["overrides"].get("data.seq_len", load_config(scale.midtrain["config"]).data.seq_len)
   return rl_shape(scale)["batch"] * seq_len / (sum(lengths) / len(lengths))
 
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
   results = {"rollouts": rollouts, "group_size": group, "buckets": {}}
   for bucket in chosen(BUCKETS, args):
     ops = bucket_ops(scale, bucket)
-    before = sum(base_cells[("p", op)]["pass@1"] for op in ops) / len(ops)
+    before = mean_over_ops(base_cells, ops)
     docs = scale.rl_steps * documents_per_step(scale, base, bucket)
     arm = {"ops": ops, "base": base_statistics(base_cells, ops, group), "sft_documents": docs}
     for kind in ("rl", "sft"):
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
                   if kind == "rl" else sft_pipeline(scale, bucket, base, seed))
         report, run_dir = run(config, args.workdir, scale)
         after = cells(report["stages"][-1]["eval"])
-        gains.append(sum(after[("p", op)]["pass@1"] for op in ops) / len(ops) - before)
+        gains.append(mean_over_ops(after, ops) - before)
         flops.append(report["total_flops"])
         if kind == "rl":
           zero_var.append(stage_metrics(run_dir, "rl", ["zero_variance_groups"])[0]["zero_variance_groups"])

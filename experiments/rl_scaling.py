@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, model_params, \
-    parse_args, rl_pipeline, rl_shape, run, stage_metrics, summary, write_results
+from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, mean_over_ops, \
+    model_params, parse_args, per_op_summary, rl_pipeline, rl_shape, run, stage_metrics, summary, write_results
 
 REUSE = (1, 4, 16)  # epochs over the prompts (1: every prompt new)
 
@@ -105,13 +105,13 @@ def main(argv=None) -> None:
                            else f"rl_scaling-{size.replace(' ', '')}-{seed}", base, (lo, hi), seed, model=model)
       report, run_dir = run(config, args.workdir, scale)
       after = cells(report["stages"][-1]["eval"])
-      errors.append(1 - sum(after[("p", op)]["pass@1"] for op in ops) / len(ops))
+      errors.append(1 - mean_over_ops(after, ops))
       flops.append(report["total_flops"])
       curves.append(error_curve(run_dir, rl["log_every"], per_step))
     curve = [{k: sum(c[i][k] for c in curves) / len(curves) for k in curves[0][i]} for i in range(len(curves[0]))]
     results["sizes"][size] = {
         "params": model_params(base), "base_folder": base.name,
-        "base_error": 1 - sum(base_cells[("p", op)]["pass@1"] for op in ops) / len(ops),
+        "base_error": 1 - mean_over_ops(base_cells, ops),
         "error_after": summary(errors), "flops": summary(flops), "curve": curve, "curves": curves,
         "fit_flops": power_law([p["flops"] for p in curve], [p["error"] for p in curve]),
         "fit_rollouts": power_law([p["rollouts"] for p in curve], [p["error"] for p in curve])}
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
   base_cells = cells(evaluate_start(scale, base, args.workdir))
   results["reuse_base"] = {str(op): base_cells[("p", op)]["pass@1"] for op in ops}
   prompts = scale.rl_steps * rl["batch"]
-  for tau in REUSE if not args.arms else ():
+  for tau in REUSE if not args.arms else ():  # --arms picks sizes; the reuse runs only in a full run
     per_seed = []
     for seed in range(args.seeds):
       # τ > 1: evaluated on the RL ops only (each op's problems and samples are the same with or without the others)
@@ -129,8 +129,8 @@ def main(argv=None) -> None:
       name = f"edge_of_competence-in-distribution-{seed}" if tau == 1 else f"rl_scaling-reuse{tau}-{seed}"
       report, _ = run(rl_pipeline(scale, name, base, (lo, hi), seed, **extra), args.workdir, scale)
       per_seed.append(cells(report["stages"][-1]["eval"]))
-    results["reuse"][tau] = {"prompts": max(1, prompts // tau), "eval": {
-        str(op): {m: summary([c[("p", op)][m] for c in per_seed]) for m in (f"pass@{k}" for k in ks)} for op in ops}}
+    results["reuse"][tau] = {"prompts": max(1, prompts // tau),
+                             "eval": per_op_summary(per_seed, ops, [f"pass@{k}" for k in ks])}
 
   rows = []
   for size, s in results["sizes"].items():

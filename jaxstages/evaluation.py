@@ -101,8 +101,9 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
              show_progress: bool = True) -> dict:
   """Samples, verifies and scores every (op, context) cell. Returns `{"cells": [...], "config": ...}`; each cell has
   `op`, `context`, `problems`, `samples`, `pass@k` for each k, `maj@n`, `answer@1`, `mean_length` (tokens),
-  `answered` (samples with an answer line), `correct` (the strictly correct samples of each problem) and `format` (samples in the expected form: one answer line at the end,
-  after a think block, empty for `/no_think`, when `think` is set; `rewards.format_ok`) and, when `think` is set,
+  `answered` (samples with an answer line), `correct` (the strictly correct samples of each problem) and `format`
+  (samples in the expected form: one answer line at the end, after a think block, empty for `/no_think`, when
+  `think` is set; `rewards.format_ok`) and, when `think` is set,
   `think_followed`: samples whose think block is non-empty for `/think` and present but empty for `/no_think`."""
   contexts = cfg.contexts or tuple(dict.fromkeys(m.context for m in task_cfg.mixture))
   stops = stop_ids(tokenizer, chat=cfg.prompt == "chat")
@@ -175,7 +176,7 @@ def kl_drift_fn(ctx, ref_graphdef, ref_params, n_prompts: int, max_new_tokens: i
   from jaxstages.stages.distill import reverse_kl
 
   d, tok = ctx.data, ctx.tokenizer
-  kind = getattr(d, "prompt", "chat")
+  kind = d.prompt
   prompts = [eval_prompt(tasks.generate(d.task, d.seed, "eval", i), tok, EvalConfig(prompt=kind))
              for i in range(n_prompts)]
   sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, stop_tokens=stop_ids(tok, kind == "chat"),
@@ -188,7 +189,6 @@ def kl_drift_fn(ctx, ref_graphdef, ref_params, n_prompts: int, max_new_tokens: i
     return jnp.sum(per_token * rows["completion_mask"], axis=-1)
 
   kl_fn = jax.jit(sequence_kl)
-
   padded = prompts + [prompts[-1]] * (-len(prompts) % _data_shards(ctx.mesh))  # the sampler splits rows evenly
 
   def kl_drift(params) -> dict[str, float]:

@@ -117,9 +117,8 @@ def test_rl_efficiency_at_minimal_scale(workdir):
 
 def test_online_vs_offline_measures_grpos_drift(workdir):
   results = run_experiment(online_vs_offline, workdir, "--arms", "grpo")
-  for arm in ("grpo",):
-    (drift,) = results["arms"][arm]["drift"]
-    assert drift and all(r["kl_from_reference"] >= -1e-6 and r["drift_length"] > 0 for r in drift)
+  (drift,) = results["arms"]["grpo"]["drift"]
+  assert drift and all(r["kl_from_reference"] >= -1e-6 and r["drift_length"] > 0 for r in drift)
   values = probabilities(results["arms"]["grpo"]["eval"]) + probabilities(results["start"])
   assert values and all(0.0 <= v <= 1.0 for v in values)
 
