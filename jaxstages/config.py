@@ -105,10 +105,25 @@ def from_config(cls: type[T], config: Mapping[str, Any] | ml_collections.ConfigD
   return cls(**values)
 
 
+# keys added after runs were named by their hash: at these values they are left out of the hash, so the committed
+# runs and models made before the key existed keep their names
+HASH_NEUTRAL = {"solution_format": "expanded"}
+
+
+def _without_neutral(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {k: _without_neutral(v) for k, v in tree.items()
+            if not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])}
+  if isinstance(tree, (list, tuple)):
+    return [_without_neutral(v) for v in tree]
+  return tree
+
+
 def config_hash(config: Mapping[str, Any] | ml_collections.ConfigDict) -> str:
-  """sha256 of the config's canonical JSON (sorted keys), first 12 hex digits: names a run or a saved model by what
-  made it."""
-  return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
+  """sha256 of the config's canonical JSON (sorted keys, `HASH_NEUTRAL` keys at their old values left out), first 12
+  hex digits: names a run or a saved model by what made it."""
+  return hashlib.sha256(json.dumps(_without_neutral(to_dict(config)), sort_keys=True,
+                                   default=str).encode()).hexdigest()[:12]
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -5,8 +5,8 @@ spaces around `:` tolerated, anything after the number ignored). When the comple
 after the first `</think>` is searched, so reasoning inside the block never counts as the answer. Later answer lines
 are ignored: a completion cannot list several answers and be credited for whichever is right.
 
-**Process check.** Solution lines of the form `y = a op b = va op vb = r` (the gold format; other lines are ignored as
-prose) are parsed into steps and compared with the gold dependency graph `G` (the operations the answer needs):
+**Process check.** Solution lines of the form `y = a op b = va op vb = r` or `y = a va op b vb = r` (the two gold
+formats, `tasks.SOLUTION_FORMATS`; other lines are ignored as prose) are parsed into steps and compared with the gold dependency graph `G` (the operations the answer needs):
 - *extra step*: a line defining a quantity outside `G`, or one already defined;
 - *dependency error*: wrong operator or operands (order matters for `-`), or an operand used before it was computed;
 - *value error*: an operand value that is not that quantity's value, or a wrong result;
@@ -43,23 +43,31 @@ def extract_answer(completion: str) -> int | None:
 
 
 @lru_cache(maxsize=None)
-def _step_pattern(op_words: tuple[tuple[str, str], ...]) -> tuple[re.Pattern, dict[str, str]]:
+def _step_patterns(op_words: tuple[tuple[str, str], ...]) -> tuple[tuple[re.Pattern, re.Pattern], dict[str, str]]:
+  """The two line shapes of a step (tasks.SOLUTION_FORMATS): expanded `y = a op b = va op vb = r` and inline
+  `y = a va op b vb = r`."""
   words = {word: op for op, word in op_words}
   alt = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-  pattern = re.compile(
+  expanded = re.compile(
       rf"^\s*(?P<y>\S.*?)\s*=\s*(?P<a>\S.*?)\s+(?P<op>{alt})\s+(?P<b>\S.*?)\s*=\s*(?P<va>-?\d+)\s+(?P<op2>{alt})\s+"
       rf"(?P<vb>-?\d+)\s*=\s*(?P<r>-?\d+)\s*\.?\s*$")
-  return pattern, words
+  inline = re.compile(
+      rf"^\s*(?P<y>\S.*?)\s*=\s*(?P<a>\S.*?)\s+(?P<va>-?\d+)\s+(?P<op>{alt})\s+(?P<b>\S.*?)\s+(?P<vb>-?\d+)\s*=\s*"
+      rf"(?P<r>-?\d+)\s*\.?\s*$")
+  return (expanded, inline), words
 
 
 def parse_steps(problem: Problem, completion: str) -> list[Step]:
-  """Every line of `completion` that has the shape of a solution step, in order."""
-  pattern, words = _step_pattern(tuple(sorted(problem.ctx.op_words.items())))
+  """Every line of `completion` that has the shape of a solution step (either format), in order."""
+  (expanded, inline), words = _step_patterns(tuple(sorted(problem.ctx.op_words.items())))
   steps = []
   for line in completion.splitlines():
-    m = pattern.match(line)
+    m = expanded.match(line)
+    if m and m["op"] != m["op2"]:
+      m = None
+    m = m or inline.match(line)
     values = [_number(m[k]) for k in ("va", "vb", "r")] if m else []
-    if m and m["op"] == m["op2"] and None not in values:
+    if m and None not in values:
       steps.append(Step(m["y"], words[m["op"]], m["a"], m["b"], *values))
   return steps
 

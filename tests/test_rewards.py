@@ -7,9 +7,11 @@ from jaxstages.data.tasks import TaskConfig, generate, sft_messages
 from jaxstages.rewards import extract_answer, format_ok, mixed_reward, parse_steps, verify
 
 
+@pytest.mark.parametrize("solution_format", ["expanded", "inline"])
 @pytest.mark.parametrize("surface,contexts", [("symbolic", "pqr-uniform"), ("story", "story-uniform")])
-def test_gold_accepted_and_perturbed_rejected(surface, contexts):
-  cfg = TaskConfig(surface=surface, contexts=contexts, op_range=(1, 10), distractors=(0, 3), order="shuffled")
+def test_gold_accepted_and_perturbed_rejected(surface, contexts, solution_format):
+  cfg = TaskConfig(surface=surface, contexts=contexts, op_range=(1, 10), distractors=(0, 3), order="shuffled",
+                   solution_format=solution_format)
   for i in range(400):
     p = generate(cfg, 3, "train", i)
     gold = verify(p, p.solution())
@@ -18,6 +20,27 @@ def test_gold_accepted_and_perturbed_rejected(surface, contexts):
     assert verify(p, think).strict_correct and format_ok(think, think=True)
     perturbed = verify(p, p.solution(p.perturbed_steps(np.random.default_rng(i))))
     assert not perturbed.strict_correct and perturbed.value_errors >= 1
+
+
+def test_inline_step_lines_parse_to_the_same_steps():
+  """The inline line `y = a va op b vb = r` is read as the expanded `y = a op b = va op vb = r` (hand-written lines,
+  story names with spaces included)."""
+  from jaxstages.data.tasks import Step
+  p = generate(TaskConfig(op_range=(2, 2)), 0, "train", 0)
+  assert parse_steps(p, "p3 = p1 4 * p2 5 = 20\np9 = p3 20 - p0 1 = 19") == [
+      Step("p3", "*", "p1", "p2", 4, 5, 20), Step("p9", "-", "p3", "p0", 1 * 20, 1, 19)]
+  assert parse_steps(p, "p3 = p1 4 * p2 5 = 20") == parse_steps(p, "p3 = p1 * p2 = 4 * 5 = 20")
+  story = generate(TaskConfig(surface="story", contexts="zoo", op_range=(1, 1)), 0, "train", 0)
+  assert parse_steps(story, "adult owls in Oakridge Zoo = baby owls in Oakridge Zoo 3 + old deer in Hamilton Farm 4 = 7.") \
+      == [Step("adult owls in Oakridge Zoo", "+", "baby owls in Oakridge Zoo", "old deer in Hamilton Farm", 3, 4, 7)]
+
+
+def test_solution_format_is_hash_neutral_at_its_default():
+  """The key added with the inline format leaves the hashes of configs written before it unchanged."""
+  from jaxstages.config import config_hash
+  old = {"data": {"task": {"op_range": [1, 4]}}}
+  assert config_hash({"data": {"task": {"op_range": [1, 4], "solution_format": "expanded"}}}) == config_hash(old)
+  assert config_hash({"data": {"task": {"op_range": [1, 4], "solution_format": "inline"}}}) != config_hash(old)
 
 
 def test_answer_extraction_rule():

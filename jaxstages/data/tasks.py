@@ -31,6 +31,9 @@ import numpy as np
 from jaxstages.config import ConfigError, check_keys
 
 SPLITS = {"train": 0, "eval": 1}
+# how a solution line writes one step (the verifier reads both): "expanded" names the operands, then their values;
+# "inline" writes each operand's value right after its name, so reading a value is a copy from the token before
+SOLUTION_FORMATS = ("expanded", "inline")
 OPS = ("+", "-", "*")
 
 # -- surfaces and contexts ------------------------------------------------------------------------------------------
@@ -179,9 +182,12 @@ class TaskConfig:
   eval_fraction: float = 0.1  # share of problem structures that belong to the eval split
   phrasings: int | None = None  # use only each context's first k phrasings of a statement (None: all of them)
   names: int | None = None  # draw quantity names from each context's first k names (None: the whole pool)
+  solution_format: str = "expanded"  # a solution line: "expanded" `y = a op b = va op vb = r`, or "inline"
+  #                                     `y = a va op b vb = r` (each operand's value right after its name)
 
   def __post_init__(self):
-    for key, allowed in (("surface", SURFACES), ("order", ("dependency", "shuffled")), ("reach", ("any", "near"))):
+    for key, allowed in (("surface", SURFACES), ("order", ("dependency", "shuffled")), ("reach", ("any", "near")),
+                         ("solution_format", SOLUTION_FORMATS)):
       if getattr(self, key) not in allowed:
         raise ConfigError(f"task {key}={getattr(self, key)!r} is not one of {list(allowed)}")
     if not set(self.ops) <= set(OPS) or not self.ops:
@@ -248,6 +254,7 @@ class Problem:
   pinned_op: int | None = None
   pinned_context: str | None = None
   order_kind: str = "dependency"  # how the statements were ordered: "dependency" or "shuffled"
+  solution_format: str = "expanded"  # how solution lines are written (SOLUTION_FORMATS)
 
   @property
   def key(self) -> dict:
@@ -364,7 +371,10 @@ class Problem:
 
   def format_step(self, step: Step) -> str:
     w = self.ctx.op_words[step.op]
-    line = f"{step.target} = {step.a} {w} {step.b} = {step.va} {w} {step.vb} = {step.result}"
+    if self.solution_format == "inline":
+      line = f"{step.target} = {step.a} {step.va} {w} {step.b} {step.vb} = {step.result}"
+    else:
+      line = f"{step.target} = {step.a} {w} {step.b} = {step.va} {w} {step.vb} = {step.result}"
     return line + ("." if self.surface == "story" else "")
 
   def solution(self, steps: Sequence[Step] | None = None) -> str:
@@ -539,7 +549,7 @@ def _tell(cfg, rng, nodes, target, ctx_name, seed, split, index, pinned_op, pinn
                    for i in order)
   phrasing += (pick(ctx.question_templates),)
   return Problem(tuple(nodes), names, target, order, phrasing, ctx_name, cfg.surface, cfg.modulus, seed, split,
-                 index, pinned_op, pinned_context, cfg.order)
+                 index, pinned_op, pinned_context, cfg.order, cfg.solution_format)
 
 
 # -- formats for every stage ----------------------------------------------------------------------------------------
