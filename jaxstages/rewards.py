@@ -5,8 +5,9 @@ spaces around `:` tolerated, anything after the number ignored). When the comple
 after the first `</think>` is searched, so reasoning inside the block never counts as the answer. Later answer lines
 are ignored: a completion cannot list several answers and be credited for whichever is right.
 
-**Process check.** Solution lines of the form `y = a op b = va op vb = r` or `y = a va op b vb = r` (the two gold
-formats, `tasks.SOLUTION_FORMATS`; other lines are ignored as prose) are parsed into steps and compared with the gold dependency graph `G` (the operations the answer needs):
+**Process check.** Solution lines of the form `y = a op b = va op vb = r`, `y = a va op b vb = r` or
+`y = a op b ; a = va ; b = vb ; y = r` (the gold formats, `tasks.SOLUTION_FORMATS`; other lines are ignored as
+prose) are parsed into steps and compared with the gold dependency graph `G` (the operations the answer needs):
 - *extra step*: a line defining a quantity outside `G`, or one already defined;
 - *dependency error*: wrong operator or operands (order matters for `-`), or an operand used before it was computed;
 - *value error*: an operand value that is not that quantity's value, or a wrong result;
@@ -43,9 +44,10 @@ def extract_answer(completion: str) -> int | None:
 
 
 @lru_cache(maxsize=None)
-def _step_patterns(op_words: tuple[tuple[str, str], ...]) -> tuple[tuple[re.Pattern, re.Pattern], dict[str, str]]:
-  """The two line shapes of a step (tasks.SOLUTION_FORMATS): expanded `y = a op b = va op vb = r` and inline
-  `y = a va op b vb = r`."""
+def _step_patterns(op_words: tuple[tuple[str, str], ...]) -> tuple[tuple[re.Pattern, ...], dict[str, str]]:
+  """The line shapes of a step (tasks.SOLUTION_FORMATS): expanded `y = a op b = va op vb = r`, inline
+  `y = a va op b vb = r` and lookup `y = a op b ; a = va ; b = vb ; y = r` (its restated names must repeat the
+  first ones, or the line is no step)."""
   words = {word: op for op, word in op_words}
   alt = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
   expanded = re.compile(
@@ -54,18 +56,25 @@ def _step_patterns(op_words: tuple[tuple[str, str], ...]) -> tuple[tuple[re.Patt
   inline = re.compile(
       rf"^\s*(?P<y>\S.*?)\s*=\s*(?P<a>\S.*?)\s+(?P<va>-?\d+)\s+(?P<op>{alt})\s+(?P<b>\S.*?)\s+(?P<vb>-?\d+)\s*=\s*"
       rf"(?P<r>-?\d+)\s*\.?\s*$")
-  return (expanded, inline), words
+  lookup = re.compile(
+      rf"^\s*(?P<y>\S.*?)\s*=\s*(?P<a>\S.*?)\s+(?P<op>{alt})\s+(?P<b>\S.*?)\s*;\s*(?P<a2>\S.*?)\s*=\s*(?P<va>-?\d+)\s*;"
+      rf"\s*(?P<b2>\S.*?)\s*=\s*(?P<vb>-?\d+)\s*;\s*(?P<y2>\S.*?)\s*=\s*(?P<r>-?\d+)\s*\.?\s*$")
+  return (expanded, inline, lookup), words
 
 
 def parse_steps(problem: Problem, completion: str) -> list[Step]:
   """Every line of `completion` that has the shape of a solution step (either format), in order."""
-  (expanded, inline), words = _step_patterns(tuple(sorted(problem.ctx.op_words.items())))
+  (expanded, inline, lookup), words = _step_patterns(tuple(sorted(problem.ctx.op_words.items())))
   steps = []
   for line in completion.splitlines():
     m = expanded.match(line)
     if m and m["op"] != m["op2"]:
       m = None
     m = m or inline.match(line)
+    if not m:
+      m = lookup.match(line)
+      if m and (m["a2"], m["b2"], m["y2"]) != (m["a"], m["b"], m["y"]):
+        m = None
     values = [_number(m[k]) for k in ("va", "vb", "r")] if m else []
     if m and None not in values:
       steps.append(Step(m["y"], words[m["op"]], m["a"], m["b"], *values))

@@ -157,6 +157,25 @@ def test_pretrain_pipeline_rows_come_from_the_task_documents(any_tok):
   assert sorted(used) == list(range(len(used)))
 
 
+def test_pretrain_loss_on_solution_trains_exactly_the_solution_and_answer(tok):
+  """`loss_on="solution"`: the trained targets of each packed document decode to its solution, answer line and
+  end-of-document token, and nothing of the problem."""
+  cfg = pl.data_config(dict(kind="pretrain", task=TASK, seq_len=256, batch_size=4, seed=3, loss_on="solution"))
+  solutions = {}
+  for i in range(200):
+    p = tasks.generate(cfg.task, 3, "train", i)
+    solutions[tuple(pl.lm_document(tok, tasks.pretrain_document(p))["tokens"].tolist())] = p.solution()
+  n = 0
+  for batch in take(pl.make_pipeline(cfg, tok, 0, 1), 2):
+    for row in unbatch(batch):
+      for start, stop in segments(row):
+        trained = row["targets"][start:stop][row["loss_mask"][start:stop] > 0]
+        solution = solutions[tuple(row["tokens"][start:stop].tolist())]
+        assert trained[-1] == tok.eos_id and tok.decode(trained[:-1].tolist()) == solution
+        n += 1
+  assert n >= 8
+
+
 # -- SFT ------------------------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from jaxstages.data.tasks import TaskConfig, generate, sft_messages
 from jaxstages.rewards import extract_answer, format_ok, mixed_reward, parse_steps, verify
 
 
-@pytest.mark.parametrize("solution_format", ["expanded", "inline"])
+@pytest.mark.parametrize("solution_format", ["expanded", "inline", "lookup"])
 @pytest.mark.parametrize("surface,contexts", [("symbolic", "pqr-uniform"), ("story", "story-uniform")])
 def test_gold_accepted_and_perturbed_rejected(surface, contexts, solution_format):
   cfg = TaskConfig(surface=surface, contexts=contexts, op_range=(1, 10), distractors=(0, 3), order="shuffled",
@@ -22,14 +22,16 @@ def test_gold_accepted_and_perturbed_rejected(surface, contexts, solution_format
     assert not perturbed.strict_correct and perturbed.value_errors >= 1
 
 
-def test_inline_step_lines_parse_to_the_same_steps():
-  """The inline line `y = a va op b vb = r` is read as the expanded `y = a op b = va op vb = r` (hand-written lines,
+def test_inline_and_lookup_step_lines_parse_to_the_same_steps():
+  """The inline line `y = a va op b vb = r` and the lookup line `y = a op b ; a = va ; b = vb ; y = r` are read as the expanded `y = a op b = va op vb = r` (hand-written lines,
   story names with spaces included)."""
   from jaxstages.data.tasks import Step
   p = generate(TaskConfig(op_range=(2, 2)), 0, "train", 0)
   assert parse_steps(p, "p3 = p1 4 * p2 5 = 20\np9 = p3 20 - p0 1 = 19") == [
       Step("p3", "*", "p1", "p2", 4, 5, 20), Step("p9", "-", "p3", "p0", 1 * 20, 1, 19)]
-  assert parse_steps(p, "p3 = p1 4 * p2 5 = 20") == parse_steps(p, "p3 = p1 * p2 = 4 * 5 = 20")
+  assert parse_steps(p, "p3 = p1 4 * p2 5 = 20") == parse_steps(p, "p3 = p1 * p2 = 4 * 5 = 20") == \
+      parse_steps(p, "p3 = p1 * p2 ; p1 = 4 ; p2 = 5 ; p3 = 20")
+  assert parse_steps(p, "p3 = p1 * p2 ; p1 = 4 ; p5 = 5 ; p3 = 20") == []  # a restated name must repeat the first
   story = generate(TaskConfig(surface="story", contexts="zoo", op_range=(1, 1)), 0, "train", 0)
   assert parse_steps(story, "adult owls in Oakridge Zoo = baby owls in Oakridge Zoo 3 + old deer in Hamilton Farm 4 = 7.") \
       == [Step("adult owls in Oakridge Zoo", "+", "baby owls in Oakridge Zoo", "old deer in Hamilton Farm", 3, 4, 7)]

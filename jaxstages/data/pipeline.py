@@ -66,7 +66,7 @@ DOCUMENT_FORMATS = ("pretrain", "instruction", "sft")  # what a packed source ma
 DEFAULT_FORMAT = {"pretrain": "pretrain", "midtrain": "instruction", "sft": "sft", "preference": "preference",
                   "rl": "rl", "eval": "rl"}
 OVERFLOW = ("split", "truncate", "drop")
-LOSS_ON = ("assistant", "all")
+LOSS_ON = ("assistant", "all", "solution")
 REJECTED = ("mixed", "result", "operand")
 PROMPTS = ("chat", "document")
 INTERP = ("constant", "linear")
@@ -131,7 +131,9 @@ class DataConfig:
   schedule_interp: str = "constant"  # "constant": the last breakpoint's weights; "linear": interpolate
   step_offset: int = 0  # the training step of this pipeline's first batch, for the schedule
   think_mix: tuple = (0.0, 0.0, 1.0)  # sft/rl: fractions of examples with think on / off / plain (no flag)
-  loss_on: str = "assistant"  # sft: train on assistant tokens only, or on every token
+  loss_on: str = "assistant"  # sft: train on assistant tokens only, or on every token; pretrain / instruction
+  #                               documents: "solution" trains on the solution and answer only (the problem's random
+  #                               names and values are no target), anything else on every token
   rejected: str = "mixed"  # preference: the rejected solution's error (tasks.Problem.perturbed_steps)
   overflow: str = "split"  # packed documents longer than seq_len: split | truncate | drop
   pack_bins: int | None = None  # rows packed at once (more: fuller rows); default the per-process batch
@@ -402,10 +404,16 @@ def _think(think_mix: Sequence[float], seed: int, index: int) -> bool | None:
   return True if u < think_mix[0] else False if u < think_mix[0] + think_mix[1] else None
 
 
-def lm_document(tokenizer: Tokenizer, text: str) -> dict:
-  """A plain document: its ids and an end-of-document token, every token trained on."""
+def lm_document(tokenizer: Tokenizer, text: str, untrained_prefix: str = "") -> dict:
+  """A plain document: its ids and an end-of-document token, every token trained on but those of
+  `untrained_prefix` (the start of `text`, e.g. the problem before its solution)."""
   ids = list(tokenizer.encode(text)) + [tokenizer.eos_id]
-  return {"tokens": np.asarray(ids, np.int32), "mask": np.ones(len(ids), np.float32)}
+  mask = np.ones(len(ids), np.float32)
+  if untrained_prefix:
+    if not text.startswith(untrained_prefix):
+      raise ValueError(f"untrained prefix {untrained_prefix[:40]!r} does not start the document {text[:40]!r}")
+    mask[:len(tokenizer.encode(untrained_prefix))] = 0.0
+  return {"tokens": np.asarray(ids, np.int32), "mask": mask}
 
 
 def sft_document(tokenizer: Tokenizer, messages: list[dict], loss_on: str = "assistant") -> dict:
@@ -495,10 +503,15 @@ def _source_dataset(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer, pr
   def problem(index: int) -> tasks.Problem:
     return tasks.generate(task, seed, split, max(index, 0))
 
+  def lm(document, p: tasks.Problem) -> dict:
+    text = document(p)
+    prefix = text[:text.index(p.text()) + len(p.text()) + 1] if cfg.loss_on == "solution" else ""
+    return lm_document(tokenizer, text, prefix)
+
   if src.format == "pretrain":
-    docs = indices.map(lambda i: lm_document(tokenizer, tasks.pretrain_document(problem(i))))
+    docs = indices.map(lambda i: lm(tasks.pretrain_document, problem(i)))
   elif src.format == "instruction":
-    docs = indices.map(lambda i: lm_document(tokenizer, tasks.instruction_document(problem(i))))
+    docs = indices.map(lambda i: lm(tasks.instruction_document, problem(i)))
   elif src.format == "sft":
     docs = indices.map(lambda i: sft_document(
         tokenizer, tasks.sft_messages(problem(i), think=_think(cfg.think_mix, seed, i)), cfg.loss_on))

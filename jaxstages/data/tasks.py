@@ -31,9 +31,11 @@ import numpy as np
 from jaxstages.config import ConfigError, check_keys
 
 SPLITS = {"train": 0, "eval": 1}
-# how a solution line writes one step (the verifier reads both): "expanded" names the operands, then their values;
-# "inline" writes each operand's value right after its name, so reading a value is a copy from the token before
-SOLUTION_FORMATS = ("expanded", "inline")
+# how a solution line writes one step (the verifier reads all three): "expanded" names the operands, then their
+# values; "inline" writes each operand's value right after its name; "lookup" restates each operand as `name = value`
+# and the result as `target = value`, the same shape as a constant's statement, so every value the model needs is
+# found by the copy that already finds a statement's operands ("what follows `name =`")
+SOLUTION_FORMATS = ("expanded", "inline", "lookup")
 OPS = ("+", "-", "*")
 
 # -- surfaces and contexts ------------------------------------------------------------------------------------------
@@ -182,8 +184,8 @@ class TaskConfig:
   eval_fraction: float = 0.1  # share of problem structures that belong to the eval split
   phrasings: int | None = None  # use only each context's first k phrasings of a statement (None: all of them)
   names: int | None = None  # draw quantity names from each context's first k names (None: the whole pool)
-  solution_format: str = "expanded"  # a solution line: "expanded" `y = a op b = va op vb = r`, or "inline"
-  #                                     `y = a va op b vb = r` (each operand's value right after its name)
+  solution_format: str = "expanded"  # a solution line: "expanded" `y = a op b = va op vb = r`, "inline"
+  #                                     `y = a va op b vb = r` or "lookup" `y = a op b ; a = va ; b = vb ; y = r`
 
   def __post_init__(self):
     for key, allowed in (("surface", SURFACES), ("order", ("dependency", "shuffled")), ("reach", ("any", "near")),
@@ -373,6 +375,9 @@ class Problem:
     w = self.ctx.op_words[step.op]
     if self.solution_format == "inline":
       line = f"{step.target} = {step.a} {step.va} {w} {step.b} {step.vb} = {step.result}"
+    elif self.solution_format == "lookup":
+      line = (f"{step.target} = {step.a} {w} {step.b} ; {step.a} = {step.va} ; {step.b} = {step.vb} ; "
+              f"{step.target} = {step.result}")
     else:
       line = f"{step.target} = {step.a} {w} {step.b} = {step.va} {w} {step.vb} = {step.result}"
     return line + ("." if self.surface == "story" else "")
