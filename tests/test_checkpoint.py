@@ -122,7 +122,7 @@ def test_params_of_another_shape_name_the_tensor_and_both_shapes(tmp_path, tiny_
   import pytest
   from flax import nnx
 
-  from jaxstages.model.io import CheckpointMismatchError
+  from jaxstages.checkpoint import CheckpointMismatchError
   from jaxstages.sharding import param_shardings
 
   _saved_steps(tmp_path, tiny_cfg, steps=(1,))

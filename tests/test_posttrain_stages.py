@@ -17,7 +17,8 @@ from jaxstages.model import create_model
 from jaxstages.stages import objective_block
 from jaxstages.stages.distill import DistillConfig, check_same_tokenizer, distill_loss_fn, teacher_outputs
 from jaxstages.stages.dpo import DPOConfig, dpo_loss_fn, pair_log_probs
-from jaxstages.train import run_stage, vocab_size_for
+from jaxstages.model.config import vocab_size_for
+from jaxstages.train import run_stage
 from tests.stage_runs import SMALL, finish, kill_all_at, loss_rows, spawn, train_cmd
 
 
