@@ -111,7 +111,8 @@ def test_zero_length_padding_pair_stays_finite():
 
 def test_unknown_kind_names_nearest_and_valid_kinds():
   pc = jnp.zeros(2)
-  with pytest.raises(ValueError, match=r"'sigmod'.*did you mean 'sigmoid'.*Valid kinds: sigmoid, robust, ipo, hinge, simpo"):
+  with pytest.raises(ValueError, match=r"'sigmod'.*did you mean 'sigmoid'.*Valid kinds: sigmoid, robust, ipo, hinge, "
+                                      r"simpo"):
     preference_loss(pc, pc, pc, pc, "sigmod", beta=0.1)
   with pytest.raises(ValueError, match="did you mean 'simpo'"):
     preference_loss(pc, pc, pc, pc, "simpo_loss", beta=0.1)

@@ -175,8 +175,8 @@ def test_the_check_finds_a_cycle_an_upward_import_and_an_import_in_a_function(tm
   and a table row continued on the next line are read too."""
   pkg = tmp_path / "toypkg"
   (pkg / "sub").mkdir(parents=True)
-  (pkg / "__init__.py").write_text('"""Layers.\n\n  layer  name   modules\n  1      low    low\n  2      mid    mid, sub,\n'
-                                   '                sub.leaf\n  3      high   high\n"""\n')
+  (pkg / "__init__.py").write_text('"""Layers.\n\n  layer  name   modules\n  1      low    low\n'
+                                   '  2      mid    mid, sub,\n                sub.leaf\n  3      high   high\n"""\n')
   (pkg / "low.py").write_text("from toypkg import high\n")
   (pkg / "mid.py").write_text("import toypkg.low\n\n\ndef f():\n  import json\n\n\ndef g():\n"
                               "  import matplotlib\n")
