@@ -12,15 +12,19 @@ Per step, on the host side of the shared train loop (`Objective.prepare`), top t
 4. **dynamic sampling** (DAPO): groups whose rewards are all equal carry no signal and are dropped; more prompts are
    drawn from the same checkpointed data iterator until B groups are kept or `max_sampling_rounds` is hit (then
    the batch is filled with dropped groups, masked out);
-5. **log-probs**: the sampler's own (or recomputed by the trainer), the reference model's only when β > 0, the
-   critic's values for PPO;
-6. **advantages**: a GRPO-family estimator of the group rewards (`grpo.ADVANTAGES`), or GAE over the critic's
-   values (`ppo.gae`); KL to the reference either in the reward (fixed or adaptive β) or in the loss;
-7. then the jitted train step runs `epochs x minibatches` clipped-surrogate updates over the rollout
-   (`train.make_train_step`), with the loss of `grpo.py` / `ppo.py`.
+5. **log-probs**: the sampler's own (or recomputed by the trainer: required with top-k / top-p, whose sampler
+   log-probs are of the truncated distribution), the reference model's only when β > 0, the critic's values for
+   PPO (jitted forwards, `apply.make_apply`);
+6. **advantages**: a GRPO-family estimator of the group rewards (`grpo.ADVANTAGES`, with its own std-scaling
+   default, `SCALE_REWARDS`), or PPO's one jitted post-processing (`ppo.ppo_postprocess`: terminal rewards, GAE
+   over the critic's values, whitening); KL to the reference either in the reward (fixed or adaptive β) or in the
+   loss;
+7. then the loop's jitted train step (`train.make_train_step`, which calls this module; nothing here calls the
+   loop) runs `epochs x minibatches` clipped-surrogate updates over the rollout, with the loss of `grpo.py` /
+   `ppo.py`.
 
 Everything random is keyed by (seed, step, round), so a resumed run repeats the same rollouts; the adaptive KL
-coefficient is saved with every checkpoint.
+coefficient and the FLOPs spent so far (measured: sampling as executed) are saved with every checkpoint.
 """
 
 from __future__ import annotations
