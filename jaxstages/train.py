@@ -31,9 +31,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxstages.apply import make_apply
 from jaxstages.checkpoint import Checkpointer
@@ -48,7 +47,7 @@ from jaxstages.model.io import load_model
 from jaxstages.optim import OptimConfig, make_optimizer
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, check_batch_divisible,
                                 data_parallel_size, global_batch_from_process_local, initialize_distributed,
-                                make_mesh, param_shardings, use_mesh)
+                                make_mesh, use_mesh)
 from jaxstages.stages import (LOSSES, OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step,
                               stage_model, updates_per_step)
 from jaxstages.state import TrainState, init_train_state, state_shardings
