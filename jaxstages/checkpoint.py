@@ -11,6 +11,10 @@ truncated or deleted file, a disk that filled up while syncing): once a step is 
 size and CRC-32 of each of its files, and a resume checks the latest step against it. A step that fails the check,
 or fails to restore, is moved to `../broken_checkpoints/` with a warning naming it and the step used instead, and
 the previous good step is restored. Checkpoints hold arrays (tensorstore) and JSON only, never pickles.
+
+A stage whose module wraps the policy with more (PPO's actor-critic: the policy and its critic) keeps the policy
+under the key `policy` (`POLICY`) of its params, so `restore_params` of a plain model's params finds it there and
+restores that subtree alone: handing a stage's policy on needs no knowledge of the stage that trained it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import warnings
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -37,6 +42,12 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that does not fit the model: names the tensor and both shapes."""
+
+
+POLICY = "policy"  # the params key under which a stage module that wraps the policy keeps it (see the docstring)
+ITEMS = ("params", "opt_state", "meta", "data")  # the items of every checkpoint step
 MANIFEST = "jaxstages_manifest.json"  # in each step folder: {"files": {relative path: [bytes, crc32]}}
 
 
@@ -99,7 +110,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("params", "opt_state", "meta", "data"))
+                                         item_names=ITEMS)
 
   def save(self, state: TrainState, data_state: dict | None = None, force: bool = False,
            step: int | None = None) -> bool:
@@ -191,21 +202,59 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(directory: str | epath.Path, target_params: Any, shardings: Any, step: int | None = None):
-  """Only the parameters of another run's or stage's checkpoint (latest step by default): the stage hand-off."""
-  from jaxstages.model.io import check_shapes
+def _key(entry) -> str:
+  return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
 
-  manager = ocp.CheckpointManager(_path(directory), item_names=("params", "opt_state", "meta", "data"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+
+def _tree_of(metadata):
+  """The pytree of array metadata inside an orbax metadata object (its shape differs across orbax APIs)."""
+  tree = getattr(metadata, "item_metadata", metadata)
+  return getattr(tree, "tree", tree)
+
+
+def check_shapes(metadata, target, folder: Any) -> None:
+  """Raises `CheckpointMismatchError` naming the tensor and both shapes when the saved arrays (orbax `metadata`) do
+  not fit `target` (a tree of arrays or `ShapeDtypeStruct`s)."""
+  saved = dict(jax.tree_util.tree_flatten_with_path(_tree_of(metadata))[0])
+  wanted = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+  # params saved from an nnx.State carry each Variable's `value` as a last key; pure-dict targets do not
+  name = lambda path: ".".join(k for k in map(_key, path) if k not in ("", "value"))
+  saved_names = {name(p): v for p, v in saved.items()}
+  for path, want in wanted.items():
+    have = saved_names.get(name(path))
+    if have is None:
+      raise CheckpointMismatchError(f"{folder}: tensor {name(path)!r} is missing from the checkpoint")
+    if tuple(have.shape) != tuple(want.shape):
+      raise CheckpointMismatchError(f"{folder}: tensor {name(path)!r} has shape {tuple(have.shape)} in the "
+                                    f"checkpoint but the model expects {tuple(want.shape)}")
+
+
+def restore_params(directory: str | epath.Path, target_params: Any, shardings: Any, step: int | None = None):
+  """Only the parameters of another run's or stage's checkpoint (latest step by default): the stage hand-off.
+
+  When the saved params hold more than `target_params` under a `policy` key (PPO's policy and critic) and the
+  target is not itself such a wrapper, the `policy` subtree alone is read (the critic's arrays are never loaded)."""
+  path = _path(directory)
+  manager = ocp.CheckpointManager(path, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
     with ocp.StandardCheckpointer() as reader:
-      metadata = reader.metadata(_path(directory) / str(step) / "params")
-    check_shapes(metadata, target_params, f"{directory} (step {step})")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(target_params, shardings))))
+      metadata = reader.metadata(path / str(step) / "params")
+    saved = _tree_of(metadata)
+    wrapped = (isinstance(saved, Mapping) and POLICY in saved and len(saved) > 1
+               and not (isinstance(target_params, Mapping) and POLICY in target_params))
+    if not wrapped:
+      check_shapes(metadata, target_params, f"{directory} (step {step})")
+      return manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_abstract(target_params, shardings)))).params
   finally:
     manager.close()
-  return restored.params
+  check_shapes(saved[POLICY], target_params, f"{directory} (step {step}, its {POLICY!r} params)")
+  # a partial restore of the saved tree: the target names the `policy` subtree only
+  abstract = {POLICY: _abstract(target_params, shardings)}
+  with ocp.PyTreeCheckpointer() as reader:
+    restored = reader.restore(path / str(step) / "params", args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+  return restored[POLICY]

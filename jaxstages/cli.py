@@ -15,13 +15,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from jaxstages import smoke
+from jaxstages.config import apply_overrides, load_config
+from jaxstages.data import pipeline, tasks, tokenizer
+from jaxstages.data.pipeline import data_config
+from jaxstages.evaluation import EvalConfig, evaluate_run, markdown_table
+from jaxstages.model import hf, io
+from jaxstages.model.io import load_stage
+from jaxstages.rewards import verify
+from jaxstages.sampling import SamplingConfig, sample, stop_ids
+from jaxstages.schedule import load_pipeline, report_markdown, run_pipeline
+from jaxstages.sharding import initialize_distributed
+from jaxstages.train import PREEMPTED_EXIT_CODE, Preempted, plan_stage, run_stage
 
 
 def _convert(args: argparse.Namespace) -> None:
-  from jaxstages.model import hf, io
-  from jaxstages.sharding import initialize_distributed
-
   initialize_distributed()
   if args.direction == "import":
     overrides = {"param_dtype": args.param_dtype} if args.param_dtype else {}
@@ -34,14 +45,10 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _smoke(args: argparse.Namespace) -> None:
-  from jaxstages import smoke
-
   smoke.main(steps=args.steps, out_dir=args.out)
 
 
 def _data(args: argparse.Namespace) -> None:
-  from jaxstages.data import pipeline, tokenizer
-
   cfg = pipeline.data_config(args.config)
   if args.tokenizer:
     tok = tokenizer.load_tokenizer(args.tokenizer)
@@ -57,22 +64,14 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _stage_config(args: argparse.Namespace):
-  from jaxstages.config import apply_overrides, load_config
-
   return apply_overrides(load_config(args.config), args.overrides)
 
 
 def _train(args: argparse.Namespace) -> None:
-  import json
-
-  from jaxstages.train import run_stage
-
   print(json.dumps(run_stage(_stage_config(args), args.workdir), indent=2))
 
 
 def _run(args: argparse.Namespace) -> None:
-  from jaxstages.schedule import load_pipeline, report_markdown, run_pipeline
-
   config = load_pipeline(args.config, args.overrides)
   report = run_pipeline(config, args.workdir or f"runs/{config.get('name', 'pipeline')}")
   print(report_markdown(report))
@@ -80,8 +79,6 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-  from jaxstages.train import plan_stage
-
   plan = plan_stage(_stage_config(args))
   mib = lambda b: f"{b / 2**20:,.1f} MiB"
   mem = plan["memory_per_device_bytes"]
@@ -100,8 +97,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _eval(args: argparse.Namespace) -> None:
-  from jaxstages.evaluation import EvalConfig, evaluate_run, markdown_table
-
   cfg = EvalConfig(ops=_ints(args.ops), contexts=tuple(args.contexts.split(",")) if args.contexts else None,
                    problems=args.problems, n=args.n, ks=_ints(args.k) if args.k else (1,),
                    temperature=args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0),
@@ -114,14 +109,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-  from jaxstages.data import tasks
-  from jaxstages.evaluation import load_stage
-  from jaxstages.rewards import verify
-  from jaxstages.sampling import SamplingConfig, sample, stop_ids
-
   model, tokenizer, config = load_stage(args.checkpoint, args.step)
   if args.prompt is None:  # an eval-split problem of the run's task world
-    from jaxstages.data.pipeline import data_config
     task_cfg = data_config(config["data"]).task
     problem = tasks.eval_set(task_cfg, op=args.op, context=args.context or task_cfg.mixture[0].context, n=1,
                              seed=args.seed)[0]
@@ -233,7 +222,6 @@ def main(argv: list[str] | None = None) -> None:
   if unknown or (overrides and args.command not in ("train", "plan", "run")):
     parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
   args.overrides = overrides
-  from jaxstages.train import PREEMPTED_EXIT_CODE, Preempted
   try:
     args.func(args)
   except Preempted as e:  # a checkpoint is saved: the same command resumes

@@ -8,6 +8,7 @@ field's annotation (`steps="ten"`), so a wrong type fails where it is written ra
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import difflib
@@ -155,8 +156,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
   A key that is not in the config fails with the nearest valid names at its level, so `--config.optim.lrr=1e-3`
   never silently adds a key nobody reads.
   """
-  import ast
-
   config = ml_collections.ConfigDict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
   for item in overrides:
     if "=" not in item:

@@ -4,6 +4,9 @@ estimator of Chen et al. 2021), maj@k and mean length, broken down by difficulty
 Every metric is under **strict** correctness (`jaxstages.rewards.verify`: right answer and every step right) except
 `answer@1` (right final answer, steps unchecked) and maj@k (the majority final answer of k samples is right), so a
 table shows both what a model gets right and how often it gets there by a wrong route.
+
+Also the KL drift of a policy from a frozen reference on held-out prompts (`kl_drift_fn`), which DPO and RL stages
+report at every evaluation, and `evaluate_run` for a stage's checkpoint (`load_stage` is `jaxstages.model.io`'s).
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxstages.config import ConfigError, check_keys
 from jaxstages.data import tasks
 from jaxstages.data.pipeline import data_config
-from jaxstages.data.tokenizer import load_tokenizer
+from jaxstages.losses import reverse_kl
 from jaxstages.metrics import progress, write_atomic
 from jaxstages.model import Transformer
+from jaxstages.model.io import load_stage
 from jaxstages.rewards import format_ok, think_block, verify
-from jaxstages.sampling import SamplingConfig, sample, stop_ids, strip_stop
-from jaxstages.sharding import data_parallel_size, make_mesh
-from jaxstages.train import load_model
+from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, strip_stop
+from jaxstages.sharding import data_parallel_size, make_mesh, use_mesh
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -167,14 +173,6 @@ def kl_drift_fn(ctx, ref_graphdef, ref_params, n_prompts: int, max_new_tokens: i
   lower-variance estimate of the sequence KL than the log-ratio of the sample). `drift_length` is the mean
   completion length. `ctx` is the stage's context (graphdef, data, tokenizer, mesh, rules); DPO and RL use it alike.
   """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from jaxstages.sampling import completion_rows
-  from jaxstages.sharding import use_mesh
-  from jaxstages.stages.distill import reverse_kl
-
   d, tok = ctx.data, ctx.tokenizer
   kind = d.prompt
   prompts = [eval_prompt(tasks.generate(d.task, d.seed, "eval", i), tok, EvalConfig(prompt=kind))
@@ -222,15 +220,6 @@ def markdown_table(result: dict) -> str:
       lines.append(f"| {context} | {m} | " + " | ".join(fmt(by[(context, o)][m]) if (context, o) in by else "—"
                                                         for o in ops) + " |")
   return "\n".join(lines)
-
-
-def load_stage(run_dir: str | Path, step: int | None = None, mesh=None):
-  """(model, tokenizer, config) of a stage's workdir, params from its latest (or `step`) checkpoint, placed on
-  `mesh` (default: every device, data-parallel)."""
-  run_dir = Path(run_dir)
-  config = json.loads((run_dir / "config.json").read_text())
-  model = load_model(run_dir, mesh or make_mesh(), step=step)
-  return model, load_tokenizer(run_dir / "tokenizer"), config
 
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig, step: int | None = None, out_dir: str | Path | None = None,

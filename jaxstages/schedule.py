@@ -18,8 +18,9 @@ All stages share one tokenizer (`RUN/tokenizer`). Re-running the same command re
 evaluations) are skipped, an interrupted one resumes from its last checkpoint.
 
 The run folder: `config.json`, one folder per stage (the stage's own files, `eval.json`), `report.json` (per stage:
-steps, tokens, planned and spent FLOPs, wall time, MFU where the chip's peak is known, estimated cost, and the
-evaluation cells), `report.md` rendered from it, and `report.png`: the evaluation against cumulative FLOPs.
+steps, tokens, planned and spent FLOPs, wall time summed over every attempt at the stage, killed ones included, MFU
+where the chip's peak is known, estimated cost, and the evaluation cells), `report.md` rendered from it, and
+`report.png`: the evaluation against cumulative FLOPs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,15 @@ import jax
 import ml_collections
 
 from jaxstages.config import ConfigError, apply_overrides, check_keys, load_config, to_dict
+from jaxstages.data.pipeline import data_config
+from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
+from jaxstages.evaluation import EvalConfig, evaluate
 from jaxstages.metrics import write_atomic
+from jaxstages.model.config import ModelConfig, model_config, vocab_size_for
+from jaxstages.model.io import load_model
+from jaxstages.sharding import make_mesh
+from jaxstages.stages import objective_block, planned_step
+from jaxstages.train import peak_flops_per_device, run_stage
 
 PIPELINE_KEYS = ("name", "stages", "overrides", "eval", "compute", "price_per_chip_hour")
 STAGE_KEYS = ("name", "config", "overrides", "steps", "tokens", "flops", "eval_prompt")
@@ -128,10 +136,7 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
   return out
 
 
-def _model_shape(cfg: Mapping, tokenizer_vocab: int | None):
-  from jaxstages.model import model_config
-  from jaxstages.train import vocab_size_for
-
+def _model_shape(cfg: Mapping, tokenizer_vocab: int | None) -> ModelConfig:
   return model_config({**cfg["model"], "vocab_size": cfg["model"].get("vocab_size")
                        or vocab_size_for(tokenizer_vocab or 512)})
 
@@ -140,35 +145,12 @@ def stage_plan(cfg: Mapping, tokenizer_vocab: int | None = None, teacher_model=N
   """Tokens and FLOPs per step of a training config, from the config alone (no model is built): what a compute
   budget is divided by. RL counts its sampling (at the token limit) and extra forward passes; distillation the
   teacher's forwards and any sampling (the teacher's shape: `teacher_model`, else read from `distill.teacher`)."""
-  from jaxstages.data.pipeline import data_config
-  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
-  from jaxstages.stages import objective_block
-
   kind = cfg["stage"]["kind"]
-  data = data_config(cfg["data"])
-  model = _model_shape(cfg, tokenizer_vocab)
-  if kind in ("grpo", "ppo"):
-    from jaxstages.stages.rl import planned_rl_flops, rl_config
-    return planned_rl_flops(model, data, rl_config(objective_block(kind, cfg), kind), kind)
-  if kind == "distill":
-    from jaxstages.config import from_config
-    from jaxstages.stages.distill import DistillConfig, planned_distill_flops
-    from jaxstages.train import model_config_of
-    distill = from_config(DistillConfig, objective_block(kind, cfg), where="distill config")
-    return planned_distill_flops(model, teacher_model or model_config_of(distill.teacher), data, distill)
-  if kind in ("pretrain", "midtrain", "sft", "sft-per-sequence"):
-    tokens = data.batch_size * data.seq_len
-    return {"tokens_per_step": tokens, "flops_per_step": train_flops_per_token(model, data.seq_len) * tokens}
-  if kind == "dpo":  # chosen and rejected sequences: a training pass of the policy and a reference forward
-    tokens = 2 * data.batch_size * data.seq_len
-    return {"tokens_per_step": tokens, "flops_per_step": (train_flops_per_token(model, data.seq_len)
-                                                          + forward_flops_per_token(model, data.seq_len)) * tokens}
-  raise ConfigError(f"stage kind {kind!r} has no FLOPs plan from its config; give the stage a length in steps")
+  return planned_step(kind, objective_block(kind, cfg), _model_shape(cfg, tokenizer_vocab), data_config(cfg["data"]),
+                      teacher_model)
 
 
-def _eval_config(pipeline: Mapping, entry: Mapping, kind: str, data_prompt: str = "chat"):
-  from jaxstages.evaluation import EvalConfig
-
+def _eval_config(pipeline: Mapping, entry: Mapping, kind: str, data_prompt: str = "chat") -> EvalConfig:
   values = dict(pipeline.get("eval") or {})
   # a base model is prompted with the problem as a document, a chat-tuned one with the user turn; an RL stage with
   # document prompts (RL straight from a base) keeps the document
@@ -180,12 +162,6 @@ def _eval_config(pipeline: Mapping, entry: Mapping, kind: str, data_prompt: str 
 def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path) -> dict:
   """Runs (or resumes) every stage of the pipeline in order, evaluates each, and writes `report.json` and
   `report.md`. Returns the report."""
-  from jaxstages.data.pipeline import data_config
-  from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
-  from jaxstages.evaluation import evaluate
-  from jaxstages.sharding import make_mesh
-  from jaxstages.train import load_model, run_stage
-
   config = to_dict(config)
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,13 +183,8 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     done = (summary.get("steps") == cfg["stage"]["steps"]
             and summary.get("finished", summary["step"] == summary["steps"]))
-    wall_path = stage_dir / "wall_seconds.json"
     if not done:
-      start = time.perf_counter()
-      run_stage(cfg, stage_dir)
-      walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
-      if jax.process_index() == 0:
-        write_atomic(wall_path, json.dumps(walls + [time.perf_counter() - start]))
+      run_stage(cfg, stage_dir)  # records its wall time per attempt (killed ones too): the summary sums them
     summary = json.loads(summary_path.read_text())
     eval_path = stage_dir / "eval.json"
     if not eval_path.exists():
@@ -225,8 +196,7 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
       if jax.process_index() == 0:
         write_atomic(eval_path, json.dumps(result, indent=2))
     result = json.loads(eval_path.read_text())
-    wall = sum(json.loads(wall_path.read_text())) if wall_path.exists() else summary.get("wall_s_this_run", 0.0)
-    rows.append(_report_row(entry, cfg, summary, wall, result, config))
+    rows.append(_report_row(entry, cfg, summary, _wall_seconds(summary, stage_dir), result, config))
   protocol = dataclasses.asdict(_eval_config(config, {}, kind=""))  # the sampling protocol shared by every stage
   report = {"name": config.get("name", run_dir.name), "run_dir": str(run_dir), "stages": rows,
             "eval": {k: protocol[k] for k in ("problems", "n", "ks", "temperature")},
@@ -239,7 +209,8 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
 
 
 def plot_report(report: dict, path: str | Path) -> None:
-  """Strict pass@1 of every evaluation cell after each stage against the cumulative FLOPs spent so far."""
+  """Strict pass@1 of every evaluation cell after each stage against the cumulative FLOPs spent so far (matplotlib
+  is imported here, only when a report is plotted: it is the one heavy dependency of this module)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -267,17 +238,26 @@ def plot_report(report: dict, path: str | Path) -> None:
   plt.close(fig)
 
 
-def _report_row(entry, cfg, summary, wall: float, result: dict, pipeline: Mapping) -> dict:
-  from jaxstages.train import peak_flops_per_device
+def _wall_seconds(summary: Mapping, stage_dir: Path) -> float:
+  """A stage's wall time summed over its attempts (`train.run_stage` records each, killed ones up to their last
+  record); for a stage trained before attempts were recorded, the pipeline's own record of its completed runs, or
+  the last run's time."""
+  if "wall_s" in summary:
+    return summary["wall_s"]
+  legacy = stage_dir / "wall_seconds.json"
+  return sum(json.loads(legacy.read_text())) if legacy.exists() else summary.get("wall_s_this_run", 0.0)
 
-  chips = jax.device_count()
+
+def _report_row(entry, cfg, summary, wall: float, result: dict, pipeline: Mapping) -> dict:
   peak = peak_flops_per_device(cfg["stage"].get("peak_flops_per_device"))
   price = float(pipeline.get("price_per_chip_hour") or 0.0)
   flops = summary.get("flops_spent", summary["flops"])  # RL: measured, with sampling as executed
+  device_s = summary.get("device_s", wall * jax.device_count())  # chip-seconds over every attempt
   return {"stage": entry["name"], "kind": cfg["stage"]["kind"], "steps": summary["step"],
           "tokens": summary["tokens"], "flops": flops, "planned_flops": entry["planned_flops"],
-          "wall_s": wall, "mfu": flops / wall / (peak * chips) if peak and wall else None,
-          "cost": wall / 3600 * chips * price, "eval": result["cells"],
+          "wall_s": wall, "attempts": summary.get("attempts", 1), "processes": summary.get("processes", 1),
+          "mfu": flops / (peak * device_s) if peak and device_s else None,
+          "cost": device_s / 3600 * price, "eval": result["cells"],
           "eval_prompt": result["config"]["prompt"]}
 
 

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxstages.config import ConfigError, from_config
@@ -198,8 +199,6 @@ def global_batch_from_process_local(local_batch: Mapping[str, np.ndarray], mesh:
 def gather_to_host(batch: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
   """Every row of a global batch, as numpy arrays on every process: for host-side work on a batch (sampling from
   its prompts, verifying text). `shard_batch` puts the result back on the mesh."""
-  from jax.experimental import multihost_utils
-
   return {k: np.array(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()}
 
 

@@ -31,22 +31,26 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxstages.checkpoint import Checkpointer, restore_params
+from jaxstages.apply import make_apply
+from jaxstages.checkpoint import Checkpointer
 from jaxstages.config import ConfigError, check_keys, from_config, to_dict
 from jaxstages.data.pipeline import PACKED_KINDS, DataConfig, data_config, make_pipeline
 from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
 from jaxstages.flops import train_flops_per_token
 from jaxstages.metrics import MetricsWriter, progress, write_atomic
-from jaxstages.model import ModelConfig, create_model, model_config, param_count
-from jaxstages.model.hf import import_hf
-from jaxstages.model.io import load_params
+from jaxstages.model import create_model, param_count
+from jaxstages.model.config import check_positions, stage_model_config
+from jaxstages.model.io import load_model
 from jaxstages.optim import OptimConfig, make_optimizer
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, check_batch_divisible,
                                 data_parallel_size, global_batch_from_process_local, initialize_distributed,
-                                make_mesh, param_shardings, use_mesh)
-from jaxstages.state import TrainState, init_train_state
+                                make_mesh, use_mesh)
+from jaxstages.stages import (LOSSES, OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step,
+                              stage_model, updates_per_step)
+from jaxstages.state import TrainState, init_train_state, state_shardings
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
@@ -181,32 +185,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   return call
 
 
-def make_apply(graphdef: nnx.GraphDef, fn: Callable[[nnx.Module, Batch], Any], mesh: Mesh, params_sharding,
-               rules: LogicalRules = DEFAULT_RULES, out_batch_sharded: bool = False):
-  """Jitted `(params, batch) -> fn(model, batch)` with the batch sharded over the data axes: held-out losses, and a
-  frozen model's outputs (reference or teacher log-probs) that a stage adds to its batches. `out_batch_sharded`: the
-  outputs are `[batch, ...]` arrays, laid out like the batch (so they feed the train step without a copy)."""
-
-  def apply(params, batch):
-    return fn(nnx.merge(graphdef, params), batch)
-
-  compiled = {}
-
-  def call(params, batch):
-    key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
-    if key not in compiled:
-      in_batch = {k: batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
-      out = None
-      if out_batch_sharded:
-        shapes = jax.eval_shape(apply, params, batch)
-        out = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.ndim), shapes)
-      compiled[key] = jax.jit(apply, in_shardings=(params_sharding, in_batch), out_shardings=out)
-    with use_mesh(mesh, rules):
-      return compiled[key](params, batch)
-
-  return call
-
-
 # -- the loop -------------------------------------------------------------------------------------------------------
 
 
@@ -283,7 +261,6 @@ def preempt_requested(flag: dict) -> bool:
   local = flag["signal"] is not None
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
 
 
@@ -299,35 +276,6 @@ def peak_flops_per_device(configured: float | None) -> float | None:
 
 
 CONFIG_BLOCKS = ("stage", "model", "data", "optim", "mesh")
-
-
-def vocab_size_for(tokenizer_vocab: int, multiple: int = 128) -> int:
-  """Embedding rows: the tokenizer's vocabulary rounded up (aligned matmuls, room for added tokens)."""
-  return -(-tokenizer_vocab // multiple) * multiple
-
-
-def stage_model_config(model_block: Mapping[str, Any], tokenizer_vocab: int):
-  """The `model` block as a `ModelConfig`; `vocab_size` 0 means the tokenizer's, rounded up."""
-  values = dict(model_block)
-  if not values.get("vocab_size"):
-    values["vocab_size"] = vocab_size_for(tokenizer_vocab)
-  cfg = model_config(values)
-  if cfg.vocab_size < tokenizer_vocab:
-    raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the tokenizer's vocabulary of "
-                      f"{tokenizer_vocab} tokens; set model.vocab_size to 0 (the tokenizer's, rounded up) or to at "
-                      f"least {tokenizer_vocab}")
-  return cfg
-
-
-def check_positions(model_cfg: ModelConfig, lengths: Mapping[str, int]) -> None:
-  """Raises `ConfigError` when a sequence made of `lengths` (config key -> tokens, e.g. `data.prompt_len` and
-  `grpo.max_new_tokens`) is longer than the model's `max_position_embeddings`: RoPE computes any position without
-  complaint, so the stage would otherwise train or sample at positions the model was not built for."""
-  total = sum(lengths.values())
-  if total > model_cfg.max_position_embeddings:
-    parts = " + ".join(f"{k}={v}" for k, v in lengths.items()) + (f" = {total}" if len(lengths) > 1 else "")
-    raise ConfigError(f"{parts} tokens exceed the model's max_position_embeddings={model_cfg.max_position_embeddings}"
-                      "; shorten the sequences or raise model.max_position_embeddings")
 
 
 def data_positions(data_cfg: DataConfig) -> dict[str, int]:
@@ -353,8 +301,6 @@ def next_batch_or_explain(it: Iterator[dict], data_cfg: DataConfig, where: str) 
 
 def _parse_blocks(config, devices):
   """(config dict, StageConfig, mesh, rules, DataConfig): what both running and planning a stage start from."""
-  from jaxstages.stages import OPTION_BLOCKS
-
   config = to_dict(config)
   check_keys(config, CONFIG_BLOCKS + OPTION_BLOCKS, "training config")
   stage = StageConfig.from_config(config.get("stage"))
@@ -380,54 +326,6 @@ def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path, also: Sequenc
   if jax.process_index() == 0 and not (workdir / "tokenizer").exists():
     tokenizer.save(workdir / "tokenizer")  # every stage's folder is self-contained
   return tokenizer
-
-
-def model_config_of(source: str | Path):
-  """The model shape of a `load_model` source, read from its config files (no weights are loaded)."""
-  source = str(source)
-  if source.startswith("hf:"):
-    from jaxstages.model.hf import config_from_hf
-    return config_from_hf(json.loads((Path(source[3:]) / "config.json").read_text()))
-  path = Path(source)
-  if (path / "model_config.json").exists():
-    return model_config(json.loads((path / "model_config.json").read_text()))
-  stage_dir = path.parent if path.name == "checkpoints" else path
-  if not (stage_dir / "config.json").exists():
-    raise FileNotFoundError(f"{source}: neither a stage folder (with config.json), a params folder (with "
-                            "model_config.json) nor hf:FOLDER")
-  config = json.loads((stage_dir / "config.json").read_text())
-  return stage_model_config(config["model"], load_tokenizer(stage_dir / "tokenizer").vocab_size)
-
-
-def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, model_cfg=None,
-               step: int | None = None):
-  """A model from `source`: a stage folder (its `config.json`, `tokenizer/` and `checkpoints/`; latest step unless
-  `step`), its `checkpoints/` folder, a params folder (`model_config.json`), or `hf:FOLDER`. A stage or params
-  folder's model config is its own unless `model_cfg` is given (then a checkpoint that does not fit names the
-  tensor and both shapes)."""
-  source = str(source)
-  if source.startswith("hf:"):
-    return import_hf(source[3:], mesh=mesh, rules=rules)
-  path = Path(source)
-  if (path / "model_config.json").exists():
-    return load_params(path, mesh=mesh, rules=rules, **(dataclasses.asdict(model_cfg) if model_cfg else {}))
-  stage_dir = path.parent if path.name == "checkpoints" else path
-  checkpoints = stage_dir / "checkpoints"
-  if not checkpoints.exists():
-    raise FileNotFoundError(f"{source}: neither a stage folder (with checkpoints/), a params folder (with "
-                            "model_config.json) nor hf:FOLDER")
-  config = json.loads((stage_dir / "config.json").read_text()) if (stage_dir / "config.json").exists() else {}
-  model_cfg = model_cfg or model_config_of(stage_dir)
-  kind = config.get("stage", {}).get("kind", "")
-  if kind == "ppo":  # the checkpoint holds the policy and its critic: build both, keep the policy
-    from jaxstages.stages import objective_block, stage_model
-    build = lambda: stage_model(kind, objective_block(kind, config), create_model(model_cfg, 0), None, rules)
-  else:
-    build = lambda: create_model(model_cfg, 0)
-  graphdef, target = nnx.split(nnx.eval_shape(build))
-  params = restore_params(checkpoints, target, param_shardings(target, mesh, rules), step=step)
-  model = nnx.merge(graphdef, params)
-  return model.policy if kind == "ppo" else model
 
 
 def initial_model(stage: StageConfig, model_cfg, mesh: Mesh, rules: LogicalRules):
@@ -457,6 +355,13 @@ def held_out_metrics(eval_fn, params, data_cfg, tokenizer, batches: int, mesh: M
 
 
 EVAL_KINDS = ("pretrain", "midtrain", "sft", "preference")  # data kinds whose eval split gives a held-out loss
+ATTEMPTS = "attempts.json"  # in a stage's folder: one entry per run of the stage (wall_s, processes, devices, steps)
+
+
+def read_attempts(workdir: str | Path) -> list[dict]:
+  """The recorded attempts at a stage (`run_stage`): each one's wall seconds, processes, devices and steps run."""
+  path = Path(workdir) / ATTEMPTS
+  return json.loads(path.read_text()) if path.exists() else []
 
 
 @dataclasses.dataclass
@@ -485,12 +390,23 @@ class Stage:
                            self.objective.epochs)
 
 
+def schedule_steps(stage: StageConfig, block: Mapping[str, Any], model_cfg, data_cfg: DataConfig) -> int:
+  """The steps the learning-rate schedule spans: `stage.steps`, or, for a stage that ends on its FLOP budget, the
+  steps the budget buys at the planned FLOPs per step (`stages.planned_step`). An RL stage's FLOPs per step are
+  known only once it has sampled, so a pipeline caps its `steps` at the most the budget could buy (every sample
+  stopping at once) while it runs about as many steps as the plan's upper bound per step (every sample to the
+  token limit) buys: warm-up and decay sized by the cap would stretch over steps that never run. Sized by the plan,
+  they end no later than the run; a run that takes more steps finishes at the schedule's last learning rate."""
+  if not stage.flops_budget:
+    return stage.steps
+  per_step = planned_step(stage.kind, block, model_cfg, data_cfg)["flops_per_step"]
+  return min(stage.steps, max(1, round(stage.flops_budget / per_step)))
+
+
 def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
                 devices: Sequence[jax.Device] | None = None) -> Stage:
   """Parses a stage's config and builds its mesh, tokenizer (saved in `workdir`), model, optimizer, train state and
   objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own block, e.g. `grpo`)."""
-  from jaxstages.stages import OBJECTIVES, StageContext, objective_block, stage_model, updates_per_step
-
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
   block = objective_block(stage.kind, config)
   workdir = Path(workdir)
@@ -504,7 +420,8 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
     write_atomic(workdir / "config.json", json.dumps(config, indent=2, default=str))
 
   model = stage_model(stage.kind, block, initial_model(stage, model_cfg, mesh, rules), mesh, rules)
-  optimizer, schedule = make_optimizer(optim_cfg, stage.steps * updates_per_step(stage.kind, block))
+  optimizer, schedule = make_optimizer(optim_cfg, schedule_steps(stage, block, model_cfg, data_cfg)
+                                       * updates_per_step(stage.kind, block))
   graphdef, state, shardings = init_train_state(model, optimizer, mesh, stage.seed, rules)
   del model
   # built before any resume, so `initial_params` are the stage's starting params (a DPO reference)
@@ -526,7 +443,12 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
 
   The stage's objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own config block, e.g. `dpo`)
   gives the loss, and optionally a `prepare` that adds frozen-model outputs or samples to each batch before the
-  jitted step, and held-out metrics of its own."""
+  jitted step, and held-out metrics of its own.
+
+  Every call is one attempt at the stage: its wall time, processes and devices are recorded in
+  `workdir/attempts.json` as it goes (after the build, at every log, checkpoint and evaluation), so the time of an
+  attempt that was killed is kept up to its last record, and the summary's `wall_s` is the sum over attempts."""
+  attempt_start = time.perf_counter()
   initialize_distributed()
   built = build_stage(config, workdir, devices)
   workdir = Path(workdir)
@@ -571,14 +493,27 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   flops_per_step = objective.flops_per_step or train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens_per_step
   peak = peak_flops_per_device(stage.peak_flops_per_device)
   start = int(state.step)
+  attempts = read_attempts(workdir)  # the earlier attempts at this stage (a killed one left its last record)
+  attempt = {"wall_s": 0.0, "processes": jax.process_count(), "devices": mesh.size, "from_step": start,
+             "to_step": start}
+
+  def record_attempt(step: int) -> None:
+    attempt.update(wall_s=time.perf_counter() - attempt_start, to_step=step)
+    if jax.process_index() == 0:
+      write_atomic(workdir / ATTEMPTS, json.dumps(attempts + [attempt], indent=2))
+
+  def flops_spent(steps_taken: int) -> float:
+    """The FLOPs of the first `steps_taken` steps: measured by the objective where its steps vary (RL: sampling as
+    executed; a function of the checkpointed state), else the planned FLOPs per step times the steps."""
+    measured = objective.get_state() if objective.get_state is not None else {}
+    return float(measured.get("flops_spent", flops_per_step * steps_taken))
 
   def budget_spent(steps_taken: int) -> bool:
     """Whether `stage.flops_budget` is spent to within half a step (a function of the checkpointed state, so a
     resumed run stops where an uninterrupted one does)."""
     if not stage.flops_budget:
       return False
-    measured = objective.get_state() if objective.get_state is not None else {}
-    spent = measured.get("flops_spent", flops_per_step * steps_taken)
+    spent = flops_spent(steps_taken)
     per_step = spent / steps_taken if steps_taken else flops_per_step
     return spent + per_step / 2 >= stage.flops_budget
 
@@ -597,8 +532,10 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
             "rate, check the data of those steps, or raise stage.max_nonfinite")
     streak["checked"] = len(pending)
 
+  record_attempt(start)
   bar = progress(stage.steps, f"{stage.name}", initial=start)
   pending, last_time, last_step, start_time = [], time.perf_counter(), start, time.perf_counter()
+  last_flops = flops_spent(start)
   end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
   preempted = False
   with preemption_signals() as preemption:
@@ -621,20 +558,24 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
         now = time.perf_counter()
         seconds = (now - last_time) / (done - last_step)
         row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+        spent = flops_spent(done)  # measured where the objective measures (RL), not the plan's upper bound
         row.update(loss=float(fetched[-1]["loss"]), lr=float(fetched[-1].get("lr", 0.0)), step_time_s=seconds,
-                   tokens_per_s=tokens_per_step / seconds, flops=flops_per_step * done)
+                   tokens_per_s=tokens_per_step / seconds, flops=spent)
         if peak:
-          row["mfu"] = flops_per_step / seconds / (peak * mesh.size)
+          row["mfu"] = (spent - last_flops) / (now - last_time) / (peak * mesh.size)
         writer.write(done, row)
         bar.update(done - last_step)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
-        pending, last_time, last_step = [], now, done
+        pending, last_time, last_step, last_flops = [], now, done, spent
         streak["checked"] = 0
+        record_attempt(done)
       if done % stage.checkpoint_every == 0 or preempted:
         check_finite()
         checkpointer.save(state, loader_state(), step=done, force=done % stage.checkpoint_every != 0)
+        record_attempt(done)
       if stage.eval_every and done % stage.eval_every == 0 and not last:
         writer.write(done, evaluate(state.params))
+        record_attempt(done)
       if last:
         break
   bar.close()
@@ -642,6 +583,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
     checkpointer.wait()
     checkpointer.close()
     writer.close()
+    record_attempt(done)
     raise Preempted(stage.name, preemption["signal"], done)
   final_step = int(state.step)
   finished = final_step == stage.steps or budget_spent(final_step)
@@ -661,6 +603,11 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
     if held_out:
       writer.write(final_step, held_out)
   writer.close()
+  record_attempt(final_step)
+  every = attempts + [attempt]
+  summary.update(attempts=len(every), wall_s=sum(a["wall_s"] for a in every),
+                 device_s=sum(a["wall_s"] * a["devices"] for a in every),
+                 processes=max(a["processes"] for a in every))
   if jax.process_index() == 0:
     write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
   return summary
@@ -677,9 +624,6 @@ def _abstract_batch(data_cfg) -> dict:
 def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None) -> dict:
   """Sizes a stage without training: parameters, FLOPs per step, and the AOT-compiled step's memory per device."""
-  from jaxstages.stages import LOSSES
-  from jaxstages.state import state_shardings
-
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
   if stage.kind not in LOSSES:
     raise ConfigError(f"plan sizes the packed-data stages ({', '.join(LOSSES)}), not {stage.kind!r}")

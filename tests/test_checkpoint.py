@@ -122,7 +122,7 @@ def test_params_of_another_shape_name_the_tensor_and_both_shapes(tmp_path, tiny_
   import pytest
   from flax import nnx
 
-  from jaxstages.model.io import CheckpointMismatchError
+  from jaxstages.checkpoint import CheckpointMismatchError
   from jaxstages.sharding import param_shardings
 
   _saved_steps(tmp_path, tiny_cfg, steps=(1,))
@@ -133,3 +133,33 @@ def test_params_of_another_shape_name_the_tensor_and_both_shapes(tmp_path, tiny_
               r"expects \((\d+, )*32(, \d+)*\)")
   with pytest.raises(CheckpointMismatchError, match=expected):
     restore_params(tmp_path / "ckpt", target, param_shardings(target, mesh))
+
+
+def test_a_policy_checkpointed_with_its_critic_loads_as_a_plain_model(tmp_path, tiny_cfg, devices):
+  """PPO's checkpoints hold the policy and a separate critic; the policy is its own subtree (`policy`), so
+  `load_model` reads it as a plain model (onto another mesh) from the checkpoint alone: no stage config, no critic
+  built or read."""
+  from types import SimpleNamespace
+
+  from flax import nnx
+
+  from jaxstages.model.io import load_model
+  from jaxstages.sharding import DEFAULT_RULES
+  from jaxstages.stages.ppo import actor_critic
+
+  mesh = make_mesh(MeshConfig(8, 1, 1))
+  model = actor_critic(create_model(tiny_cfg, seed=1, mesh=mesh), SimpleNamespace(critic="separate"), mesh,
+                       DEFAULT_RULES)
+  _, state, _ = init_train_state(model, optax.sgd(1.0), mesh)
+  params = jax.tree.map(lambda p: p + 1.0, state.params)  # the trunk copies differ from a fresh model and each other
+  params["critic_trunk"] = jax.tree.map(lambda p: p * 3.0, params["critic_trunk"])
+  ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1)
+  ckpt.save(type(state)(params, state.opt_state, state.step + 1, state.rng))
+  ckpt.wait()
+  ckpt.close()
+  policy = load_model(tmp_path, make_mesh(MeshConfig(2, 2, 2)), model_cfg=tiny_cfg)
+  want = [np.asarray(x) for x in jax.tree.leaves(params["policy"])]
+  got = [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, nnx.Param))]
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)

@@ -1,4 +1,4 @@
-"""Distillation divergences against independent NumPy (float64) computations on probabilities."""
+"""Distillation divergences (`jaxstages.losses`) against independent NumPy (float64) computations on probabilities."""
 
 import functools
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxstages.stages.distill import (check_same_vocab, forward_kl, generalized_jsd, reverse_kl,
-                                      sampled_token_reverse_kl_advantage, topk_tail_log_probs, truncated_forward_kl)
+from jaxstages.losses import (check_same_vocab, forward_kl, generalized_jsd, reverse_kl,
+                              sampled_token_reverse_kl_advantage, topk_tail_log_probs, truncated_forward_kl)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 VOCAB = 11

@@ -37,6 +37,8 @@ def _reference(kind, beta, pc, pr, rc, rr, lc, lr, eps=0.0, gamma=0.5, use_len=T
   h = ratio_c - ratio_r
   if kind == "sigmoid":
     loss = -(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h)
+  elif kind == "robust":
+    loss = (-(1 - eps) * _log_sigmoid(beta * h) + eps * _log_sigmoid(-beta * h)) / (1 - 2 * eps)
   elif kind == "ipo":
     loss = (h - 1.0 / (2.0 * beta)) ** 2
   else:
@@ -66,7 +68,7 @@ def test_ipo_without_lengths_uses_summed_log_probs():
   np.testing.assert_allclose(loss, _reference("ipo", 0.2, *ref, use_len=False)[0], **TOL)
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "simpo"])
+@pytest.mark.parametrize("kind", ["sigmoid", "robust", "simpo"])
 def test_label_smoothing(kind):
   (pc, pr, rc, rr, lc, lr), ref = _pairs(seed=4)
   smoothed, _ = preference_loss(pc, pr, rc, rr, kind, beta=0.3, label_smoothing=0.1, chosen_len=lc, rejected_len=lr)
@@ -74,6 +76,21 @@ def test_label_smoothing(kind):
   zero, _ = preference_loss(pc, pr, rc, rr, kind, beta=0.3, label_smoothing=0.0, chosen_len=lc, rejected_len=lr)
   plain, _ = preference_loss(pc, pr, rc, rr, kind, beta=0.3, chosen_len=lc, rejected_len=lr)
   np.testing.assert_array_equal(zero, plain)
+
+
+def test_robust_dpo_is_unbiased_under_label_flips_and_differs_from_conservative_dpo():
+  """rDPO (TRL's `robust`) with flip rate ε: averaged over a flip of the pair (h -> −h with probability ε) it is the
+  clean DPO loss −log σ(βh), exactly; cDPO (`sigmoid` with label smoothing) is not."""
+  (pc, pr, rc, rr, _, _), ref = _pairs(seed=7)
+  eps, beta = 0.2, 0.3
+  clean = -_log_sigmoid(beta * ((ref[0] - ref[2]) - (ref[1] - ref[3])))
+  averaged = {}
+  for kind in ("robust", "sigmoid"):
+    kept, _ = preference_loss(pc, pr, rc, rr, kind, beta=beta, label_smoothing=eps)
+    flipped, _ = preference_loss(pr, pc, rr, rc, kind, beta=beta, label_smoothing=eps)
+    averaged[kind] = (1 - eps) * np.asarray(kept, np.float64) + eps * np.asarray(flipped, np.float64)
+  np.testing.assert_allclose(averaged["robust"], clean, **TOL)
+  assert np.abs(averaged["sigmoid"] - clean).max() > 0.1
 
 
 def test_dpo_at_reference_is_log2_with_zero_rewards():
@@ -94,7 +111,8 @@ def test_zero_length_padding_pair_stays_finite():
 
 def test_unknown_kind_names_nearest_and_valid_kinds():
   pc = jnp.zeros(2)
-  with pytest.raises(ValueError, match=r"'sigmod'.*did you mean 'sigmoid'.*Valid kinds: sigmoid, ipo, hinge, simpo"):
+  with pytest.raises(ValueError, match=r"'sigmod'.*did you mean 'sigmoid'.*Valid kinds: sigmoid, robust, ipo, hinge, "
+                                      r"simpo"):
     preference_loss(pc, pc, pc, pc, "sigmod", beta=0.1)
   with pytest.raises(ValueError, match="did you mean 'simpo'"):
     preference_loss(pc, pc, pc, pc, "simpo_loss", beta=0.1)

@@ -183,3 +183,20 @@ def test_every_parameter_carries_logical_axes(tiny_cfg):
       axes = v.get_metadata()["logical_axes"]
       assert len(axes) == len(v.shape)
       assert all(a in rules for a in axes)
+
+
+def test_a_rope_scaled_model_saved_as_params_loads_and_samples(tmp_path, tiny_cfg):
+  """`rope_scaling` is written to `model_config.json` as pairs and comes back from JSON as lists of lists: the
+  loaded config is the saved one again (hashable, a static jit argument), so the model samples, as it did before
+  saving."""
+  from jaxstages.model.io import load_params, save_params
+  from jaxstages.sampling import SamplingConfig, sample
+
+  cfg = tiny_cfg.replace(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+  model = create_model(cfg, seed=1)
+  save_params(model, tmp_path / "scaled")
+  loaded = load_params(tmp_path / "scaled")
+  assert loaded.cfg == cfg and hash(loaded.cfg) == hash(cfg)
+  greedy = SamplingConfig(max_new_tokens=4, temperature=0.0)
+  np.testing.assert_array_equal(sample(loaded, [[1, 2, 3]], greedy).tokens, sample(model, [[1, 2, 3]], greedy).tokens)

@@ -17,7 +17,8 @@ from jaxstages.model import create_model
 from jaxstages.stages import objective_block
 from jaxstages.stages.distill import DistillConfig, check_same_tokenizer, distill_loss_fn, teacher_outputs
 from jaxstages.stages.dpo import DPOConfig, dpo_loss_fn, pair_log_probs
-from jaxstages.train import run_stage, vocab_size_for
+from jaxstages.model.config import vocab_size_for
+from jaxstages.train import run_stage
 from tests.stage_runs import SMALL, finish, kill_all_at, loss_rows, spawn, train_cmd
 
 
@@ -209,8 +210,8 @@ def test_sampled_pairs_replace_sides_with_verified_samples(model, pairs, tok, de
   only on the completion; a side with no such sample keeps the pipeline's."""
   import types
 
-  from jaxstages import rewards
   from jaxstages.sharding import DEFAULT_RULES, MeshConfig, make_mesh
+  from jaxstages.stages import dpo
   from jaxstages.stages.dpo import sampled_pairs
 
   calls = []
@@ -219,7 +220,7 @@ def test_sampled_pairs_replace_sides_with_verified_samples(model, pairs, tok, de
     calls.append(text)
     return types.SimpleNamespace(strict_correct=(len(calls) - 1) % 2 == 0)
 
-  monkeypatch.setattr(rewards, "verify", scripted_verify)
+  monkeypatch.setattr(dpo, "verify", scripted_verify)
   cfg = DPOConfig(pairs="reference", pair_samples=2, pair_max_new_tokens=8)
   data = data_config(dict(kind="preference", task=dict(surface="symbolic", op_range=(1, 3)), seq_len=128,
                           prompt_len=80, batch_size=4, seed=3))

@@ -94,6 +94,23 @@ def test_binary_rewards_all_equal_group_is_exactly_zero(name: str, scale_std: bo
   assert np.all(adv[2] != 0.0)
 
 
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce++"])
+@pytest.mark.parametrize("scale_std", [True, False])
+def test_any_all_equal_rewards_give_exactly_zero_advantage(name: str, scale_std: bool):
+  """Rewards that are all equal but not exactly summable in float32 (eight 0.7s, sixteen 1.1s: a process or
+  format reward) give advantage exactly 0: the group mean is off by an ulp, which divided by std + eps = eps made
+  +0.056 / +0.106 for every sample. Next to them, a group with a spread still gets its NumPy advantages."""
+  for g, value in ((8, 0.7), (16, 1.1)):
+    rewards = np.full((3, g), value, np.float32)
+    adv = np.asarray(ADVANTAGES[name](jnp.asarray(rewards), jnp.ones(3, jnp.float32), scale_std=scale_std))
+    np.testing.assert_array_equal(adv, 0.0)
+  if name != "reinforce++":  # its baseline is the batch's: one informative group makes every group informative
+    rewards = np.stack([np.full(8, 0.7, np.float32), np.linspace(0.0, 1.0, 8, dtype=np.float32)])
+    adv = np.asarray(ADVANTAGES[name](jnp.asarray(rewards), jnp.ones(2, jnp.float32), scale_std=scale_std))
+    np.testing.assert_array_equal(adv[0], 0.0)
+    np.testing.assert_allclose(adv[1], _ref_advantages(name, rewards, np.ones(2), scale_std)[1], **TOL)
+
+
 # -- KL estimators ---------------------------------------------------------------------------------------------------
 
 
@@ -487,6 +504,45 @@ def test_gae_special_cases():
   adv, _ = ppo.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), 0.9, 0.0)
   next_v = np.concatenate([v[:, 1:] * mask[:, 1:], np.zeros((v.shape[0], 1))], axis=1)
   np.testing.assert_allclose(adv, (r + 0.9 * next_v - v) * mask, **TOL)
+
+
+def test_ppo_terminal_reward_lands_on_each_rows_last_trained_token():
+  """The completion's reward goes on each row's last trained token, also when its mask has a gap (tokens forced by
+  a thinking budget are not trained): `mask.sum() - 1` would put row 0's reward on a masked position, where GAE
+  drops it. With γ = λ = 1, zero values and no whitening, every trained token's advantage and return is then the
+  row's reward."""
+  mask = np.array([[1, 1, 0, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]], np.float32)
+  rewards = np.array([2.0, -1.0, 5.0], np.float32)
+  np.testing.assert_array_equal(ppo.terminal_rewards(jnp.asarray(rewards), jnp.asarray(mask)),
+                                [[0, 0, 0, 0, 0, 2, 0], [0, 0, -1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]])
+  zeros = np.zeros_like(mask)
+  adv, ret = ppo.ppo_postprocess(rewards, zeros, zeros, mask, gamma=1.0, lam=1.0, whiten_advantages=False)
+  np.testing.assert_array_equal(adv, rewards[:, None] * mask)
+  np.testing.assert_array_equal(ret, rewards[:, None] * mask)
+
+
+def test_ppo_postprocess_is_gae_then_whitening_and_compiles_once():
+  """The jitted post-processing equals GAE over the per-token plus terminal rewards, then whitening, and is traced
+  once for a rollout shape however many steps call it (GAE outside jit was traced and compiled every step)."""
+  rewards, values, mask = _gae_inputs(seed=15)
+  terminal = np.asarray(ppo.terminal_rewards(jnp.asarray(rewards[:, 0]), jnp.asarray(mask)))
+  want_adv, want_ret = _ref_gae(rewards + terminal, values, mask, 0.99, 0.95)
+  vals = want_adv[mask > 0]
+  want_adv = np.where(mask > 0, (want_adv - vals.mean()) / (vals.std() + 1e-8), 0.0)
+  traces = []
+  listener = lambda event, duration, **kw: traces.append(event) if event.endswith("jaxpr_trace_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for step in range(3):
+      adv, ret = ppo.ppo_postprocess(rewards[:, 0] + step, rewards, values, mask, gamma=0.99, lam=0.95,
+                                     whiten_advantages=True)
+      if step == 0:
+        np.testing.assert_allclose(adv, want_adv, **TOL)
+        np.testing.assert_allclose(ret, want_ret, **TOL)
+        traced = len(traces)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(traces) == traced  # steps 1 and 2 traced nothing
 
 
 def test_whiten_matches_numpy():

@@ -15,7 +15,7 @@ from jaxstages.config import apply_overrides, load_config
 from jaxstages.data.pipeline import make_pipeline
 from jaxstages.model import create_model
 from jaxstages.sharding import MeshConfig, global_batch_from_process_local, make_mesh, shard_batch
-from jaxstages.stages.grpo import AGGREGATIONS, Clip, PolicyLossConfig, policy_terms
+from jaxstages.stages.grpo import ADVANTAGES, AGGREGATIONS, Clip, PolicyLossConfig, policy_terms
 from jaxstages.stages.rl import planned_rl_flops, policy_logprobs_fn, rl_config
 from jaxstages.state import init_train_state
 from jaxstages.train import build_stage, make_train_step
@@ -113,11 +113,18 @@ def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch(tmp_path, g
   assert (np.abs(adv).reshape(b, -1).max(axis=1) > 0).all()  # every kept group carries a learning signal
 
 
-def test_ppo_rollout_has_gae_advantages_and_value_targets(tmp_path):
+@pytest.fixture(scope="module")
+def ppo(tmp_path_factory):
+  """A PPO stage (shared critic, λ = 1) and its first rollout."""
+  built = _build(tmp_path_factory.mktemp("ppo"), "ppo", "ppo.critic='shared'", "ppo.lam=1.0")
+  batch, metrics = _prepared(built)
+  return built, batch, metrics
+
+
+def test_ppo_rollout_has_gae_advantages_and_value_targets(ppo):
   """PPO's rollout adds the critic's values and GAE returns; its first update's ratio is 1 and its loss includes
   the value loss (the critic starts at 0, so the returns are the rewards)."""
-  built = _build(tmp_path, "ppo", "ppo.critic='shared'", "ppo.lam=1.0")
-  batch, metrics = _prepared(built)
+  built, batch, metrics = ppo
   mask = np.asarray(batch["mask"])
   np.testing.assert_array_equal(np.asarray(batch["old_values"]), 0.0)  # a zero-initialised value head
   returns = np.asarray(batch["returns"])
@@ -127,6 +134,64 @@ def test_ppo_rollout_has_gae_advantages_and_value_targets(tmp_path):
   assert set(np.unique(rows_reward[mask.sum(1) > 0])) <= {0.0, 1.0}
   _, step_metrics = built.train_step()(jax.tree.map(jnp.copy, built.state), batch)
   assert float(step_metrics["value_loss"]) > 0 and abs(float(step_metrics["ratio"]) - 1) <= 1e-5
+
+
+def test_a_ppo_rollout_after_the_first_compiles_nothing(ppo):
+  """The second step's rollout (sampling, the critic's values, GAE and whitening) runs on what the first one
+  compiled: GAE outside jit used to be traced and compiled again at every step."""
+  built, _, _ = ppo
+  traces = []
+  listener = lambda event, duration, **kw: traces.append(event) if event.endswith("jaxpr_trace_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    _prepared(built, step=1)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert traces == []
+
+
+def test_rloo_is_unscaled_by_default_in_the_rl_stage(tmp_path, monkeypatch):
+  """Each advantage estimator's std scaling defaults to its own published form in the stage too: RLOO's
+  leave-one-out baseline unscaled (as `rloo_advantages` defaults), GRPO's divided by the group std; an explicit
+  `scale_rewards` wins."""
+  import inspect
+
+  from jaxstages.stages import rl
+
+  for name, fn in ADVANTAGES.items():
+    assert rl.SCALE_REWARDS[name] == inspect.signature(fn).parameters["scale_std"].default, name
+  calls = []
+
+  def spy(name):
+    def estimator(rewards, valid, scale):
+      calls.append((name, scale))
+      return ADVANTAGES[name](rewards, valid, scale)
+    return estimator
+
+  monkeypatch.setattr(rl, "ADVANTAGES", {name: spy(name) for name in ADVANTAGES})
+  for overrides in (["grpo.advantage='rloo'"], ["grpo.advantage='grpo'"],
+                    ["grpo.advantage='rloo'", "grpo.scale_rewards=True"]):
+    _prepared(_build(tmp_path / str(len(calls)), "grpo", "grpo.group_size=2", *overrides))
+  assert calls == [("rloo", False), ("grpo", True), ("rloo", True)]
+
+
+def test_the_lr_schedule_of_a_flop_budget_spans_the_steps_it_buys(tmp_path):
+  """A stage that ends on a FLOP budget (RL in a pipeline: `stage.steps` is a cap, the most steps the budget could
+  buy) sizes its learning-rate schedule by the steps the budget buys at the planned FLOPs per step: warm-up and
+  cosine decay over those 10 steps, not over the cap's 100 (the decay reaches its end at step 10)."""
+  from jaxstages.data.pipeline import data_config
+  from jaxstages.data.tokenizer import load_tokenizer
+  from jaxstages.model.config import stage_model_config
+  from jaxstages.stages import planned_step
+
+  cfg = apply_overrides(load_config("configs/train.py:grpo-toy"), SMALL_RL)
+  model_cfg = stage_model_config(cfg.model, load_tokenizer("experiments/artifacts/toy-sft/tokenizer").vocab_size)
+  per_step = planned_step("grpo", cfg.grpo, model_cfg, data_config(cfg.data))["flops_per_step"]
+  built = _build(tmp_path, "grpo", f"stage.flops_budget={10 * per_step}", "stage.steps=100", "grpo.minibatches=2",
+                 "optim.schedule='cosine'", "optim.warmup_fraction=0.1", "optim.lr=1e-3", "optim.end_lr_ratio=0.1")
+  updates = 2  # per step
+  assert float(built.schedule(2 * updates)) == pytest.approx(1e-3, rel=0.05)  # warm-up done after 1 step
+  assert float(built.schedule(10 * updates)) == pytest.approx(1e-4, rel=1e-5)  # decayed by the 10th
 
 
 def test_low_precision_rollouts_log_the_mismatch_and_recompute_old_log_probs(tmp_path):
@@ -228,3 +293,32 @@ def test_rl_config_errors(tmp_path):
   with pytest.raises(ConfigError, match="GAE"):
     rl_config({"advantage": "gae"}, "grpo")
   assert rl_config({}, "ppo").advantage == "gae" and dataclasses.asdict(rl_config({}, "grpo"))["advantage"] == "grpo"
+
+
+def test_truncated_sampling_needs_old_log_probs_from_the_trainer():
+  """top-k / top-p sample from a truncated distribution: its log-probs (the sampler's) are not the policy's the
+  trainer computes, so they would bias the importance ratio as old log-probs. The combination is refused; with
+  recomputed old log-probs it is allowed."""
+  from jaxstages.config import ConfigError
+  from jaxstages.stages.rl import RLConfig
+
+  for truncation in (dict(top_k=5), dict(top_p=0.9)):
+    with pytest.raises(ConfigError, match="recompute_old_logprobs=True"):
+      RLConfig(**truncation)
+    RLConfig(**truncation, recompute_old_logprobs=True)
+  RLConfig(temperature=0.7)  # tempered but untruncated: the trainer divides its logits by the same temperature
+
+
+def test_gspo_has_its_own_clip_range_and_refuses_a_token_level_one():
+  """GSPO's ratio is per sequence (the geometric mean of its token ratios), so its clip range is GSPO's own
+  (3e-4 / 4e-4) unless set; a token-level range like 0.2 would never clip and is refused. PPO-clip keeps 0.2 / 0.2,
+  and an explicit range is used as given."""
+  from jaxstages.config import ConfigError
+  from jaxstages.stages.rl import RLConfig
+
+  assert RLConfig(policy_loss="gspo").policy_loss_config().clip == Clip(3e-4, 4e-4)
+  assert RLConfig().policy_loss_config().clip == Clip(0.2, 0.2)
+  assert RLConfig(clip_high=0.28, dual_clip=3.0).policy_loss_config().clip == Clip(0.2, 0.28, 3.0)
+  assert RLConfig(policy_loss="gspo", clip_high=1e-3).policy_loss_config().clip == Clip(3e-4, 1e-3)
+  with pytest.raises(ConfigError, match="gspo.*clip_low=0.2 / clip_high=0.2"):
+    RLConfig(policy_loss="gspo", clip_low=0.2, clip_high=0.2)

@@ -76,10 +76,48 @@ def test_two_stage_pipeline_chains_splits_the_budget_reports_and_skips_on_rerun(
   md = (tmp_path / "report.md").read_text()
   assert md == report_markdown(report) and "| pre | pretrain | 12 |" in md and "p op 1" in md
   assert (tmp_path / "report.png").stat().st_size > 1000
-  walls = [json.loads((tmp_path / s / "wall_seconds.json").read_text()) for s in ("pre", "rl")]
+  walls = [json.loads((tmp_path / s / "attempts.json").read_text()) for s in ("pre", "rl")]
+  assert [len(w) for w in walls] == [1, 1] and [r["wall_s"] for r in report["stages"]] == [w[0]["wall_s"]
+                                                                                        for w in walls]
   again = run_pipeline(pipeline, tmp_path)  # everything is done: nothing runs again
-  assert [json.loads((tmp_path / s / "wall_seconds.json").read_text()) for s in ("pre", "rl")] == walls
+  assert [json.loads((tmp_path / s / "attempts.json").read_text()) for s in ("pre", "rl")] == walls
   assert [r["eval"] for r in again["stages"]] == [r["eval"] for r in report["stages"]]
+
+
+class Killed(Exception):
+  """Stands for a SIGKILL in the middle of a stage: nothing after it runs."""
+
+
+def test_a_stage_killed_and_resumed_reports_the_wall_time_of_both_attempts(tmp_path, monkeypatch):
+  """A stage whose first process dies at step 4 (after logging step 3) and is resumed by re-running the pipeline:
+  the report's wall time is the two attempts' together, the killed one's up to its last record, not the last
+  process's alone (which made a stage killed four times show 74 s for ~7 minutes of work)."""
+  import jaxstages.train
+
+  pipeline = dict(name="one", stages=[dict(name="pre", config="train.py:pretrain-toy", steps=6, overrides={
+      **TINY, "stage.log_every": 1, "stage.checkpoint_every": 2, "stage.async_checkpoints": False})],
+      eval=dict(ops=(1,), contexts=("p",), problems=2, max_new_tokens=8))
+  checks = []
+  real = jaxstages.train.preempt_requested
+
+  def killed_at_the_fourth_step(flag):
+    checks.append(flag)
+    if len(checks) == 4:
+      raise Killed
+    return real(flag)
+
+  monkeypatch.setattr(jaxstages.train, "preempt_requested", killed_at_the_fourth_step)
+  with pytest.raises(Killed):
+    run_pipeline(pipeline, tmp_path)
+  first = json.loads((tmp_path / "pre" / "attempts.json").read_text())
+  monkeypatch.setattr(jaxstages.train, "preempt_requested", real)
+  report = run_pipeline(pipeline, tmp_path)
+  attempts = json.loads((tmp_path / "pre" / "attempts.json").read_text())
+  assert len(first) == 1 and first[0]["to_step"] == 3 and first[0]["wall_s"] > 0
+  assert attempts[0] == first[0] and attempts[1]["from_step"] == 2 and attempts[1]["to_step"] == 6
+  row = report["stages"][0]
+  assert row["steps"] == 6 and row["attempts"] == 2
+  assert row["wall_s"] == pytest.approx(first[0]["wall_s"] + attempts[1]["wall_s"], rel=1e-9)
 
 
 def _outcome(run_dir) -> list[dict]:

@@ -208,3 +208,34 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monke
   for a, b in zip(*params, strict=True):  # steps 3 and 4 changed nothing
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.isfinite(np.asarray(a)).all()
+
+
+def test_logged_flops_and_mfu_are_the_measured_ones_when_the_objective_measures(tmp_path, monkeypatch):
+  """An objective whose steps vary (RL: sampling stops when the longest sample does) measures its FLOPs
+  (`flops_spent` in its state): the loop logs those as `flops` and its MFU from them, not from the planned FLOPs per
+  step (for RL an upper bound: every sample to the token limit)."""
+  import dataclasses
+
+  from jaxstages import stages
+
+  pretrain = stages.OBJECTIVES["pretrain"]
+
+  def measured(ctx, block):
+    spent = {"flops": 0.0}
+
+    def prepare(state, batch, step, next_batch=None):
+      spent["flops"] += 1000.0 * (step + 1)  # step s measures 1000 s FLOPs
+      return batch
+
+    return dataclasses.replace(pretrain(ctx, block), prepare=prepare, flops_per_step=1e15,
+                               get_state=lambda: {"flops_spent": spent["flops"]},
+                               set_state=lambda state: spent.update(flops=state["flops_spent"]))
+
+  monkeypatch.setitem(stages.OBJECTIVES, "pretrain", measured)
+  config = small_config("pretrain-toy", "stage.steps=4", "stage.log_every=2", "stage.checkpoint_every=4",
+                        "stage.peak_flops_per_device=1.0", "stage.eval_batches=1")
+  summary = run_stage(config, tmp_path)
+  rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+  assert [r["flops"] for r in rows] == [3000.0, 10000.0] and summary["flops_spent"] == 10000.0
+  # steps 3 and 4: 7000 FLOPs in 2 x step_time_s seconds on 8 devices of peak 1 FLOP/s
+  assert rows[1]["mfu"] == pytest.approx(7000.0 / (2 * rows[1]["step_time_s"]) / 8, rel=1e-6)

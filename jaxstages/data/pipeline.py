@@ -54,6 +54,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 
@@ -547,9 +548,7 @@ def _eval_dataset(cfg: DataConfig, tokenizer: Tokenizer, process_index: int, pro
 
 
 def _default_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # only when not given: tests and tools simulate processes without touching jax
-
+  if process_index is None or process_count is None:  # unless given (tests and tools simulate processes): jax's
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:

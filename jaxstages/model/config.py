@@ -53,8 +53,12 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+    # one canonical, hashable form (the config is a static jit argument) whether given as a mapping, as pairs, or
+    # as the lists of lists that pairs come back as from JSON (`model_config.json`)
     if isinstance(self.rope_scaling, Mapping):
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    elif self.rope_scaling is not None:
+      object.__setattr__(self, "rope_scaling", tuple(sorted(tuple(pair) for pair in self.rope_scaling)))
     if self.rope_scaling is not None:
       kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
       if kind not in ROPE_SCALING_TYPES:
@@ -92,3 +96,32 @@ def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
   elif not cfg.tie_embeddings:
     total += cfg.vocab_size * e  # the untied output head is a matmul, not a lookup
   return total
+
+
+def vocab_size_for(tokenizer_vocab: int, multiple: int = 128) -> int:
+  """Embedding rows: the tokenizer's vocabulary rounded up (aligned matmuls, room for added tokens)."""
+  return -(-tokenizer_vocab // multiple) * multiple
+
+
+def stage_model_config(model_block: Mapping[str, Any], tokenizer_vocab: int) -> ModelConfig:
+  """The `model` block as a `ModelConfig`; `vocab_size` 0 means the tokenizer's, rounded up."""
+  values = dict(model_block)
+  if not values.get("vocab_size"):
+    values["vocab_size"] = vocab_size_for(tokenizer_vocab)
+  cfg = model_config(values)
+  if cfg.vocab_size < tokenizer_vocab:
+    raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the tokenizer's vocabulary of "
+                      f"{tokenizer_vocab} tokens; set model.vocab_size to 0 (the tokenizer's, rounded up) or to at "
+                      f"least {tokenizer_vocab}")
+  return cfg
+
+
+def check_positions(model_cfg: ModelConfig, lengths: Mapping[str, int]) -> None:
+  """Raises `ConfigError` when a sequence made of `lengths` (config key -> tokens, e.g. `data.prompt_len` and
+  `grpo.max_new_tokens`) is longer than the model's `max_position_embeddings`: RoPE computes any position without
+  complaint, so the stage would otherwise train or sample at positions the model was not built for."""
+  total = sum(lengths.values())
+  if total > model_cfg.max_position_embeddings:
+    parts = " + ".join(f"{k}={v}" for k, v in lengths.items()) + (f" = {total}" if len(lengths) > 1 else "")
+    raise ConfigError(f"{parts} tokens exceed the model's max_position_embeddings={model_cfg.max_position_embeddings}"
+                      "; shorten the sequences or raise model.max_position_embeddings")

@@ -25,15 +25,12 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxstages.checkpoint import CheckpointMismatchError
 from jaxstages.model.config import ModelConfig
 from jaxstages.model.transformer import Transformer
 from jaxstages.sharding import DEFAULT_RULES, LogicalRules, param_shardings
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint that does not fit the model: names the tensor and both shapes."""
 
 
 class UnsupportedCheckpointError(ValueError):

@@ -1,25 +1,33 @@
-"""Params-only checkpoints: an orbax checkpoint of the parameters plus `model_config.json` beside it.
+"""Loading and saving models: params folders, and any model folder a stage can start from.
 
-This is what `tools/convert_hf.py` writes and reads, and what a stage can start from. (Full train states with
-optimizer and data-iterator state are the checkpoint manager's.) Orbax restores each array straight into its target
-sharding, so loading onto a mesh or onto several hosts never gathers a whole tensor on one device.
+A **params folder** is an orbax checkpoint of the parameters plus `model_config.json` beside it (`save_params`,
+`load_params`): what `tools/convert_hf.py` writes and reads, and what `export_stage` makes of a stage's checkpoint.
+(Full train states with optimizer and data-iterator state are the checkpoint manager's, `jaxstages.checkpoint`.)
+`load_model` reads any source a stage may start from or freeze: a stage folder (its latest or a given checkpoint
+step), a params folder, or `hf:FOLDER`. Orbax restores each array straight into its target sharding, so loading
+onto a mesh or onto several hosts never gathers a whole tensor on one device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxstages.model.config import model_config
-from jaxstages.model.hf import CheckpointMismatchError
-from jaxstages.model.transformer import Transformer
-from jaxstages.sharding import DEFAULT_RULES, LogicalRules, param_shardings
+from jaxstages.checkpoint import check_shapes, restore_params
+from jaxstages.config import config_hash
+from jaxstages.data.tokenizer import load_tokenizer
+from jaxstages.model.config import ModelConfig, model_config, stage_model_config
+from jaxstages.model.hf import config_from_hf, import_hf
+from jaxstages.model.transformer import Transformer, create_model
+from jaxstages.sharding import DEFAULT_RULES, LogicalRules, make_mesh, param_shardings
 
 
 def save_params(model: Transformer, folder: str | Path) -> Path:
@@ -58,36 +66,59 @@ def load_params(folder: str | Path, mesh: Mesh | None = None, rules: LogicalRule
   return nnx.merge(graphdef, abstract)
 
 
-def check_shapes(metadata, target, folder: Path | str) -> None:
-  """Names the tensor and both shapes when a checkpoint does not fit the model."""
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  saved = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
-  wanted = dict(jax.tree_util.tree_flatten_with_path(target)[0])
-  # params saved from an nnx.State carry each Variable's `value` as a last key; pure-dict targets do not
-  key = lambda p: str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
-  name = lambda path: ".".join(k for k in map(key, path) if k not in ("", "value"))
-  saved_names = {name(p): v for p, v in saved.items()}
-  for path, want in wanted.items():
-    have = saved_names.get(name(path))
-    if have is None:
-      raise CheckpointMismatchError(f"{folder}: tensor {name(path)!r} is missing from the checkpoint")
-    if tuple(have.shape) != tuple(want.shape):
-      raise CheckpointMismatchError(f"{folder}: tensor {name(path)!r} has shape {tuple(have.shape)} in the "
-                                    f"checkpoint but the model expects {tuple(want.shape)}")
+def model_config_of(source: str | Path) -> ModelConfig:
+  """The model shape of a `load_model` source, read from its config files (no weights are loaded)."""
+  source = str(source)
+  if source.startswith("hf:"):
+    return config_from_hf(json.loads((Path(source[3:]) / "config.json").read_text()))
+  path = Path(source)
+  if (path / "model_config.json").exists():
+    return model_config(json.loads((path / "model_config.json").read_text()))
+  stage_dir = path.parent if path.name == "checkpoints" else path
+  if not (stage_dir / "config.json").exists():
+    raise FileNotFoundError(f"{source}: neither a stage folder (with config.json), a params folder (with "
+                            "model_config.json) nor hf:FOLDER")
+  config = json.loads((stage_dir / "config.json").read_text())
+  return stage_model_config(config["model"], load_tokenizer(stage_dir / "tokenizer").vocab_size)
+
+
+def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES,
+               model_cfg: ModelConfig | None = None, step: int | None = None) -> Transformer:
+  """A model from `source`: a stage folder (its `config.json`, `tokenizer/` and `checkpoints/`; latest step unless
+  `step`), its `checkpoints/` folder, a params folder (`model_config.json`), or `hf:FOLDER`. A stage or params
+  folder's model config is its own unless `model_cfg` is given (then a checkpoint that does not fit names the
+  tensor and both shapes). A stage that trained more than the policy (PPO's critic) keeps the policy as its own
+  subtree of the checkpoint (`jaxstages.checkpoint.POLICY`): that subtree is what is loaded."""
+  source = str(source)
+  if source.startswith("hf:"):
+    return import_hf(source[3:], mesh=mesh, rules=rules)
+  path = Path(source)
+  if (path / "model_config.json").exists():
+    return load_params(path, mesh=mesh, rules=rules, **(dataclasses.asdict(model_cfg) if model_cfg else {}))
+  stage_dir = path.parent if path.name == "checkpoints" else path
+  checkpoints = stage_dir / "checkpoints"
+  if not checkpoints.exists():
+    raise FileNotFoundError(f"{source}: neither a stage folder (with checkpoints/), a params folder (with "
+                            "model_config.json) nor hf:FOLDER")
+  model_cfg = model_cfg or model_config_of(stage_dir)
+  graphdef, target = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, 0)))
+  params = restore_params(checkpoints, target, param_shardings(target, mesh, rules), step=step)
+  return nnx.merge(graphdef, params)
+
+
+def load_stage(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None):
+  """(model, tokenizer, config) of a stage's workdir, params from its latest (or `step`) checkpoint, placed on
+  `mesh` (default: every device, data-parallel)."""
+  run_dir = Path(run_dir)
+  config = json.loads((run_dir / "config.json").read_text())
+  model = load_model(run_dir, mesh or make_mesh(), step=step)
+  return model, load_tokenizer(run_dir / "tokenizer"), config
 
 
 def export_stage(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dtype: str | None = None) -> Path:
   """A stage's checkpoint (latest, or `step`) as a self-contained params folder: `params/` + `model_config.json`
   (`save_params`), the stage's `tokenizer/`, and `source.json` with the stage's config, its hash
   (`jaxstages.config.config_hash`), the step and the stage's summary, so whoever uses the folder can re-make it."""
-  import shutil
-
-  import jax.numpy as jnp
-
-  from jaxstages.config import config_hash
-  from jaxstages.evaluation import load_stage
-
   run, out = Path(run_dir), Path(out_dir)
   model, tokenizer, config = load_stage(run, step)
   if dtype:

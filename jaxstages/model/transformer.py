@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxstages.model.config import ModelConfig
-from jaxstages.sharding import constrain
+from jaxstages.sharding import DEFAULT_RULES, constrain, param_shardings
 
 Array = jax.Array
 
@@ -295,8 +295,6 @@ def create_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None
                  rules=None) -> Transformer:
   """A freshly initialised model; on a mesh, each parameter is created directly in its sharding (never gathered
   whole on one device), identically on every process and for every mesh shape."""
-  from jaxstages.sharding import DEFAULT_RULES, param_shardings
-
   if mesh is None:
     return Transformer(cfg, nnx.Rngs(seed))
   abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(seed)))

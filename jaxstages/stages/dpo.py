@@ -10,9 +10,17 @@ the kinds are:
 
 - `sigmoid`, DPO (Rafailov et al. 2023, "Direct Preference Optimization", arXiv:2305.18290, Eq. 7):
   loss = −log σ(β h).
-  With `label_smoothing` ε > 0 it becomes the conservative / robust DPO form used by TRL's `DPOTrainer`
-  (Mitchell 2023, "A note on DPO with noisy preferences"), which assumes each label is flipped with probability ε:
+  With `label_smoothing` ε > 0 it becomes conservative DPO (cDPO; Mitchell 2023, "A note on DPO with noisy
+  preferences"), which assumes each label is flipped with probability ε:
   loss = −(1 − ε) log σ(β h) − ε log σ(−β h).
+  (In TRL 1.16 this smoothed form is the CPO trainer's `label_smoothing`; TRL's DPO `loss_type="robust"` is the
+  different loss of `robust` below.)
+- `robust`, robust DPO (rDPO; Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy
+  Feedback", arXiv:2403.00409; TRL's DPO `loss_type="robust"`): with labels flipped with probability ε, the loss
+  whose expectation over the flips is the clean-label DPO loss,
+  loss = [−(1 − ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε);
+  ε = `label_smoothing` (0: plain `sigmoid`). cDPO's ε moves the optimum of h to a finite margin; rDPO's keeps
+  DPO's target and only de-biases the noisy labels.
 - `ipo`, IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
   arXiv:2310.12036, Eq. 17, with TRL's parameterisation τ = β): loss = (h − 1/(2β))².
   Length normalisation, as in TRL: when `chosen_len` and `rejected_len` are given, every log-probability (policy
@@ -39,7 +47,6 @@ Metrics per pair `[batch]` (the caller masks and averages): `rewards_chosen` = �
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 import difflib
 
 import chex
@@ -48,17 +55,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxstages.apply import make_apply
 from jaxstages.config import ConfigError, check_keys, from_config
 from jaxstages.data import tasks
+from jaxstages.evaluation import kl_drift_fn
+from jaxstages.flops import forward_flops_per_token, train_flops_per_token
 from jaxstages.losses import token_log_probs
-
-if TYPE_CHECKING:
-  from jaxstages.stages import Objective
+from jaxstages.model.io import load_model
+from jaxstages.rewards import verify
 from jaxstages.sampling import SamplingConfig, sample, stop_ids, unpad_prompts
+from jaxstages.sharding import gather_to_host, shard_batch
+from jaxstages.stages.objective import Objective
 
-KINDS = ("sigmoid", "ipo", "hinge", "simpo")
+KINDS = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 PAIR_SOURCES = ("task", "reference", "policy")
-_SMOOTHABLE = ("sigmoid", "simpo")
+_SMOOTHABLE = ("sigmoid", "robust", "simpo")  # the kinds `label_smoothing` applies to
 
 
 def sequence_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
@@ -138,7 +149,10 @@ def preference_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_ch
     h = chosen_ratio - rejected_ratio
     logits = beta * h
 
-  if kind in _SMOOTHABLE:
+  if kind == "robust":
+    loss = ((-(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) + label_smoothing * jax.nn.log_sigmoid(-logits))
+            / (1.0 - 2.0 * label_smoothing))
+  elif kind in _SMOOTHABLE:
     loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
   elif kind == "ipo":
     loss = jnp.square(h - 1.0 / (2.0 * beta))
@@ -162,9 +176,9 @@ def preference_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_ch
 class DPOConfig:
   """The `dpo` block of a `kind="dpo"` stage (data: a `preference` pipeline)."""
 
-  loss: str = "sigmoid"  # sigmoid | ipo | hinge | simpo
+  loss: str = "sigmoid"  # sigmoid | robust | ipo | hinge | simpo
   beta: float = 0.1
-  label_smoothing: float = 0.0  # > 0: conservative / robust DPO (sigmoid, simpo)
+  label_smoothing: float = 0.0  # > 0: conservative DPO (sigmoid, simpo), or robust DPO's flip rate (robust)
   simpo_gamma: float = 0.5
   # RPO (Pang et al. 2024, arXiv:2404.19733; TRL's `rpo_alpha`): + α × the chosen response's per-token NLL, which
   # keeps DPO from lowering the likelihood of the preferred answers (here averaged per pair, then over pairs)
@@ -236,9 +250,6 @@ def sampled_pairs(model: nnx.Module, batch, cfg: DPOConfig, data_cfg, tokenizer,
   prompt from `model`, scored by the task verifier: chosen = the first strictly correct one, rejected = the first
   wrong one. Adds `sampled_chosen` / `sampled_rejected` `[batch]` (1 where that side is a sample). Host-side
   (the verifier parses text); the global batch is gathered on every process and re-sharded."""
-  from jaxstages.rewards import verify
-  from jaxstages.sharding import gather_to_host, shard_batch
-
   host = gather_to_host(batch)
   prompts = unpad_prompts(host["prompt_tokens"], host["prompt_mask"])
   stops = stop_ids(tokenizer)
@@ -275,11 +286,6 @@ def dpo_objective(ctx, block) -> Objective:
   `dpo.reference`) added to every batch before the step; the KL of the policy from the reference on held-out
   prompts, sum over the completion of the exact per-token KL(π‖π_ref) along samples from π (a Rao-Blackwellised,
   lower-variance estimate of the sequence KL), at every evaluation."""
-  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
-  from jaxstages.stages import Objective  # noqa: F811 (the stages package imports this module)
-  from jaxstages.evaluation import kl_drift_fn
-  from jaxstages.train import load_model, make_apply
-
   cfg = from_config(DPOConfig, block, where="dpo config")
   if cfg.reference:
     ref_model = load_model(cfg.reference, ctx.mesh, ctx.rules)

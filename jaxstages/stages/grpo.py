@@ -3,7 +3,8 @@ functions, and the policy loss the RL stage trains with (`jaxstages.stages.rl` d
 
 - `ADVANTAGES`: `(rewards [prompts, group], valid [prompts], scale_std) -> advantages [prompts, group]`.
 - `POLICY_LOSSES`: `(logp, old_logp, advantages, mask, clip) -> (per-token loss, clipped, ratio)`, all `[rows, T]`.
-- `KL_ESTIMATORS`: `(logp, ref_logp) -> [rows, T]` per-token estimates of KL(π‖π_ref) on the sampled tokens.
+- `KL_ESTIMATORS` (from `jaxstages.losses`): `(logp, ref_logp) -> [rows, T]` per-token estimates of KL(π‖π_ref)
+  on the sampled tokens.
 - `AGGREGATIONS`: `(per_token [rows, T], mask [rows, T], norm_length) -> (sum, count)`: the loss is `sum / count`
   of the whole minibatch, where `count` is tokens (`token-mean`) or sequences (the `seq-mean-*` modes), so a
   minibatch gives the same loss and gradient however it is split into micro-batches or sharded (the train step adds
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxstages.losses import token_log_probs
+from jaxstages.losses import KL_ESTIMATORS, kl_k3, token_log_probs
 
 # -- advantages ------------------------------------------------------------------------------------------------------
 
@@ -37,14 +38,21 @@ def _group_std(rewards: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum((rewards - _group_mean(rewards)) ** 2, axis=1, keepdims=True) / max(g - 1, 1))
 
 
+def _spread(rewards: jax.Array) -> jax.Array:
+  """`[prompts, 1]`: max - min of each group; 0 exactly when its rewards are all equal."""
+  return jnp.max(rewards, axis=1, keepdims=True) - jnp.min(rewards, axis=1, keepdims=True)
+
+
 def grpo_advantages(rewards: jax.Array, valid: jax.Array, scale_std: bool = True, eps: float = 1e-6) -> jax.Array:
   """GRPO: `(r - mean_group) / (std_group + eps)`; Dr.GRPO drops the std division (`scale_std=False`), which
-  otherwise up-weights groups that are nearly all right or all wrong. `[prompts, group]`; invalid groups get 0."""
+  otherwise up-weights groups that are nearly all right or all wrong. `[prompts, group]`; invalid groups get 0, and
+  so, exactly, does a group whose rewards are all equal (its float32 mean is off by an ulp, e.g. eight 0.7s, and
+  that rounding divided by std + eps = eps would give every sample an advantage of ~0.06)."""
   chex.assert_rank(rewards, 2)
   adv = rewards - _group_mean(rewards)
   if scale_std:
     adv = adv / (_group_std(rewards) + eps)
-  return adv * valid[:, None]
+  return jnp.where(_spread(rewards) > 0, adv, 0.0) * valid[:, None]
 
 
 def rloo_advantages(rewards: jax.Array, valid: jax.Array, scale_std: bool = False, eps: float = 1e-6) -> jax.Array:
@@ -57,13 +65,13 @@ def rloo_advantages(rewards: jax.Array, valid: jax.Array, scale_std: bool = Fals
   adv = rewards - (jnp.sum(rewards, axis=1, keepdims=True) - rewards) / (g - 1)
   if scale_std:
     adv = adv / (_group_std(rewards) + eps)
-  return adv * valid[:, None]
+  return jnp.where(_spread(rewards) > 0, adv, 0.0) * valid[:, None]  # all equal: exactly 0, as in GRPO
 
 
 def reinforce_pp_advantages(rewards: jax.Array, valid: jax.Array, scale_std: bool = True,
                             eps: float = 1e-6) -> jax.Array:
   """REINFORCE++ (Hu 2025): no per-group baseline; the rewards are whitened over the whole batch (valid groups only):
-  `(r - mean_batch) / (std_batch + eps)` (population std)."""
+  `(r - mean_batch) / (std_batch + eps)` (population std); exactly 0 when every valid reward is the same."""
   chex.assert_rank(rewards, 2)
   w = jnp.broadcast_to(valid[:, None], rewards.shape).astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1.0)
@@ -71,38 +79,12 @@ def reinforce_pp_advantages(rewards: jax.Array, valid: jax.Array, scale_std: boo
   adv = rewards - mean
   if scale_std:
     adv = adv / (jnp.sqrt(jnp.sum(adv ** 2 * w) / n) + eps)
-  return adv * w
+  spread = jnp.max(jnp.where(w > 0, rewards, -jnp.inf)) - jnp.min(jnp.where(w > 0, rewards, jnp.inf))
+  return jnp.where(spread > 0, adv, 0.0) * w
 
 
 ADVANTAGES: dict[str, Callable[..., jax.Array]] = {
     "grpo": grpo_advantages, "rloo": rloo_advantages, "reinforce++": reinforce_pp_advantages}
-
-# -- KL estimators ---------------------------------------------------------------------------------------------------
-# Schulman's estimators of KL(π‖π_ref) from tokens sampled from π, with Δ = log π_ref − log π:
-# k1 = −Δ (unbiased, high variance, can be negative), k2 = Δ²/2, k3 = e^Δ − Δ − 1 (unbiased, ≥ 0, low variance).
-
-
-def kl_k1(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
-  return logp - ref_logp
-
-
-def kl_k2(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
-  return 0.5 * (ref_logp - logp) ** 2
-
-
-def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
-  delta = ref_logp - logp
-  return jnp.exp(delta) - delta - 1.0
-
-
-def kl_k3_straight_through(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
-  """k3's value with k2's gradient: k3's own gradient is a biased estimate of ∇KL; k2's is the unbiased one."""
-  k2 = kl_k2(logp, ref_logp)
-  return k2 + jax.lax.stop_gradient(kl_k3(logp, ref_logp) - k2)
-
-
-KL_ESTIMATORS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    "k1": kl_k1, "k2": kl_k2, "k3": kl_k3, "k3+": kl_k3_straight_through}
 
 # -- policy losses ---------------------------------------------------------------------------------------------------
 

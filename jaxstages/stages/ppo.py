@@ -3,11 +3,16 @@ loss is `grpo.policy_terms` (the same clipped surrogate) with GAE advantages.
 
 The stage trains one module, `ActorCritic`: the policy (the loaded model, unchanged) and either a separate critic
 (its own trunk, started from the policy's starting params, plus a value head) or only a value head on the policy's
-trunk (`critic="shared"`: one forward pass gives both). Its checkpoints hold both; `train.load_model` hands a later
-stage the policy alone.
+trunk (`critic="shared"`: one forward pass gives both). Its checkpoints hold both, the policy as its own subtree
+(`policy`): `jaxstages.model.io.load_model` hands a later stage the policy alone, reading only that subtree.
+
+A rollout's advantages and value targets come from one jitted function, `ppo_postprocess`: each completion's reward
+at its last trained token, GAE over the critic's values, whitening. It is compiled once per rollout shape.
 """
 
 from __future__ import annotations
+
+import functools
 
 import chex
 import jax
@@ -96,12 +101,38 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
   return adv, (adv + values) * mask
 
 
+def terminal_rewards(rewards: jax.Array, mask: jax.Array) -> jax.Array:
+  """Each completion's reward `[rows]` placed on its last trained token `[rows, T]` (the last position where `mask`
+  is 1; a row's mask may have gaps, e.g. tokens forced by a thinking budget, so this is not `mask.sum() - 1`). Rows
+  with nothing to train get nothing."""
+  chex.assert_rank([rewards, mask], [1, 2])
+  t = mask.shape[1]
+  trained = mask > 0
+  last = t - 1 - jnp.argmax(trained[:, ::-1], axis=1)  # argmax finds the first trained position from the end
+  at_last = jnp.arange(t)[None, :] == last[:, None]
+  return jnp.where(at_last & jnp.any(trained, axis=1, keepdims=True), rewards.astype(jnp.float32)[:, None], 0.0)
+
+
 def whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
   """`(x − mean) / std` over the masked entries (population std), 0 elsewhere."""
   n = jnp.maximum(jnp.sum(mask), 1.0)
   mean = jnp.sum(x * mask) / n
   std = jnp.sqrt(jnp.sum((x - mean) ** 2 * mask) / n)
   return (x - mean) / (std + eps) * mask
+
+
+@functools.partial(jax.jit, static_argnames=("gamma", "lam", "whiten_advantages"))
+def ppo_postprocess(rewards: jax.Array, token_rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float,
+                    lam: float, whiten_advantages: bool) -> tuple[jax.Array, jax.Array]:
+  """A PPO rollout's (advantages, returns), `[rows, T]` each, in one jitted call: the completions' rewards `[rows]`
+  on their last trained tokens added to the per-token rewards (e.g. −β·KL) `[rows, T]`, GAE over the critic's
+  `values [rows, T]`, advantages optionally whitened over the trained tokens and zero elsewhere."""
+  mask = mask.astype(jnp.float32)
+  per_token = token_rewards.astype(jnp.float32) + terminal_rewards(rewards, mask)
+  adv, returns = gae(per_token, values, mask, gamma, lam)
+  if whiten_advantages:
+    adv = whiten(adv, mask)
+  return adv * mask, returns
 
 
 def clipped_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, clip: float) -> jax.Array:

@@ -12,15 +12,19 @@ Per step, on the host side of the shared train loop (`Objective.prepare`), top t
 4. **dynamic sampling** (DAPO): groups whose rewards are all equal carry no signal and are dropped; more prompts are
    drawn from the same checkpointed data iterator until B groups are kept or `max_sampling_rounds` is hit (then
    the batch is filled with dropped groups, masked out);
-5. **log-probs**: the sampler's own (or recomputed by the trainer), the reference model's only when β > 0, the
-   critic's values for PPO;
-6. **advantages**: a GRPO-family estimator of the group rewards (`grpo.ADVANTAGES`), or GAE over the critic's
-   values (`ppo.gae`); KL to the reference either in the reward (fixed or adaptive β) or in the loss;
-7. then the jitted train step runs `epochs x minibatches` clipped-surrogate updates over the rollout
-   (`train.make_train_step`), with the loss of `grpo.py` / `ppo.py`.
+5. **log-probs**: the sampler's own (or recomputed by the trainer: required with top-k / top-p, whose sampler
+   log-probs are of the truncated distribution), the reference model's only when β > 0, the critic's values for
+   PPO (jitted forwards, `apply.make_apply`);
+6. **advantages**: a GRPO-family estimator of the group rewards (`grpo.ADVANTAGES`, with its own std-scaling
+   default, `SCALE_REWARDS`), or PPO's one jitted post-processing (`ppo.ppo_postprocess`: terminal rewards, GAE
+   over the critic's values, whitening); KL to the reference either in the reward (fixed or adaptive β) or in the
+   loss;
+7. then the loop's jitted train step (`train.make_train_step`, which calls this module; nothing here calls the
+   loop) runs `epochs x minibatches` clipped-surrogate updates over the rollout, with the loss of `grpo.py` /
+   `ppo.py`.
 
 Everything random is keyed by (seed, step, round), so a resumed run repeats the same rollouts; the adaptive KL
-coefficient is saved with every checkpoint.
+coefficient and the FLOPs spent so far (measured: sampling as executed) are saved with every checkpoint.
 """
 
 from __future__ import annotations
@@ -34,14 +38,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxstages.apply import make_apply
 from jaxstages.config import ConfigError, check_keys, from_config
 from jaxstages.data import tasks
+from jaxstages.evaluation import EvalConfig, evaluate as run_eval, kl_drift_fn
+from jaxstages.flops import forward_flops_per_token, train_flops_per_token
+from jaxstages.losses import KL_ESTIMATORS, token_log_probs
+from jaxstages.model.config import check_positions
+from jaxstages.model.io import load_model
 from jaxstages.rewards import Verdict, format_ok, mixed_reward, verify
-from jaxstages.stages.grpo import (ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, Clip, PolicyLossConfig,
-                                   completion_logits, grpo_loss_fn)
-from jaxstages.losses import token_log_probs
+from jaxstages.sampling import Samples, SamplingConfig, completion_rows, sample, stop_ids, strip_stop, unpad_prompts
+from jaxstages.sharding import gather_to_host, shard_batch
+from jaxstages.stages.grpo import (ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, Clip, PolicyLossConfig, completion_logits,
+                                   grpo_loss_fn)
+from jaxstages.stages.objective import Objective
+from jaxstages.stages.ppo import ppo_loss_fn, ppo_postprocess, values_fn
 
 REWARDS = ("outcome", "process", "mixed", "strict")
+# each advantage estimator's default for `scale_rewards` (its published form): GRPO divides by the group std,
+# REINFORCE++ by the batch std, RLOO's leave-one-out baseline is used unscaled (`grpo.rloo_advantages`)
+SCALE_REWARDS = {"grpo": True, "rloo": False, "reinforce++": True}
+# each policy loss's default clip range (low, high): PPO's token ratio ±0.2; GSPO's sequence ratio (Zheng et al. 2025)
+CLIP_RANGES = {"ppo_clip": (0.2, 0.2), "gspo": (3e-4, 4e-4)}
+GSPO_MAX_CLIP = 0.01  # a GSPO clip range this wide is a token-level range by mistake
 KL_PLACEMENTS = ("loss", "reward")
 TIS_LEVELS = ("none", "token", "sequence")
 CRITICS = ("separate", "shared")
@@ -73,11 +92,15 @@ class RLConfig:
   max_sampling_rounds: int = 4
   # advantages and loss
   advantage: str = ""  # grpo | rloo | reinforce++ (GRPO; default grpo) | gae (PPO's only)
-  scale_rewards: bool = True  # divide by the group std (Dr.GRPO: False)
+  # divide by the std (of the group; REINFORCE++: of the batch). None: the estimator's own default
+  # (`SCALE_REWARDS`: GRPO and REINFORCE++ scale, RLOO does not; Dr.GRPO: False)
+  scale_rewards: bool | None = None
   policy_loss: str = "ppo_clip"  # ppo_clip | gspo
   loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
-  clip_low: float = 0.2
-  clip_high: float = 0.2  # DAPO clip-higher: 0.28
+  # the importance ratio's clip range [1 - clip_low, 1 + clip_high]. None: the policy loss's own (`CLIP_RANGES`:
+  # ppo_clip's token ratio 0.2 / 0.2, DAPO's clip-higher 0.28 above; GSPO's sequence ratio 3e-4 / 4e-4)
+  clip_low: float | None = None
+  clip_high: float | None = None
   dual_clip: float = 0.0  # > 1: dual-clip PPO's c (e.g. 3); 0: off
   entropy_coef: float = 0.0
   # KL to the reference (the stage's starting params unless `reference` names a model); β = 0: no reference at all
@@ -90,7 +113,9 @@ class RLConfig:
   # the updates
   epochs: int = 1  # passes over each rollout
   minibatches: int = 1  # optimizer updates per pass
-  recompute_old_logprobs: bool = False  # old log-probs from a trainer forward instead of the sampler's
+  # old log-probs from a trainer forward instead of the sampler's; required with top_k / top_p, whose sampler
+  # log-probs are of the truncated distribution, not of the policy the trainer's log-probs are of
+  recompute_old_logprobs: bool = False
   tis: str = "none"  # truncated importance sampling of trainer/sampler mismatch: none | token | sequence
   tis_cap: float = 2.0
   # PPO
@@ -125,10 +150,32 @@ class RLConfig:
       raise ConfigError(f"dual_clip must be > 1 (or 0 to switch it off), got {self.dual_clip}")
     if self.rollout_dtype and self.rollout_dtype not in ("bfloat16", "float16", "float32"):
       raise ConfigError(f"rollout_dtype {self.rollout_dtype!r} is not one of bfloat16, float16, float32")
+    if (self.top_k or self.top_p < 1) and not self.recompute_old_logprobs:
+      raise ConfigError(
+          f"top_k={self.top_k} / top_p={self.top_p} sample from a truncated distribution, so the sampler's log-probs "
+          "are not the policy's the trainer computes and the importance ratio would be biased at the first update; "
+          "set recompute_old_logprobs=True (and tis='token' to correct for the truncation), or sample untruncated")
+    low, high = self.clip_range
+    if self.policy_loss == "gspo" and max(low, high) >= GSPO_MAX_CLIP:
+      raise ConfigError(
+          f"policy_loss 'gspo' clips one ratio per sequence, the geometric mean of its token ratios, which stays "
+          f"within ~1e-3 of 1: clip_low={low} / clip_high={high} (a token-level range) would never clip it. Use "
+          f"GSPO's own range (~3e-4 / 4e-4, the default when unset), below {GSPO_MAX_CLIP}")
+
+  @property
+  def clip_range(self) -> tuple[float, float]:
+    """(low, high): the configured clip range, or the policy loss's own where unset."""
+    low, high = CLIP_RANGES[self.policy_loss]
+    return (low if self.clip_low is None else self.clip_low, high if self.clip_high is None else self.clip_high)
+
+  @property
+  def scale_std(self) -> bool:
+    """Whether the advantage estimator divides by the std: as configured, or the estimator's own default."""
+    return SCALE_REWARDS.get(self.advantage or "grpo", True) if self.scale_rewards is None else self.scale_rewards
 
   def policy_loss_config(self, with_kl: bool = True) -> PolicyLossConfig:
     return PolicyLossConfig(
-        policy_loss=self.policy_loss, clip=Clip(self.clip_low, self.clip_high, self.dual_clip),
+        policy_loss=self.policy_loss, clip=Clip(*self.clip_range, self.dual_clip),
         loss_agg=self.loss_agg, norm_length=float(self.max_new_tokens), temperature=self.temperature,
         kl_coef=self.kl_coef if with_kl and self.kl_placement == "loss" else 0.0, kl_estimator=self.kl_estimator,
         entropy_coef=self.entropy_coef, tis=self.tis, tis_cap=self.tis_cap)
@@ -217,8 +264,6 @@ def planned_rl_flops(model_cfg, data, cfg: RLConfig, kind: str) -> dict:
   completion (twice for a separate critic). Also the parts a measured step is made of: `prefill_flops` (one sampling
   round), `decode_flops_per_token`, `logprobs_flops`, `update_flops`; and `flops_per_step_min`, a step whose samples
   all stop after one token."""
-  from jaxstages.flops import forward_flops_per_token, train_flops_per_token
-
   b, width, n_new = data.batch_size, data.prompt_len, cfg.max_new_tokens
   rows, seq = b * cfg.group_size, data.prompt_len + cfg.max_new_tokens - 1
   critic = 2.0 if kind == "ppo" and cfg.critic == "separate" else 1.0
@@ -255,13 +300,6 @@ def _round_params(params, like):
 
 def rl_objective(ctx, block: Mapping, kind: str):
   """GRPO (`kind="grpo"`) or PPO (`kind="ppo"`) as an `Objective` of the shared train loop."""
-  from jaxstages.sampling import (Samples, SamplingConfig, completion_rows, sample, stop_ids, strip_stop,
-                                  unpad_prompts)
-  from jaxstages.sharding import gather_to_host, shard_batch
-  from jaxstages.stages import Objective
-  from jaxstages.stages.ppo import gae, ppo_loss_fn, values_fn, whiten
-  from jaxstages.train import check_positions, load_model, make_apply
-
   cfg = rl_config(block, kind)
   d = ctx.data
   tok = ctx.tokenizer
@@ -386,15 +424,13 @@ def rl_objective(ctx, block: Mapping, kind: str):
         kl_control.update(host["kl_ref_sequence"], rows_per_step)
     if kind == "ppo":
       values = np.asarray(jax.device_get(critic_values(state.params, device_rows))) * mask
-      last_token = np.maximum(mask.sum(-1).astype(int) - 1, 0)
-      token_rewards[np.arange(len(last_token)), last_token] += ro["reward"] * (mask.sum(-1) > 0)
-      adv, returns = gae(jnp.asarray(token_rewards), jnp.asarray(values), jnp.asarray(mask), cfg.gamma, cfg.lam)
-      adv = whiten(adv, jnp.asarray(mask)) if cfg.whiten_advantages else adv
-      extra.update(advantages=np.asarray(adv) * mask, returns=np.asarray(returns), old_values=values)
+      adv, returns = ppo_postprocess(ro["reward"], token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                     whiten_advantages=cfg.whiten_advantages)
+      extra.update(advantages=np.asarray(adv), returns=np.asarray(returns), old_values=values)
       host["value_mean"] = float((values * mask).sum() / max(mask.sum(), 1.0))
     else:
       adv = ADVANTAGES[cfg.advantage](jnp.asarray(rewards.reshape(b, g)), jnp.asarray(ro["valid"][::g]),
-                                      cfg.scale_rewards)
+                                      cfg.scale_std)
       extra["advantages"] = np.repeat(np.asarray(adv).reshape(-1, 1), n_new, axis=1) * mask
     batch_out.update(shard_batch({k: np.asarray(v, np.float32) for k, v in extra.items()}, ctx.mesh, ctx.rules))
     jax.block_until_ready(batch_out)
@@ -419,7 +455,6 @@ def rl_objective(ctx, block: Mapping, kind: str):
 
   kl_drift = None
   if cfg.drift_prompts:
-    from jaxstages.evaluation import kl_drift_fn
     kl_drift = kl_drift_fn(ctx, ctx.graphdef, jax.tree.map(jnp.copy, ctx.initial_params), cfg.drift_prompts, n_new,
                            seed=cfg.seed)
 
@@ -427,7 +462,6 @@ def rl_objective(ctx, block: Mapping, kind: str):
     drift = kl_drift(params) if kl_drift else {}
     if not cfg.eval_problems:
       return drift
-    from jaxstages.evaluation import EvalConfig, evaluate as run_eval
     lo, hi = d.task.op_range
     contexts = tuple(dict.fromkeys(m.context for m in d.task.mixture))
     ecfg = EvalConfig(ops=tuple(range(lo, hi + 1)), contexts=contexts, problems=cfg.eval_problems, prompt=d.prompt,

@@ -1,0 +1,44 @@
+"""Jitted forwards over a batch: `(params, batch) -> fn(model, batch)` with the batch sharded over the data axes.
+
+What a stage computes with a model outside its train step: held-out losses, and a frozen or current model's outputs
+that it adds to its batches before the step (reference or teacher log-probs, old log-probs, a critic's values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxstages.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, use_mesh
+
+Batch = Mapping[str, jax.Array]
+
+
+def make_apply(graphdef: nnx.GraphDef, fn: Callable[[nnx.Module, Batch], Any], mesh: Mesh, params_sharding,
+               rules: LogicalRules = DEFAULT_RULES, out_batch_sharded: bool = False):
+  """Jitted `(params, batch) -> fn(model, batch)` with the batch sharded over the data axes: held-out losses, and a
+  frozen model's outputs (reference or teacher log-probs) that a stage adds to its batches. `out_batch_sharded`: the
+  outputs are `[batch, ...]` arrays, laid out like the batch (so they feed the train step without a copy)."""
+
+  def apply(params, batch):
+    return fn(nnx.merge(graphdef, params), batch)
+
+  compiled = {}
+
+  def call(params, batch):
+    key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+    if key not in compiled:
+      in_batch = {k: batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
+      out = None
+      if out_batch_sharded:
+        shapes = jax.eval_shape(apply, params, batch)
+        out = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.ndim), shapes)
+      compiled[key] = jax.jit(apply, in_shardings=(params_sharding, in_batch), out_shardings=out)
+    with use_mesh(mesh, rules):
+      return compiled[key](params, batch)
+
+  return call
