@@ -45,7 +45,7 @@ def main():
   for name, rows in curves.items():
     for row in rows:
       lines.append(f"| {name} | {row['step']} | {row['flops']:.2g} | " + " | ".join(
-          f"{100 * row['strict'].get(op, float('nan')):.0f}% ({100 * row['answer'].get(op, float('nan')):.0f}%)"
+          f"{100 * row['strict'][op]:.0f}% ({100 * row['answer'][op]:.0f}%)" if op in row["strict"] else "—"
           for op in ops) + " |")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
