@@ -143,13 +143,14 @@ def test_kl_in_the_reward_and_the_adaptive_coefficient_through_a_rollout(tmp_pat
   """KL in the reward (k1, β 0.05, reference `toy-base`): each row's reward is its verifier reward minus β·Σ_t
   (log π_old − log π_ref) over its trained tokens, and the advantages are GRPO's of those rewards (NumPy, ddof 1);
   β then moves by the controller's rule on the batch's mean sequence KL. With `mask_truncated` every completion cut
-  at the limit (no stop token, max_new_tokens tokens) has no trained token, and every other keeps all of its own."""
+  at the limit (no stop token, max_new_tokens tokens) has no trained token, and every other keeps all of its own
+(one that stops with its 17th token, the limit, included)."""
   from tests.test_rl_stage import _build, _prepared
-  built = _build(tmp_path, "grpo", "grpo.max_new_tokens=20", "grpo.kl_coef=0.05", "grpo.kl_placement='reward'",
+  built = _build(tmp_path, "grpo", "grpo.max_new_tokens=17", "grpo.kl_coef=0.05", "grpo.kl_placement='reward'",
                  "grpo.kl_estimator='k1'", "grpo.kl_target=0.01", "grpo.kl_horizon=100",
                  f"grpo.reference='{REFERENCE}'", "grpo.mask_truncated=True")
   batch, metrics = _prepared(built)
-  b, g, width = 8, 4, 20
+  b, g, width = 8, 4, 17
   mask, old = np.asarray(batch["mask"]), np.asarray(batch["old_logprobs"], np.float64)
   assert len(recorded) == b * g
 
@@ -159,6 +160,7 @@ def test_kl_in_the_reward_and_the_adaptive_coefficient_through_a_rollout(tmp_pat
   lengths = np.asarray([c["length"] for c in recorded])
   cut = np.asarray([n == width and int(targets[r, n - 1]) not in stops for r, n in enumerate(lengths)])
   assert 0 < cut.sum() < len(cut), "the test needs both truncated and finished completions"
+  assert ((lengths == width) & ~cut).any(), "the test needs a completion whose stop token is its limit-th token"
   assert [c["truncated"] for c in recorded] == cut.tolist()
   np.testing.assert_array_equal(mask.sum(-1), np.where(cut, 0, lengths))
   assert metrics["truncated_fraction"] == pytest.approx(cut.mean())
