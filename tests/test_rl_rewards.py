@@ -72,7 +72,8 @@ def test_overlong_penalty_follows_dapo(length):
   −1 exactly at the buffer's end (40 tokens, stopped there), scaled by `overlong_penalty`."""
   for penalty in (1.0, 0.5):
     want = 1.0 + penalty * _dapo_length_penalty(length, 40, 8)
-    assert _reward(RIGHT, length=length, overlong_buffer=8, overlong_penalty=penalty) == pytest.approx(want, abs=1e-12)
+    got = _reward(RIGHT, length=length, overlong_buffer=8, overlong_penalty=penalty)
+    assert got == pytest.approx(want, abs=1e-12)
   assert _reward(RIGHT, length=32, overlong_buffer=8) == 1.0
   assert _reward(RIGHT, length=33, overlong_buffer=8) == pytest.approx(1 - 1 / 8)
   assert _reward(RIGHT, length=40, overlong_buffer=8) == 0.0
