@@ -91,8 +91,8 @@ def test_truncated_completions_get_the_full_penalty_and_the_terms_add_up():
 
 
 def test_adaptive_kl_coefficient_follows_ziegler_et_al():
-  """`β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon)` (Ziegler et al. 2019's proportional controller,
-  K_β = n / horizon), against values computed by hand."""
+  """`β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon)` (Ziegler et al. 2019's proportional
+  controller, K_β = n / horizon), against values computed by hand."""
   kl = AdaptiveKL(0.1, 0.01, 100)
   kl.update(0.02, 10)  # error +1, clipped to +0.2: x(1 + 0.2 * 0.1)
   assert kl.coef == pytest.approx(0.102, rel=1e-12)
