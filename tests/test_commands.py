@@ -1,7 +1,7 @@
 """The command line, run as a user runs it (the `jaxstages` console script and `tools/`, in processes): `smoke`,
 `plan`, `data show`, `tools/export_params.py`, a stage started from `init_from=hf:FOLDER`, and `eval` of a PPO
 checkpoint with a separate critic. Each result is checked against a value read another way. `smoke` and the PPO
-evaluation take ~30 s each and are marked slow."""
+evaluation are the slow ones (marked `slow`)."""
 
 import json
 import re
@@ -44,7 +44,7 @@ def stage(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow  # ~30 s alone: it compiles and trains the toy model, decodes and round-trips through HF
+@pytest.mark.slow  # 113 s on a loaded 2-core CPU: it compiles and trains the toy model, decodes, round-trips HF
 def test_smoke_command(tmp_path):
   """`jaxstages smoke`: exit 0, the loss at least halved, cached decoding equal to uncached, HF round trip exact."""
   _run("jaxstages", "smoke", "--steps", "60", "--out", str(tmp_path))
@@ -133,7 +133,7 @@ def test_data_show_command():
     assert turns and trained.strip() == "".join(turns).strip(), text
 
 
-@pytest.mark.slow  # ~30 s alone: a PPO step (sampling, critic) and two evaluations compile
+@pytest.mark.slow  # 53 s on a loaded 2-core CPU: a PPO step (sampling, critic) and two evaluations compile
 def test_eval_command_on_a_ppo_checkpoint_with_a_separate_critic(tmp_path):
   """One PPO step (separate critic, a large learning rate so the two trunks part), then `jaxstages eval`: it loads
   the policy, not the critic's trunk: its params are the checkpoint's `policy` subtree (read with orbax alone),
