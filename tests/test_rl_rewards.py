@@ -176,3 +176,25 @@ def test_kl_in_the_reward_and_the_adaptive_coefficient_through_a_rollout(tmp_pat
   assert metrics["kl_coef"] == 0.05 and metrics["kl_ref_sequence"] == pytest.approx(kl_seq.mean(), rel=1e-4)
   error = np.clip(kl_seq.mean() / 0.01 - 1, -0.2, 0.2)
   assert built.objective.get_state()["kl_coef"] == pytest.approx(0.05 * (1 + error * b * g / 100), rel=1e-5)
+
+
+def test_kl_in_the_reward_per_token_for_ppo(tmp_path, recorded):
+  """PPO with KL in the reward (k1, β 0.05, fixed): each trained token's reward is −β (log π_old − log π_ref) and the
+  last one also gets the verifier's reward; with γ = λ = 1 and the zero-initialised value head the returns are the
+  sums of the rewards from each token on (computed here)."""
+  from tests.test_rl_stage import _build, _prepared
+  built = _build(tmp_path, "ppo", "ppo.critic='shared'", "ppo.lam=1.0", "ppo.gamma=1.0", "ppo.kl_coef=0.05",
+                 "ppo.kl_placement='reward'", "ppo.kl_estimator='k1'", f"ppo.reference='{REFERENCE}'",
+                 "ppo.max_new_tokens=17")
+  batch, metrics = _prepared(built)
+  width = 17
+  mask, old = np.asarray(batch["mask"]), np.asarray(batch["old_logprobs"], np.float64)
+  ref = _reference_logprobs(batch, width)
+  token_rewards = -0.05 * (old - ref) * mask
+  lengths = mask.sum(-1).astype(int)
+  for r, c in enumerate(recorded):
+    if lengths[r]:
+      token_rewards[r, lengths[r] - 1] += c["reward"]
+  returns = np.cumsum(token_rewards[:, ::-1], axis=1)[:, ::-1] * mask
+  assert np.abs(token_rewards).max() > 0.01 and metrics["kl_coef"] == 0.05
+  np.testing.assert_allclose(np.asarray(batch["returns"]) * mask, returns, rtol=1e-4, atol=1e-4)
