@@ -1,4 +1,5 @@
-"""Test set-up: 8 host CPU devices for mesh tests (must be set before jax is imported), shared tiny models."""
+"""Test set-up: 8 host CPU devices for mesh tests (must be set before jax is imported), shared tiny models, and no
+silent skips: a skipped test or module fails the run unless it is marked `gpu` or `tpu` (hardware that is absent)."""
 
 import os
 import tempfile
@@ -17,8 +18,34 @@ import pytest  # noqa: E402
 from jaxstages.model import model_config  # noqa: E402
 
 
+HARDWARE_MARKERS = ("gpu", "tpu")
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more")
+  for name in HARDWARE_MARKERS:
+    config.addinivalue_line("markers", f"{name}: needs a {name.upper()}; the only tests allowed to skip")
+
+
+def _no_silent_skip(report, node) -> None:
+  """A skip (an `importorskip` of a missing dev dependency, a module that failed to import, a `pytest.skip`) turns
+  into a failure, unless the node is marked for hardware; expected failures (xfail) stay as they are."""
+  if report.skipped and not hasattr(report, "wasxfail") and not any(
+      node.get_closest_marker(m) for m in HARDWARE_MARKERS):
+    report.outcome = "failed"
+    report.longrepr = f"skipped, and only tests marked {' or '.join(HARDWARE_MARKERS)} may skip: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  _no_silent_skip(outcome.get_result(), item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  outcome = yield
+  _no_silent_skip(outcome.get_result(), collector)
 
 
 @pytest.fixture(scope="session")

@@ -27,5 +27,8 @@ def test_flops_match_xla_cost_analysis(name, batch, seq):
 
   train = _xla_flops(jax.jit(loss_and_grad).lower(state, data).compile())
   forward = _xla_flops(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0]).lower(state, data["tokens"]).compile())
-  assert train == pytest.approx(train_flops_per_token(cfg, seq) * batch * seq, rel=0.1)
-  assert forward == pytest.approx(forward_flops_per_token(cfg, seq) * batch * seq, rel=0.1)
+  # XLA also counts the elementwise work (norms, softmax, RoPE) the formula leaves out: measured +1.5% (toy) and
+  # +3.3% (tiny) for both the forward and the training step. The output projection alone is 6.7-8.3% of the forward,
+  # so the band [0, +5%] fails a formula that forgets it.
+  for xla, formula in ((train, train_flops_per_token(cfg, seq)), (forward, forward_flops_per_token(cfg, seq))):
+    assert 0.0 <= xla / (formula * batch * seq) - 1 <= 0.05, (name, xla / (formula * batch * seq))

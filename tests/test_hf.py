@@ -8,9 +8,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # dev dependencies (`pip install -e ".[dev]"`): missing, the run fails instead of skipping parity
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from convert_hf import convert  # noqa: E402
@@ -115,7 +114,8 @@ def test_bfloat16_import_runs_close_to_float32(hf_models):
   tokens = _tokens(seed=3)
   ref = _hf_logits(hf_model, tokens)
   ours = np.asarray(model(tokens)[0])
-  assert np.abs(ours - ref).max() < 0.1 * np.abs(ref).max()
+  # measured: 0.034 at most with logits up to 2.14 (1.6%; bf16 params and compute); the bound leaves 3x
+  assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
 
 
 def test_unsupported_architecture_is_refused(hf_models, tmp_path):

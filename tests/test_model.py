@@ -65,7 +65,8 @@ def test_kv_cache_in_bfloat16_stays_close(model, tiny_cfg):
   tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, tiny_cfg.vocab_size)
   full = _forward(model)(tokens, jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), jnp.int32))
   cached, _ = _decode(model, tokens, KVCache.init(tiny_cfg, 2, 10, dtype=jnp.bfloat16), [4] + [1] * 6)
-  assert np.abs(np.asarray(cached - full)).max() < 0.05
+  # measured: 8.6e-4 at most (logits up to 1.4 in magnitude); the bound leaves ~6x
+  assert np.abs(np.asarray(cached - full)).max() < 5e-3
 
 
 def test_kv_cache_with_left_and_right_padding(model, tiny_cfg):
@@ -153,11 +154,12 @@ def test_bfloat16_compute_with_float32_params(tiny_cfg):
   logits32, _ = model32(batch["tokens"])
   assert logits16.dtype == jnp.float32  # logits are always returned in float32
   assert np.isfinite(np.asarray(logits16)).all()
-  np.testing.assert_allclose(logits16, logits32, atol=0.05)
+  # measured: logits within 3.3e-3 (magnitude up to 1.3), losses within 4.6e-5 (loss 4.9); the bounds leave 4.5-10x
+  np.testing.assert_allclose(logits16, logits32, rtol=0, atol=0.015)
   loss16, grads16 = _loss_and_grads(model16, batch)
   loss32, _ = _loss_and_grads(model32, batch)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
-  assert abs(float(loss16) - float(loss32)) < 0.02
+  assert abs(float(loss16) - float(loss32)) < 5e-4
 
 
 def test_param_count_formula_matches_the_model():

@@ -2,7 +2,7 @@
 and preference batches, config validation.
 
 Runs against a character-level stand-in tokenizer (exact decode, so every check can compare text), and the checks
-that depend on tokenization also against the real task tokenizer when `jaxstages.data.tokenizer` is available.
+that depend on tokenization also against the real task tokenizer.
 """
 
 import json
@@ -59,10 +59,10 @@ def tok():
 
 @pytest.fixture(scope="module", params=["char", "task"])
 def any_tok(request, tok):
-  """The stand-in, and the real task tokenizer where it exists."""
+  """The stand-in, and the real task tokenizer."""
   if request.param == "char":
     return tok
-  tokenizer = pytest.importorskip("jaxstages.data.tokenizer")
+  from jaxstages.data import tokenizer  # an import error fails the tests that use it, never skips them
   return tokenizer.task_tokenizer(tasks.TaskConfig(**TASK), n_samples=300, seed=0)
 
 

@@ -69,7 +69,7 @@ DPO = ["data.task.op_range=(1, 2)", "data.seq_len=96", "data.prompt_len=64", "op
 def dpo_runs(tmp_path_factory):
   """Sigmoid DPO from `toy-sft`: β = 0.1 for 120 steps and β = 0.5 for 40; KL drift every 40 steps."""
   runs = {}
-  for beta, steps, eval_batches in ((0.1, 120, 8), (0.5, 40, 1)):  # held-out pairs: 128 for β = 0.1
+  for beta, steps, eval_batches in ((0.1, 120, 32), (0.5, 40, 1)):  # held-out pairs: 512 for β = 0.1
     workdir = tmp_path_factory.mktemp(f"dpo-beta{beta}")
     run_stage(_config("dpo-toy", f"stage.init_from={ARTIFACTS / 'toy-sft'}", f"dpo.beta={beta}",
                       f"stage.steps={steps}", f"stage.checkpoint_every={steps}",
@@ -84,9 +84,12 @@ def _drift(workdir) -> dict[int, float]:
 
 
 def test_dpo_separates_held_out_pairs_and_drifts_with_steps_and_small_beta(dpo_runs):
-  # 128 held-out pairs; 0.5 at the start (policy = reference). Above 0.8 takes ~400 steps (README)
+  """512 held-out pairs; 0.5 at the start (policy = reference), above 0.8 after ~400 steps (README). Measured after
+  these 120 steps: 0.746 (this pair stream, data.seed 3) and 0.793 (data.seed 1), mean 0.770, standard deviation
+  0.033 across the two (binomial standard error of one run 0.019): the bound 0.67 is 3 standard deviations under the
+  mean, and 9 standard errors above chance."""
   summary = json.loads((dpo_runs[0.1] / "summary.json").read_text())
-  assert summary["eval_accuracy"] > 0.7, summary
+  assert summary["eval_accuracy"] >= 0.67, summary
   drift = {beta: _drift(w) for beta, w in dpo_runs.items()}
   assert drift[0.1][120] > 1.3 * drift[0.1][40] > 0, drift
   assert drift[0.1][40] > 2 * drift[0.5][40], drift

@@ -211,22 +211,6 @@ def test_low_precision_rollouts_log_the_mismatch_and_recompute_old_log_probs(tmp
   np.testing.assert_allclose(metrics["mismatch_abs_logprob"], gap.mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", ["deepseekmath", "dapo", "dr-grpo", "justrl", "interplay"])
-def test_recipes_load_and_keep_their_algorithm_at_toy_scale(recipe):
-  """Every published recipe is a valid GRPO stage config, and its `-toy` variant changes the scale, not the
-  algorithm (advantages, aggregation, clipping, KL, dynamic sampling)."""
-  from jaxstages.stages.rl import rl_config
-
-  full, toy = (load_config(f"configs/recipes/rl.py:{recipe}{suffix}") for suffix in ("", "-toy"))
-  a, b = rl_config(full.grpo, "grpo"), rl_config(toy.grpo, "grpo")
-  for key in ("advantage", "scale_rewards", "loss_agg", "clip_low", "clip_high", "dual_clip", "kl_coef",
-              "kl_placement", "kl_estimator", "dynamic_sampling", "policy_loss"):
-    assert getattr(a, key) == getattr(b, key), key
-  assert full.model.hidden_size == 768 and toy.model.hidden_size == 128
-  with pytest.raises(KeyError, match="did you mean"):
-    load_config(f"configs/recipes/rl.py:{recipe}x")
-
-
 # -- invariance of the loss to micro-batches and meshes ------------------------------------------------------------
 
 

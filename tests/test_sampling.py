@@ -7,7 +7,7 @@ import pytest
 
 from jaxstages.model import create_model
 from jaxstages.sampling import (SamplingConfig, _generate, greedy_uncached, sample, sequence_log_probs,
-                                 truncate_logits, without_fsdp)
+                                 without_fsdp)
 from jaxstages.sharding import MeshConfig, make_mesh
 
 PROMPTS = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 8, 100, 2, 64]]
@@ -52,6 +52,19 @@ def test_log_probs_at_temperature_one_equal_teacher_forcing(model):
   np.testing.assert_allclose(np.asarray(out.logprobs), ref, atol=1e-5)
 
 
+def _truncated(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+  """Top-k, then top-p truncation of one row of logits, in NumPy: the reference for the sampler's own."""
+  if top_k:
+    x = np.where(x >= np.sort(x)[-top_k], x, -np.inf)
+  if top_p < 1.0:
+    order = np.argsort(-x, kind="stable")
+    probs = np.exp(x[order] - x[order[0]])
+    probs /= probs.sum()
+    keep = (np.cumsum(probs) - probs) < top_p
+    x = np.where(x >= x[order][keep].min(), x, -np.inf)
+  return x
+
+
 def test_sampled_from_log_probs_are_the_tempered_truncated_distribution(model):
   cfg = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=40, top_p=0.8, n=2)
   out = sample(model, PROMPTS, cfg, seed=2)
@@ -64,14 +77,7 @@ def test_sampled_from_log_probs_are_the_tempered_truncated_distribution(model):
     for t in range(tokens.shape[1]):
       if not mask[r, t]:
         continue
-      x = logits[t] / 0.7
-      x = np.where(x >= np.sort(x)[-40], x, -np.inf)
-      order = np.argsort(-x, kind="stable")
-      probs = np.exp(x[order] - x[order[0]])
-      probs /= probs.sum()
-      keep = (np.cumsum(probs) - probs) < 0.8
-      threshold = x[order][keep].min()
-      x = np.where(x >= threshold, x, -np.inf)
+      x = _truncated(logits[t] / 0.7, 40, 0.8)
       lp = x - x.max() - np.log(np.exp(x - x.max()).sum())
       assert np.isfinite(lp[tokens[r, t]]), "sampled a token outside the truncated support"
       assert abs(lp[tokens[r, t]] - out.logprobs[r, t]) < 1e-5
@@ -90,15 +96,18 @@ def _chi_square(counts, probs):
   return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum() - 1)
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.8, 6)])
-def test_sampling_reproduces_the_models_distribution(peaked_model, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 6, 1.0), (1.0, 0, 0.9)])
+def test_sampling_reproduces_the_models_distribution(peaked_model, temperature, top_k, top_p):
+  """4,000 one-token samples against the model's softmax, tempered and truncated in NumPy (`_truncated`)."""
   prompt = [11, 12, 13]
   n = 4000
-  out = sample(peaked_model, [prompt], SamplingConfig(max_new_tokens=1, n=n, temperature=temperature, top_k=top_k),
-               seed=5)
+  cfg = SamplingConfig(max_new_tokens=1, n=n, temperature=temperature, top_k=top_k, top_p=top_p)
+  out = sample(peaked_model, [prompt], cfg, seed=5)
   counts = np.bincount(np.asarray(out.tokens)[:, 0], minlength=peaked_model.cfg.vocab_size)
   logits, _ = peaked_model(jnp.asarray([prompt]))
-  x = np.asarray(truncate_logits(logits[:, -1] / temperature, top_k, 1.0)[0], np.float64)
+  x = _truncated(np.asarray(logits[0, -1], np.float64) / temperature, top_k, top_p)
+  if top_k or top_p < 1:
+    assert np.isinf(x).sum() > 0 and counts[np.isinf(x)].sum() == 0, "sampled outside the truncated support"
   probs = np.exp(x - x.max())
   probs /= probs.sum()
   assert (probs > 0.01).sum() >= 4, "the test distribution should have several likely tokens"

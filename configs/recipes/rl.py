@@ -21,12 +21,12 @@ RECIPES = {
         optim=dict(lr=1e-6), batch_size=1024),
     # DAPO (Yu et al. 2025): clip-higher 0.2 / 0.28, dynamic sampling (drop all-0 / all-1 groups, refill), token-level
     # loss, soft overlong penalty (max 20480 = 16384 + a 4096-token buffer), no KL; 512 prompts x 16 responses,
-    # 16 updates per rollout, lr 1e-6 with a 20-step warmup
+    # 16 updates per rollout, lr 1e-6 with a 20-step warmup; the model's positions raised to fit prompt + 20480
     "dapo": dict(
         grpo=dict(advantage="grpo", loss_agg="token-mean", clip_low=0.2, clip_high=0.28, dual_clip=0.0,
                   dynamic_sampling=True, max_sampling_rounds=8, overlong_buffer=4096, max_new_tokens=20480,
                   kl_coef=0.0, group_size=16, minibatches=16),
-        optim=dict(lr=1e-6, warmup_steps=20), batch_size=512),
+        optim=dict(lr=1e-6, warmup_steps=20), batch_size=512, model=dict(max_position_embeddings=1024 + 20480)),
     # Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): no std division, token sums divided by a
     # constant (the generation budget) instead of each sequence's length, no KL; otherwise GRPO
     "dr-grpo": dict(
@@ -66,6 +66,8 @@ def get_config(name: str = "interplay"):
   for key, value in recipe["optim"].items():
     cfg.optim[key] = value
   cfg.data.batch_size = recipe["batch_size"]
+  for key, value in recipe.get("model", {}).items():  # at accelerator scale only: -toy replaces the model below
+    cfg.model[key] = value
   if toy:  # the toy setup's model, data, start point and evaluation; the recipe's algorithm
     base = load_config("train.py:grpo-toy")
     cfg.model, cfg.data, cfg.stage = base.model, base.data, base.stage
