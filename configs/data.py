@@ -9,7 +9,7 @@ number and operator.
 import ml_collections
 
 # toy-scale symbolic world: one phrasing per statement, at most one distractor, pre-training at ops 1-4 (the toy
-# model learns these in minutes on a CPU; README, "Learnability"); stages that need harder problems set op_range
+# model learns these in minutes on a CPU; docs/learnability.md); stages that need harder problems set op_range
 SYMBOLIC = dict(surface="symbolic", contexts="p-seed-q-1pct", op_range=(1, 4), distractors=(0, 1), phrasings=1)
 STORY = dict(surface="story", contexts="zoo-seed-school-1pct", op_range=(2, 6))
 

@@ -37,7 +37,7 @@ def _config(stage, model, data, optim, mesh=None, **objective):
 def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
   if name == "pretrain-toy":
     # the ~1M toy model on the symbolic task world (context p, with q seeded at 1% at op 2)
-    # many small steps at a constant lr (WSD) learn the task world fastest in ~9 CPU minutes (README, "Learnability")
+    # many small steps at a constant lr (WSD) learn the task world fastest in ~9 CPU minutes (docs/learnability.md)
     cfg = _config(dict(name="pretrain", kind="pretrain", steps=2800, log_every=50, checkpoint_every=700,
                        eval_every=700, eval_batches=8),
                   "toy", "pretrain-symbolic",

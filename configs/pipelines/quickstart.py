@@ -2,7 +2,7 @@
 2 layers (~0.46M parameters), on a 2-core CPU in ~12 minutes. `jaxstages run --config configs/pipelines/quickstart.py`.
 
 Stage lengths are short versions of `configs/train.py`'s toy stages. The 2-layer toy takes about half the time per
-step of the 4-layer one and learns the one-operation look-up at least as fast per step (README, "Learnability",
+step of the 4-layer one and learns the one-operation look-up at least as fast per step (docs/learnability.md,
 run 16), so 3,000 pre-training steps leave the base past the point where it learns the look-up (strict pass@1 at
 op 1 39-40% in each of three seeds) instead of on it. Then 100 mid-training steps that grow context q, 200 SFT steps
 on chats, and GRPO on op-1 prompts with the strict (process-verified) reward for a budget of 8e12 FLOPs at lr 1.5e-4
