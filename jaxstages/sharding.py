@@ -216,7 +216,7 @@ def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a global array sharded over its first dimension (the batch), as numpy, in order: each
   process reads only its own shards (on one process: the whole array). The inverse of
   `global_batch_from_process_local`."""
-  if x.is_fully_addressable:
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(x)
   shards = {}
   for shard in x.addressable_shards:  # replicas over the non-batch mesh axes hold the same rows: keep one

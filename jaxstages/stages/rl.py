@@ -459,7 +459,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
       seed = int(np.random.default_rng([cfg.seed, step, len(rounds), 0x524C]).integers(2**31))
       rounds.append(roll_out(params, batch, seed))
       ok, informative, most = replicate_to_host((*group_flags(rounds[-1]["reward"], rounds[-1]["valid"], g),
-                                                 jnp.max(rounds[-1]["lengths"])))
+                                                 jnp.max(rounds[-1]["lengths"])), ctx.mesh)
       flags.append((ok, informative))
       longest.append(int(most))
       if not cfg.dynamic_sampling or len(rounds) >= cfg.max_sampling_rounds:
