@@ -33,8 +33,8 @@ from jaxstages.model import Transformer
 from jaxstages.model.io import load_stage
 from jaxstages.rewards import format_ok, think_block, verify
 from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, strip_stop
-from jaxstages.sharding import (data_parallel_size, global_batch_from_process_local, make_mesh, process_rows,
-                                replicate_to_host, use_mesh)
+from jaxstages.sharding import (data_parallel_size, global_batch_from_process_local, initialize_distributed, make_mesh,
+                                process_rows, replicate_to_host, use_mesh)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -263,7 +263,10 @@ def markdown_table(result: dict) -> str:
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig, step: int | None = None, out_dir: str | Path | None = None,
                  mesh=None) -> dict:
-  """Evaluates a stage's checkpoint; writes `eval.json` and `eval.md` into `out_dir` (default: `run_dir/eval`)."""
+  """Evaluates a stage's checkpoint; writes `eval.json` and `eval.md` into `out_dir` (default: `run_dir/eval`). On
+  several processes (`sharding.initialize_distributed`) each samples and verifies its share of every cell's
+  problems."""
+  initialize_distributed()
   mesh = mesh or make_mesh()
   model, tokenizer, config = load_stage(run_dir, step, mesh)
   task_cfg = data_config(config["data"]).task

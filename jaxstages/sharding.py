@@ -217,7 +217,7 @@ def local_rows(x: jax.Array) -> np.ndarray:
   process reads only its own shards (on one process: the whole array). The inverse of
   `global_batch_from_process_local`."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
-    return np.asarray(x)
+    return np.array(x)  # a copy the caller may write to, as the concatenation below is
   shards = {}
   for shard in x.addressable_shards:  # replicas over the non-batch mesh axes hold the same rows: keep one
     shards.setdefault(shard.index[0].start or 0, shard)
@@ -302,6 +302,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   takes to start. A shorter shutdown timeout (a minute or two) frees the other hosts sooner after one fails; it must
   still cover the work one process does alone at the end of a run (process 0 writes the summaries and report).
   """
+  if jax.distributed.is_initialized():  # a command that starts it before running stages (`jaxstages run`)
+    return
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["JAX_NUM_PROCESSES"])

@@ -230,7 +230,7 @@ class Preempted(Exception):
   The command line exits with `PREEMPTED_EXIT_CODE`."""
 
   def __init__(self, stage: str, signum: int | None, step: int):
-    received = signal.Signals(signum).name if signum else "a preemption signal (on another process)"
+    received = signal.Signals(signum).name if signum else "a preemption notice (SIGTERM to one of the processes)"
     super().__init__(f"stage {stage!r}: {received} received; checkpoint saved at step {step}; run the same "
                      "command again to resume")
     self.step = step
@@ -272,19 +272,20 @@ def preemption_service() -> bool:
   return jax.process_count() > 1 and _jax_distributed.global_state.preemption_sync_manager is not None
 
 
-def preempt_requested(flag: dict, check: bool = True) -> bool:
+def preempt_requested(flag: dict) -> bool:
   """Whether to stop for a preemption after step `flag["step"]` (every process at the same step: saving is a
   collective, and a signal can reach hosts at different steps).
 
   One process: whether it got SIGTERM / SIGINT. Several: JAX's preemption sync point
   (`multihost_utils.reached_preemption_sync_point`; a SIGTERM to any process makes every process stop at the same
   step soon after, with no collective per step). Without that service, the processes agree by an all-gather of
-  their flags, only where `check` (the loop passes its log steps)."""
+  their flags, only at steps where `flag["check"]` is set (the loop sets it at its log steps)."""
   if jax.process_count() == 1:
     return flag["signal"] is not None
   if preemption_service():
     return multihost_utils.reached_preemption_sync_point(flag["step"])
-  return check and bool(np.asarray(multihost_utils.process_allgather(np.int32(flag["signal"] is not None))).any())
+  return flag.get("check", True) and bool(
+      np.asarray(multihost_utils.process_allgather(np.int32(flag["signal"] is not None))).any())
 
 
 class NonFiniteError(RuntimeError):
@@ -602,8 +603,8 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
         metrics = {**metrics, **objective.host_metrics()}
       pending.append(metrics)
       done = step + 1
-      preemption["step"] = done
-      preempted = preempt_requested(preemption, check=done % stage.log_every == 0)
+      preemption.update(step=done, check=done % stage.log_every == 0)
+      preempted = preempt_requested(preemption)
       last = done == end or budget_spent(done) or preempted
       if done % stage.log_every == 0 or last:
         check_finite()
@@ -663,6 +664,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
                  processes=max(a["processes"] for a in every))
   if jax.process_index() == 0:
     write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+  sync_processes("jaxstages: stage summary written")  # a caller on any process may read it (the schedule)
   return summary
 
 

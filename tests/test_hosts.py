@@ -165,3 +165,51 @@ def test_grpo_as_two_processes_logs_the_losses_and_rewards_of_one(tmp_path):
     assert_close(two[step]["loss"], one[step]["loss"], f"step {step} loss", scale=0.1)
     assert_close(two[step]["grad_norm"], one[step]["grad_norm"], f"step {step} grad_norm")
   assert one[3]["reward_std"] > 0  # rewards that differ: the test would notice rows verified by the wrong process
+
+
+def _pipeline() -> dict:
+  """Pre-training (continued from the committed SFT model, so that RL has rewards to learn from) -> GRPO."""
+  tiny = {"stage.log_every": 1, "stage.checkpoint_every": 2, "stage.eval_every": 0, "data.streams": 2,
+          "data.batch_size": 8}
+  return dict(
+      name="hosts",
+      stages=[dict(name="pre", config="train.py:pretrain-toy", steps=2, overrides={
+                  **tiny, "stage.init_from": "experiments/artifacts/toy-sft", "data.seq_len": 64,
+                  "stage.eval_batches": 1, "optim.lr": 1e-4}),
+              dict(name="rl", config="train.py:grpo-toy", steps=2, overrides={
+                  **tiny, "grpo.group_size": 4, "grpo.max_new_tokens": 16, "grpo.eval_problems": 0})],
+      eval=dict(ops=(1,), contexts=("p",), problems=4, max_new_tokens=16))
+
+
+def _outcome(run_dir: Path) -> list[dict]:
+  """Per stage what must not depend on the number of processes: steps, tokens, FLOPs and evaluation cells."""
+  report = json.loads((run_dir / "report.json").read_text())
+  return [{k: r[k] for k in ("stage", "kind", "steps", "tokens", "flops", "eval")} for r in report["stages"]]
+
+
+def test_pipeline_and_eval_as_two_processes_report_what_one_process_does(tmp_path):
+  """`jaxstages run` of pre-training -> GRPO as 2 processes ends with the report of 1 process (steps, tokens,
+  FLOPs spent, evaluation cells); then `jaxstages eval` of its RL stage as 2 processes gives the cells of 1 (pass@k
+  from 2 samples per problem, each process verifying its own problems)."""
+  config = tmp_path / "pipeline.py"
+  config.write_text(f"def get_config():\n  return {_pipeline()!r}\n")
+  runs = {n: launch(["run", "--config", str(config), "--workdir", str(tmp_path / f"run{n}")], n,
+                    tmp_path / f"run{n}.log") for n in (2, 1)}
+  for n, procs in runs.items():
+    finish(procs, tmp_path / f"run{n}.log")
+  two, one = _outcome(tmp_path / "run2"), _outcome(tmp_path / "run1")
+  assert [r["processes"] for r in json.loads((tmp_path / "run2" / "report.json").read_text())["stages"]] == [2, 2]
+  for a, b in zip(two, one, strict=True):
+    assert a["flops"] == pytest.approx(b["flops"], rel=TOL)
+    assert {**a, "flops": 0} == {**b, "flops": 0}
+  assert "| pre |" in Path(f"{tmp_path / 'run2.log'}.0").read_text()  # the report card, printed by process 0 only
+  assert "| pre |" not in Path(f"{tmp_path / 'run2.log'}.1").read_text()
+
+  evaluate = ["eval", str(tmp_path / "run1" / "rl"), "--ops", "1", "--contexts", "p,q", "--problems", "6", "--n", "2",
+              "--k", "1,2", "--prompt", "chat"]
+  runs = {n: launch(evaluate + ["--out", str(tmp_path / f"eval{n}")], n, tmp_path / f"eval{n}.log") for n in (2, 1)}
+  for n, procs in runs.items():
+    finish(procs, tmp_path / f"eval{n}.log")
+  cells = {n: json.loads((tmp_path / f"eval{n}" / "eval.json").read_text())["cells"] for n in (2, 1)}
+  assert cells[2] == cells[1] and len(cells[1]) == 2
+  assert sum(sum(c["correct"]) for c in cells[1]) > 0  # some samples right: the cells carry information
