@@ -213,3 +213,42 @@ def test_pipeline_and_eval_as_two_processes_report_what_one_process_does(tmp_pat
   cells = {n: json.loads((tmp_path / f"eval{n}" / "eval.json").read_text())["cells"] for n in (2, 1)}
   assert cells[2] == cells[1] and len(cells[1]) == 2
   assert sum(sum(c["correct"]) for c in cells[1]) > 0  # some samples right: the cells carry information
+
+
+COMMON = ["data.batch_size=8", "data.streams=2", "stage.steps=3", "stage.log_every=1", "stage.checkpoint_every=2",
+          "stage.eval_every=0", "stage.eval_batches=1"]
+OTHER_KINDS = {
+    "midtrain": ("midtrain-toy", ["stage.init_from='experiments/artifacts/toy-base'", "data.seq_len=128"]),
+    "sft": ("sft-toy", ["stage.init_from='experiments/artifacts/toy-base'"]),
+    # pairs sampled from the reference and verified by each process; the KL drift on 2 held-out prompts at the end
+    "dpo": ("dpo-toy", ["stage.init_from='experiments/artifacts/toy-sft'", "dpo.pairs='reference'",
+                        "dpo.pair_samples=2", "dpo.pair_max_new_tokens=16", "dpo.drift_prompts=2",
+                        "dpo.drift_max_new_tokens=16"]),
+    # on-policy (GKD, λ = 1): the student's completions of each process's own prompts, the teacher's log-probs
+    "distill": ("distill-toy", ["distill.teacher='experiments/artifacts/toy-sft'", "distill.on_policy_fraction=1.0",
+                                "distill.max_new_tokens=16", "data.kind='rl'", "data.prompt_len=96"]),
+    "ppo": ("ppo-toy", ["ppo.group_size=4", "ppo.max_new_tokens=16", "ppo.eval_problems=4"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(OTHER_KINDS))
+def test_every_other_stage_kind_as_two_processes_logs_what_one_does(kind, tmp_path):
+  """Mid-training, SFT, DPO (with sampled pairs), on-policy distillation and PPO as 2 processes log the losses of 1
+  (PPO also its rewards). Losses that are near-cancelling sums (PPO's) are compared relative to 0.1, as GRPO's."""
+  config, overrides = OTHER_KINDS[kind]
+  runs = {n: launch(train_args(config, tmp_path / f"r{n}", COMMON + overrides), n, tmp_path / f"r{n}.log")
+          for n in (2, 1)}
+  for n, procs in runs.items():
+    finish(procs, tmp_path / f"r{n}.log")
+  two, one = rows(tmp_path / "r2"), rows(tmp_path / "r1")
+  assert sorted(two) == sorted(one) == [1, 2, 3]
+  for step in one:
+    for key in ("reward_mean", "pass_rate", "eval_pass@1", "sampled_chosen", "sampled_rejected"):
+      if key in one[step]:
+        assert two[step][key] == pytest.approx(one[step][key], rel=TOL, abs=1e-7), f"step {step} {key}"
+    if "kl_from_reference" in one[step]:  # a small difference of two models' log-probs: float noise shows ~1e-5
+      assert two[step]["kl_from_reference"] == pytest.approx(one[step]["kl_from_reference"], rel=1e-3)
+    for key in ("loss", "eval_loss"):
+      if key in one[step]:
+        assert_close(two[step][key], one[step][key], f"step {step} {key}", scale=0.1 if kind == "ppo" else 0.0)
