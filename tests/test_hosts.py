@@ -167,6 +167,27 @@ def test_grpo_as_two_processes_logs_the_losses_and_rewards_of_one(tmp_path):
   assert one[3]["reward_std"] > 0  # rewards that differ: the test would notice rows verified by the wrong process
 
 
+def test_a_resumed_stage_is_built_abstract_and_loads_starting_params_only_when_read(tmp_path, monkeypatch):
+  """Resuming, the train state is only a target (shapes, dtypes, shardings: nothing allocated, the fresh state never
+  made); the starting params are loaded for an objective that reads them (GRPO's reference), else never."""
+  import jax
+
+  import jaxstages.train
+  from jaxstages.config import apply_overrides, load_config
+
+  loads = []
+  real = jaxstages.train.initial_model
+  monkeypatch.setattr(jaxstages.train, "initial_model", lambda *a: loads.append(a) or real(*a))
+  for config, overrides, expected in (("pretrain-toy", SMALL + ["data.seq_len=64"], 0),
+                                      ("grpo-toy", ["grpo.kl_coef=0.01", "grpo.eval_problems=0"], 1)):
+    loads.clear()
+    built = jaxstages.train.build_stage(apply_overrides(load_config(f"configs/train.py:{config}"), overrides),
+                                        tmp_path / config, resume=True)
+    leaves = jax.tree.leaves(built.state)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None for x in leaves)
+    assert len(loads) == expected, config
+
+
 def _pipeline() -> dict:
   """Pre-training (continued from the committed SFT model, so that RL has rewards to learn from) -> GRPO."""
   tiny = {"stage.log_every": 1, "stage.checkpoint_every": 2, "stage.eval_every": 0, "data.streams": 2,
@@ -252,3 +273,36 @@ def test_every_other_stage_kind_as_two_processes_logs_what_one_does(kind, tmp_pa
     for key in ("loss", "eval_loss"):
       if key in one[step]:
         assert_close(two[step][key], one[step][key], f"step {step} {key}", scale=0.1 if kind == "ppo" else 0.0)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_process_stops_both_at_the_same_step_and_the_run_resumes(tmp_path):
+  """JAX's preemption service: SIGTERM to process 1 alone makes both processes save at the same step (the sync
+  point) and exit with code 75; the same command resumes from that checkpoint and finishes."""
+  from jaxstages.train import PREEMPTED_EXIT_CODE
+
+  overrides = [o for o in PRETRAIN if not o.startswith(("stage.steps", "stage.checkpoint_every"))]
+  overrides += ["stage.steps=12", "stage.checkpoint_every=100"]
+  workdir = tmp_path / "run"
+  procs = launch(train_args("pretrain-toy", workdir, overrides), 2, tmp_path / "run.log")
+  deadline = time.monotonic() + 300
+  try:
+    while last_step(workdir) < 1:
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.02)
+    os.kill(procs[1].pid, signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  logs = [Path(f"{tmp_path / 'run.log'}.{i}").read_text() for i in range(2)]
+  assert [p.returncode for p in procs] == [PREEMPTED_EXIT_CODE] * 2, logs[0][-3000:] + logs[1][-3000:]
+  stopped = last_step(workdir)
+  assert 1 <= stopped < 12 and sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [stopped]
+  assert all(f"checkpoint saved at step {stopped}" in log for log in logs)
+  finish(launch(train_args("pretrain-toy", workdir, overrides), 2, tmp_path / "resumed.log"), tmp_path / "resumed.log")
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["resumed_from"] == stopped and summary["step"] == 12
