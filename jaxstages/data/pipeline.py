@@ -41,8 +41,9 @@ index stream (`[stream::streams]` of the globally shuffled order) with its own m
 `batch_size / streams` rows per batch; each JAX process reads its own streams and yields their rows,
 `batch_size / process_count` of them; assemble the global batch with
 `jaxstages.sharding.global_batch_from_process_local`. With `streams` fixed, the global batch does not depend on how
-many processes read it (2 processes of 1 stream each give what 1 process of 2 streams gives). Finite rl/eval/preference streams are padded with `valid=0`
-examples to a whole number of global batches, so every process yields the same number of batches. A finite *packed*
+many processes read it (2 processes of 1 stream each give what 1 process of 2 streams gives). Finite
+rl/eval/preference streams are padded with `valid=0` examples to a whole number of global batches, so every process
+yields the same number of batches. A finite *packed*
 stream ends when its process's documents run out, which can differ by a batch between processes: train on endless
 packed streams (the default) when running on several processes.
 
@@ -695,6 +696,6 @@ def show(data_cfg: DataConfig | Mapping | ml_collections.ConfigDict | str, token
   return "\n".join(out)
 
 
-__all__ = ["CONTEXTS", "ConcatRowsIterDataset", "DataConfig", "MixIterDataset", "MixtureSchedule", "SourceConfig", "data_config",
-           "eval_cells", "format_example", "lm_document", "make_dataset", "make_pipeline", "pack_documents",
+__all__ = ["CONTEXTS", "ConcatRowsIterDataset", "DataConfig", "MixIterDataset", "MixtureSchedule", "SourceConfig",
+           "data_config", "eval_cells", "format_example", "lm_document", "make_dataset", "make_pipeline", "pack_documents",
            "preference_example", "rl_example", "sft_document", "show"]

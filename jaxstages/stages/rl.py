@@ -23,6 +23,13 @@ Per step, on the host side of the shared train loop (`Objective.prepare`), top t
    loop) runs `epochs x minibatches` clipped-surrogate updates over the rollout, with the loss of `grpo.py` /
    `ppo.py`.
 
+On several processes, steps 2-3 are each process's own: it samples, decodes and verifies its rows of the global
+batch of prompts and contributes them (rewards included) as global arrays
+(`jax.make_array_from_process_local_data`); what every process must agree on (which groups are informative, the
+longest sample for the FLOPs) is read from small replicated arrays, and steps 4-6 run on the global arrays (one
+jitted post-processing), so no completion crosses to another host. A row's sampling key is its global row index:
+one process and several draw the same samples.
+
 Everything random is keyed by (seed, step, round), so a resumed run repeats the same rollouts; the adaptive KL
 coefficient and the FLOPs spent so far (measured: sampling as executed) are saved with every checkpoint.
 """
