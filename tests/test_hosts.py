@@ -249,14 +249,21 @@ OTHER_KINDS = {
     "distill": ("distill-toy", ["distill.teacher='experiments/artifacts/toy-sft'", "distill.on_policy_fraction=1.0",
                                 "distill.max_new_tokens=16", "data.kind='rl'", "data.prompt_len=96"]),
     "ppo": ("ppo-toy", ["ppo.group_size=4", "ppo.max_new_tokens=16", "ppo.eval_problems=4"]),
+    # GRPO's other paths across processes: dynamic sampling (groups chosen from several rounds, moved on device to
+    # the process that holds their rows), an adaptive KL coefficient in the reward, recomputed old log-probs
+    "grpo-dapo": ("grpo-toy", ["grpo.group_size=4", "grpo.max_new_tokens=16", "grpo.eval_problems=0",
+                               "grpo.dynamic_sampling=True", "grpo.max_sampling_rounds=3", "grpo.kl_coef=0.01",
+                               "grpo.kl_placement='reward'", "grpo.kl_target=0.01",
+                               "grpo.recompute_old_logprobs=True", "grpo.drift_prompts=2"]),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(OTHER_KINDS))
 def test_every_other_stage_kind_as_two_processes_logs_what_one_does(kind, tmp_path):
-  """Mid-training, SFT, DPO (with sampled pairs), on-policy distillation and PPO as 2 processes log the losses of 1
-  (PPO also its rewards). Losses that are near-cancelling sums (PPO's) are compared relative to 0.1, as GRPO's."""
+  """Mid-training, SFT, DPO (with sampled pairs), on-policy distillation, PPO and GRPO with DAPO's dynamic sampling
+  as 2 processes log the losses of 1 (RL also its rewards and group counts). Losses that are near-cancelling sums
+  (PPO's, GRPO's) are compared relative to 0.1, as in the GRPO test above."""
   config, overrides = OTHER_KINDS[kind]
   runs = {n: launch(train_args(config, tmp_path / f"r{n}", COMMON + overrides), n, tmp_path / f"r{n}.log")
           for n in (2, 1)}
@@ -265,14 +272,16 @@ def test_every_other_stage_kind_as_two_processes_logs_what_one_does(kind, tmp_pa
   two, one = rows(tmp_path / "r2"), rows(tmp_path / "r1")
   assert sorted(two) == sorted(one) == [1, 2, 3]
   for step in one:
-    for key in ("reward_mean", "pass_rate", "eval_pass@1", "sampled_chosen", "sampled_rejected"):
+    for key in ("reward_mean", "pass_rate", "eval_pass@1", "sampled_chosen", "sampled_rejected", "sampling_rounds",
+                "groups_dropped", "groups_filled", "zero_variance_groups"):
       if key in one[step]:
         assert two[step][key] == pytest.approx(one[step][key], rel=TOL, abs=1e-7), f"step {step} {key}"
     if "kl_from_reference" in one[step]:  # a small difference of two models' log-probs: float noise shows ~1e-5
       assert two[step]["kl_from_reference"] == pytest.approx(one[step]["kl_from_reference"], rel=1e-3)
     for key in ("loss", "eval_loss"):
       if key in one[step]:
-        assert_close(two[step][key], one[step][key], f"step {step} {key}", scale=0.1 if kind == "ppo" else 0.0)
+        scale = 0.1 if kind in ("ppo", "grpo-dapo") else 0.0
+        assert_close(two[step][key], one[step][key], f"step {step} {key}", scale=scale)
 
 
 @pytest.mark.slow
