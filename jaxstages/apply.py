@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxstages.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, use_mesh
 
@@ -22,7 +22,8 @@ def make_apply(graphdef: nnx.GraphDef, fn: Callable[[nnx.Module, Batch], Any], m
                rules: LogicalRules = DEFAULT_RULES, out_batch_sharded: bool = False):
   """Jitted `(params, batch) -> fn(model, batch)` with the batch sharded over the data axes: held-out losses, and a
   frozen model's outputs (reference or teacher log-probs) that a stage adds to its batches. `out_batch_sharded`: the
-  outputs are `[batch, ...]` arrays, laid out like the batch (so they feed the train step without a copy)."""
+  outputs are `[batch, ...]` arrays, laid out like the batch (so they feed the train step without a copy); else they
+  are replicated (small results, e.g. a loss sum, that every process reads)."""
 
   def apply(params, batch):
     return fn(nnx.merge(graphdef, params), batch)
@@ -33,7 +34,9 @@ def make_apply(graphdef: nnx.GraphDef, fn: Callable[[nnx.Module, Batch], Any], m
     key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
     if key not in compiled:
       in_batch = {k: batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
-      out = None
+      # outputs: laid out like the batch, or replicated (scalars: a held-out loss sum), so every process can read
+      # them without a gather
+      out = NamedSharding(mesh, PartitionSpec())
       if out_batch_sharded:
         shapes = jax.eval_shape(apply, params, batch)
         out = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.ndim), shapes)

@@ -1,7 +1,10 @@
 """Checkpoints of a stage: orbax `CheckpointManager` over params, optimizer state, step/rng and the data iterator.
 
 Each checkpoint step holds four items: `params`, `opt_state`, `meta` (step, rng) and `data` (the data iterator's
-JSON state), so a later stage can restore `params` alone (the stage hand-off) while a resumed stage restores all four.
+JSON state, one file per process: `data/process_I-of-N.json`, since each process reads its own slice of the data and
+resumes from its own position), so a later stage can restore `params` alone (the stage hand-off) while a resumed
+stage restores all four. Every process calls `save` and `restore`: orbax writes and reads each process's shards of
+the arrays, and each process its own data file.
 Arrays are restored straight into the shardings of the target state, so a checkpoint written on one mesh loads on
 another. Paths go through `etils.epath` as orbax's do: local folders and cloud URLs (`gs://...`) alike.
 
@@ -19,6 +22,7 @@ restores that subtree alone: handing a stage's policy on needs no knowledge of t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 import zlib
@@ -31,6 +35,53 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxstages.state import TrainState
+
+
+class ProcessJsonHandler(ocp.JsonCheckpointHandler):
+  """Orbax handler of a JSON dict that differs by process (a data iterator's position): every process writes its
+  own `process_I-of-N.json` (orbax's `JsonCheckpointHandler` writes the primary process's alone) and reads its own
+  back. A checkpoint of the single-file form (`metadata`, written before per-process files) restores on one
+  process."""
+
+  async def async_save(self, directory, item=None, args=None):
+    # serialised now: the caller's dict may change while the save runs in the background
+    text = json.dumps(args.item if args is not None else item)
+
+    async def write():
+      (directory / process_file()).write_text(text)
+
+    return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="jaxstages_process_json_save")]
+
+  def restore(self, directory, item=None, args=None) -> dict:
+    del item, args
+    path = directory / process_file()
+    if path.exists():
+      return json.loads(path.read_text())
+    if jax.process_count() == 1 and (directory / "metadata").exists():
+      return json.loads((directory / "metadata").read_text())
+    saved = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    raise FileNotFoundError(f"{path} not found (the step has {saved}): the data iterator state was saved by another "
+                            f"number of processes than this run's {jax.process_count()}; resume with as many "
+                            "processes as saved it")
+
+
+def process_file(index: int | None = None, count: int | None = None) -> str:
+  """The file name of a process's own JSON state in a checkpoint item."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  return f"process_{index}-of-{count}.json"
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Mapping[str, Any]
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+  item: Any = None
 
 
 def _path(directory: str | epath.Path) -> epath.Path:
@@ -125,7 +176,7 @@ class Checkpointer:
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
-        data=ocp.args.JsonSave(data_state or {}))
+        data=ProcessJsonSave(data_state or {}))
     started = self.manager.save(step, args=args, force=True)
     self._write_manifests(exclude=step)  # orbax waited for the previous saves before starting this one
     return started
@@ -189,7 +240,7 @@ class Checkpointer:
         opt_state=ocp.args.StandardRestore(_abstract(target.opt_state, shardings.opt_state)),
         meta=ocp.args.StandardRestore(_abstract({"step": target.step, "rng": target.rng},
                                                 {"step": shardings.step, "rng": shardings.rng})),
-        data=ocp.args.JsonRestore())
+        data=ProcessJsonRestore())
     restored = self.manager.restore(step, args=args)
     meta = restored.meta
     return TrainState(restored.params, restored.opt_state, meta["step"], meta["rng"]), dict(restored.data or {})

@@ -18,6 +18,8 @@ import argparse
 import json
 import sys
 
+import jax
+
 from jaxstages import smoke
 from jaxstages.config import apply_overrides, load_config
 from jaxstages.data import pipeline, tasks, tokenizer
@@ -67,15 +69,21 @@ def _stage_config(args: argparse.Namespace):
   return apply_overrides(load_config(args.config), args.overrides)
 
 
+def _say(text: str) -> None:
+  """Prints on process 0 only: every process of a multi-host run computes the same result."""
+  if jax.process_index() == 0:
+    print(text)
+
+
 def _train(args: argparse.Namespace) -> None:
-  print(json.dumps(run_stage(_stage_config(args), args.workdir), indent=2))
+  _say(json.dumps(run_stage(_stage_config(args), args.workdir), indent=2))
 
 
 def _run(args: argparse.Namespace) -> None:
   config = load_pipeline(args.config, args.overrides)
   report = run_pipeline(config, args.workdir or f"runs/{config.get('name', 'pipeline')}")
-  print(report_markdown(report))
-  print(f"written to {report['run_dir']}/report.json and report.md")
+  _say(report_markdown(report))
+  _say(f"written to {report['run_dir']}/report.json and report.md")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -104,8 +112,8 @@ def _eval(args: argparse.Namespace) -> None:
                    think={"on": True, "off": False, "none": None}[args.think], think_budget=args.think_budget,
                    seed=args.seed)
   result = evaluate_run(args.run, cfg, step=args.step, out_dir=args.out)
-  print(markdown_table(result))
-  print(f"written to {args.out or args.run.rstrip('/') + '/eval'}/eval.json and eval.md")
+  _say(markdown_table(result))
+  _say(f"written to {args.out or args.run.rstrip('/') + '/eval'}/eval.json and eval.md")
 
 
 def _sample(args: argparse.Namespace) -> None:

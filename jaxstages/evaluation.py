@@ -12,6 +12,7 @@ report at every evaluation, and `evaluate_run` for a stage's checkpoint (`load_s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxstages.config import ConfigError, check_keys
 from jaxstages.data import tasks
@@ -31,7 +33,8 @@ from jaxstages.model import Transformer
 from jaxstages.model.io import load_stage
 from jaxstages.rewards import format_ok, think_block, verify
 from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, strip_stop
-from jaxstages.sharding import data_parallel_size, make_mesh, use_mesh
+from jaxstages.sharding import (data_parallel_size, global_batch_from_process_local, initialize_distributed, make_mesh,
+                                process_rows, replicate_to_host, use_mesh)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -126,42 +129,70 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
                             stop_tokens=stops, think_budget=cfg.think_budget,
                             think_open_id=_id(tokenizer.think_open_id), think_close_id=_id(tokenizer.think_close_id),
                             think_budget_suffix=tuple(tokenizer.encode(cfg.think_budget_suffix)))
-      strict, answers, lengths, formats, followed = [], [], [], [], []
+      stats = []  # per problem: STAT_FIELDS
       for start in range(0, len(problems), cfg.batch_size):
         chunk = problems[start:start + cfg.batch_size]
         prompts = [eval_prompt(p, tokenizer, cfg) for p in chunk]
         padded = prompts + [prompts[-1]] * (-len(prompts) % _data_shards(mesh))
-        out = sample(model, padded, scfg, seed=cfg.seed * 1_000_003 + op * 1009 + start, mesh=mesh)
-        completions = out.completions()[:len(chunk) * cfg.n]
-        for i, toks in enumerate(completions):
-          text = tokenizer.decode(strip_stop(toks, stops))
-          verdict = verify(chunk[i // cfg.n], text)
-          formats.append(format_ok(text, think))
-          if think is not None:
-            block = think_block(text)
-            followed.append(block is not None and bool(block) == think)
-          strict.append(verdict.strict_correct)
-          answers.append(verdict.answer)
-          lengths.append(len(toks))
+        # each process samples, decodes and verifies its own prompts; only per-problem counts cross processes
+        mine = slice(0, len(padded)) if mesh is None else process_rows(len(padded), mesh)
+        out = sample(model, padded[mine], scfg, seed=cfg.seed * 1_000_003 + op * 1009 + start, mesh=mesh)
+        completions = out.completions()
+        local = np.zeros((mine.stop - mine.start, len(STAT_FIELDS)), np.float32)  # padding rows stay 0
+        for i in range(mine.start, min(mine.stop, len(chunk))):
+          first = (i - mine.start) * cfg.n
+          local[i - mine.start] = problem_stats(chunk[i], completions[first:first + cfg.n], tokenizer, stops, think)
+        stats.append(all_rows(local, mesh)[:len(chunk)])
         if bar is not None:
           bar.update(len(chunk))
-      strict = np.asarray(strict).reshape(len(problems), cfg.n)
+      stats = dict(zip(STAT_FIELDS, np.concatenate(stats).astype(np.float64).T))
+      samples = len(problems) * cfg.n
+      correct = [int(c) for c in stats["correct"]]
       cell = {"op": op, "context": context, "problems": len(problems), "samples": cfg.n,
-              "correct": [int(c) for c in strict.sum(1)]}  # strictly correct samples of each problem
+              "correct": correct}  # strictly correct samples of each problem
       for k in cfg.ks:
-        cell[f"pass@{k}"] = float(np.mean([pass_at_k(cfg.n, int(c), k) for c in strict.sum(1)]))
-      cell[f"maj@{cfg.n}"] = float(np.mean([majority_correct(answers[i * cfg.n:(i + 1) * cfg.n], p.answer)
-                                            for i, p in enumerate(problems)]))
-      cell["answer@1"] = float(np.mean([a == problems[i // cfg.n].answer for i, a in enumerate(answers)]))
-      cell["mean_length"] = float(np.mean(lengths))
-      cell["answered"] = float(np.mean([a is not None for a in answers]))
-      cell["format"] = float(np.mean(formats))
+        cell[f"pass@{k}"] = float(np.mean([pass_at_k(cfg.n, c, k) for c in correct]))
+      cell[f"maj@{cfg.n}"] = float(np.mean(stats["majority"]))
+      cell["answer@1"] = float(stats["answer_correct"].sum() / samples)
+      cell["mean_length"] = float(stats["length"].sum() / samples)
+      cell["answered"] = float(stats["answered"].sum() / samples)
+      cell["format"] = float(stats["format"].sum() / samples)
       if think is not None:
-        cell["think_followed"] = float(np.mean(followed))
+        cell["think_followed"] = float(stats["think_followed"].sum() / samples)
       cells.append(cell)
   if bar is not None:
     bar.close()
   return {"config": dataclasses.asdict(cfg), "cells": cells}
+
+
+# what each problem's samples add to its cell (counts over its n samples; `majority` 0/1), the only per-problem
+# numbers that cross processes
+STAT_FIELDS = ("correct", "majority", "answer_correct", "length", "answered", "format", "think_followed")
+
+
+def think_followed(text: str, think: bool) -> bool:
+  """Whether a sample's think block is non-empty for `/think` and present but empty for `/no_think`."""
+  block = think_block(text)
+  return block is not None and bool(block) == think
+
+
+def problem_stats(problem: tasks.Problem, completions: Sequence[list[int]], tokenizer, stops, think) -> list[float]:
+  """`STAT_FIELDS` of one problem's samples (token lists, stop token included)."""
+  texts = [tokenizer.decode(strip_stop(toks, stops)) for toks in completions]
+  verdicts = [verify(problem, text) for text in texts]
+  answers = [v.answer for v in verdicts]
+  return [sum(v.strict_correct for v in verdicts), majority_correct(answers, problem.answer),
+          sum(a == problem.answer for a in answers), sum(len(t) for t in completions),
+          sum(a is not None for a in answers), sum(format_ok(text, think) for text in texts),
+          sum(think_followed(text, think) for text in texts) if think is not None else 0]
+
+
+def all_rows(local: np.ndarray, mesh) -> np.ndarray:
+  """Every process's rows of small per-example numbers (`local`: this process's rows, `sharding.process_rows`), in
+  order, on every process."""
+  if mesh is None or jax.process_count() == 1:
+    return local
+  return replicate_to_host(global_batch_from_process_local({"x": local}, mesh)["x"], mesh)
 
 
 def kl_drift_fn(ctx, ref_graphdef, ref_params, n_prompts: int, max_new_tokens: int, seed: int = 0):
@@ -186,16 +217,24 @@ def kl_drift_fn(ctx, ref_graphdef, ref_params, n_prompts: int, max_new_tokens: i
     per_token = reverse_kl(policy(*inputs)[0], reference(*inputs)[0])  # KL(π‖π_ref) at every position
     return jnp.sum(per_token * rows["completion_mask"], axis=-1)
 
-  kl_fn = jax.jit(sequence_kl)
   padded = prompts + [prompts[-1]] * (-len(prompts) % _data_shards(ctx.mesh))  # the sampler splits rows evenly
+  width = max(len(p) for p in padded)  # one row layout on every process
+  replicated = NamedSharding(ctx.mesh, PartitionSpec())
+
+  @functools.partial(jax.jit, out_shardings=(replicated, replicated))
+  def sums(params, ref, rows):
+    """(KL summed over the first `n_prompts` rows, their completion tokens)."""
+    kl = sequence_kl(params, ref, rows)
+    return jnp.sum(kl * rows["counted"]), jnp.sum(jnp.sum(rows["completion_mask"], -1) * rows["counted"])
 
   def kl_drift(params) -> dict[str, float]:
-    samples = sample(nnx.merge(ctx.graphdef, params), padded, sampling, seed, ctx.mesh, ctx.rules)
-    rows = completion_rows(padded, samples, 1, tok.pad_id)
+    mine = process_rows(len(padded), ctx.mesh, ctx.rules)
+    samples = sample(nnx.merge(ctx.graphdef, params), padded[mine], sampling, seed, ctx.mesh, ctx.rules).local()
+    rows = completion_rows(padded[mine], samples, 1, tok.pad_id, width=width)
+    rows["counted"] = (np.arange(mine.start, mine.stop) < n_prompts).astype(np.float32)
     with use_mesh(ctx.mesh, ctx.rules):
-      kl = np.asarray(kl_fn(params, ref_params, {k: jnp.asarray(v) for k, v in rows.items()}))[:n_prompts]
-    return {"kl_from_reference": float(kl.mean()),
-            "drift_length": float(np.mean(np.asarray(samples.lengths)[:n_prompts]))}
+      kl, length = sums(params, ref_params, global_batch_from_process_local(rows, ctx.mesh, ctx.rules))
+    return {"kl_from_reference": float(kl) / n_prompts, "drift_length": float(length) / n_prompts}
 
   return kl_drift
 
@@ -224,14 +263,18 @@ def markdown_table(result: dict) -> str:
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig, step: int | None = None, out_dir: str | Path | None = None,
                  mesh=None) -> dict:
-  """Evaluates a stage's checkpoint; writes `eval.json` and `eval.md` into `out_dir` (default: `run_dir/eval`)."""
+  """Evaluates a stage's checkpoint; writes `eval.json` and `eval.md` into `out_dir` (default: `run_dir/eval`). On
+  several processes (`sharding.initialize_distributed`) each samples and verifies its share of every cell's
+  problems."""
+  initialize_distributed()
   mesh = mesh or make_mesh()
   model, tokenizer, config = load_stage(run_dir, step, mesh)
   task_cfg = data_config(config["data"]).task
   result = evaluate(model, tokenizer, task_cfg, cfg, mesh=mesh)
   result["run"], result["step"] = str(run_dir), step
   out = Path(out_dir or Path(run_dir) / "eval")
-  out.mkdir(parents=True, exist_ok=True)
-  write_atomic(out / "eval.json", json.dumps(result, indent=2))
-  write_atomic(out / "eval.md", markdown_table(result) + "\n")
+  if jax.process_index() == 0:  # every process has the same cells
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "eval.json", json.dumps(result, indent=2))
+    write_atomic(out / "eval.md", markdown_table(result) + "\n")
   return result

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxstages.config import ConfigError, check_keys
 from jaxstages.losses import token_log_probs
 from jaxstages.model import KVCache, Transformer
-from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, constrain, data_parallel_size,
-                                logical_to_spec, use_mesh)
+from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, constrain, data_parallel_size,
+                                global_batch_from_process_local, local_rows, logical_to_spec, process_rows, use_mesh)
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -100,9 +101,14 @@ class Samples:
   lengths: jax.Array
   forced: jax.Array
 
+  def local(self) -> "Samples":
+    """This process's rows as numpy arrays (every row on one process): what it decodes and verifies."""
+    return Samples(**{f.name: local_rows(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
   def completions(self) -> list[list[int]]:
-    """Per row, the generated tokens up to and including its stop token (host lists)."""
-    tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+    """Per row of this process (every row on one process), the generated tokens up to and including its stop token
+    (host lists)."""
+    tokens, lengths = local_rows(self.tokens), local_rows(self.lengths)
     return [row[:n].tolist() for row, n in zip(tokens, lengths)]
 
 
@@ -282,27 +288,43 @@ def sample(model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingCo
   """`cfg.n` completions of each prompt (token lists, ragged). With a `mesh`, rows are sharded over its data axes
   and the model's params are used in the sharding they already have (laid out by `rules`); with `sampler_rules`
   (e.g. `without_fsdp(rules)`) the params are resharded to those rules inside the jitted call, once per call, and
-  the sampler's activations follow them. `seed` is an int or a `jax.random` key."""
+  the sampler's activations follow them. `seed` is an int or a `jax.random` key.
+
+  On several processes (with a `mesh`) `prompts` are this process's own: every process passes as many, the
+  process's rows of the global batch of prompts (`sharding.process_rows`), and the result is global arrays of which
+  each process reads its own rows (`Samples.local`, `completions`). Row `r` of the global batch draws with
+  `fold_in(key(seed), r)` however the rows are split over processes, so 1 and N processes sample alike."""
   if not prompts:
     raise ConfigError("sample() needs at least one prompt")
-  width = prompt_bucket(max(len(p) for p in prompts), cfg.prompt_buckets)
+  longest = max(len(p) for p in prompts)
+  if mesh is not None and jax.process_count() > 1 and len(cfg.prompt_buckets) > 1:
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))  # one bucket on every process
+  width = prompt_bucket(longest, cfg.prompt_buckets)
   batch = left_pad(prompts, width, cfg.pad_id)
   base = jax.random.key(seed) if isinstance(seed, int) else seed
-  row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(len(prompts) * cfg.n))
   graphdef, state = nnx.split(model)
   if mesh is None:
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(len(prompts) * cfg.n))
     return _generate(graphdef, cfg, tuple(rules), False, state,
                      *(jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")), row_keys)
   reshard = sampler_rules is not None
   rules = tuple(sampler_rules) if reshard else tuple(rules)
-  dp = data_parallel_size(mesh, rules)
-  if len(prompts) % dp:
-    raise ConfigError(f"{len(prompts)} prompts do not split over the {dp} data-parallel shards of mesh "
+  dp, total = data_parallel_size(mesh, rules), len(prompts) * jax.process_count()
+  if total % dp:
+    raise ConfigError(f"{total} prompts do not split over the {dp} data-parallel shards of mesh "
                       f"{dict(mesh.shape)}; pass a multiple of {dp} prompts")
+  mine = process_rows(total, mesh, rules)
+  if mine.stop - mine.start != len(prompts):
+    raise ConfigError(f"this process passed {len(prompts)} prompts but holds rows {mine.start}..{mine.stop - 1} of "
+                      f"the {total}: every process passes its own rows of the global batch")
+  first = mine.start * cfg.n
+  keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.arange(first, first + len(prompts) * cfg.n))
   with use_mesh(mesh, rules):
-    put = lambda x: jax.device_put(x, batch_sharding(mesh, rules, np.ndim(x)))
-    arrays = [put(batch[k]) for k in ("tokens", "positions", "segment_ids")]
-    return _generate(graphdef, cfg, rules, reshard, state, *arrays, put(row_keys))
+    arrays = global_batch_from_process_local({**{k: batch[k] for k in ("tokens", "positions", "segment_ids")},
+                                              "keys": np.asarray(jax.random.key_data(keys))}, mesh, rules)
+    row_keys = jax.random.wrap_key_data(arrays.pop("keys"), impl=jax.random.key_impl(base))
+    return _generate(graphdef, cfg, rules, reshard, state, arrays["tokens"], arrays["positions"],
+                     arrays["segment_ids"], row_keys)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens"))

@@ -42,7 +42,7 @@ from jaxstages.evaluation import EvalConfig, evaluate
 from jaxstages.metrics import write_atomic
 from jaxstages.model.config import ModelConfig, model_config, vocab_size_for
 from jaxstages.model.io import load_model
-from jaxstages.sharding import make_mesh
+from jaxstages.sharding import initialize_distributed, make_mesh, sync_processes
 from jaxstages.stages import objective_block, planned_step
 from jaxstages.train import peak_flops_per_device, run_stage
 
@@ -162,17 +162,21 @@ def _eval_config(pipeline: Mapping, entry: Mapping, kind: str, data_prompt: str 
 def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path) -> dict:
   """Runs (or resumes) every stage of the pipeline in order, evaluates each, and writes `report.json` and
   `report.md`. Returns the report."""
+  initialize_distributed()  # several processes: each runs this same function; process 0 writes the shared files
   config = to_dict(config)
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   first = stage_configs(config, run_dir)[0][1]
-  if not (run_dir / "tokenizer").exists():  # one tokenizer for every stage: the first stage's start's, or trained
+  have_tokenizer = (run_dir / "tokenizer").exists()
+  sync_processes("jaxstages: run folder looked at")  # every process decided before process 0 writes
+  if not have_tokenizer:  # one tokenizer for every stage: the first stage's start's, or trained (alike everywhere)
     start = first["stage"].get("init_from")
     found = next((p for p in ([Path(start) / "tokenizer", Path(start).parent / "tokenizer"] if start else [])
                   if p.exists()), None)
     tokenizer = load_tokenizer(found) if found else task_tokenizer(data_config(first["data"]).task)
     if jax.process_index() == 0:
       tokenizer.save(run_dir / "tokenizer")
+    sync_processes("jaxstages: run tokenizer saved")
   stages = stage_configs(config, run_dir, load_tokenizer(run_dir / "tokenizer").vocab_size)
   if jax.process_index() == 0:
     write_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str))
@@ -183,19 +187,23 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     done = (summary.get("steps") == cfg["stage"]["steps"]
             and summary.get("finished", summary["step"] == summary["steps"]))
+    eval_path = stage_dir / "eval.json"
+    evaluated = eval_path.exists()
+    sync_processes(f"jaxstages: stage {entry['name']} looked at")  # the same decisions on every process
     if not done:
       run_stage(cfg, stage_dir)  # records its wall time per attempt (killed ones too): the summary sums them
-    summary = json.loads(summary_path.read_text())
-    eval_path = stage_dir / "eval.json"
-    if not eval_path.exists():
+      summary = json.loads(summary_path.read_text())  # process 0 wrote it before every process left run_stage
+    if evaluated:
+      result = json.loads(eval_path.read_text())
+    else:
       mesh = make_mesh()
       model = load_model(stage_dir, mesh)
       result = evaluate(model, load_tokenizer(run_dir / "tokenizer"), data_config(cfg["data"]).task,
                         _eval_config(config, entry, cfg["stage"]["kind"], cfg["data"].get("prompt", "chat")),
                         mesh=mesh, show_progress=False)
+      del model
       if jax.process_index() == 0:
         write_atomic(eval_path, json.dumps(result, indent=2))
-    result = json.loads(eval_path.read_text())
     rows.append(_report_row(entry, cfg, summary, _wall_seconds(summary, stage_dir), result, config))
   protocol = dataclasses.asdict(_eval_config(config, {}, kind=""))  # the sampling protocol shared by every stage
   report = {"name": config.get("name", run_dir.name), "run_dir": str(run_dir), "stages": rows,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -178,17 +179,20 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, rules: LogicalRules = DEF
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:
-  """Places a host batch (the *global* batch, identical on every process) on the mesh, batch-sharded."""
+  """Places a host batch (the *global* batch, identical on every process) on the mesh, batch-sharded. Each process
+  copies only the rows its devices hold (`make_array_from_callback`), so this works on several processes too."""
   out = {}
   for k, v in batch.items():
+    v = np.asarray(v)
     check_batch_divisible(v.shape[0], mesh, rules)
-    out[k] = jax.device_put(v, batch_sharding(mesh, rules, np.ndim(v)))
+    out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, rules, v.ndim), lambda index, v=v: v[index])
   return out
 
 
 def global_batch_from_process_local(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                                     rules: LogicalRules = DEFAULT_RULES) -> dict:
-  """Assembles a global batch from each process's own slice (`[local_batch, ...]` per process)."""
+  """Assembles a global batch from each process's own rows (`[local_batch, ...]` per process: the rows
+  `process_rows` names, e.g. process `p` of `P` holds rows `[p * B / P, (p + 1) * B / P)` of a data-parallel mesh)."""
   out = {}
   for k, v in local_batch.items():
     check_batch_divisible(v.shape[0] * jax.process_count(), mesh, rules)
@@ -196,10 +200,43 @@ def global_batch_from_process_local(local_batch: Mapping[str, np.ndarray], mesh:
   return out
 
 
-def gather_to_host(batch: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
-  """Every row of a global batch, as numpy arrays on every process: for host-side work on a batch (sampling from
-  its prompts, verifying text). `shard_batch` puts the result back on the mesh."""
-  return {k: np.array(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()}
+def process_rows(rows: int, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> slice:
+  """The rows of a `[rows, ...]` batch-sharded global array that this process's devices hold: a contiguous range
+  (every row on one process: `slice(0, rows)`). What a process samples, decodes and verifies of a global batch."""
+  check_batch_divisible(rows, mesh, rules)
+  starts = sorted({(index[0].start or 0, index[0].stop if index[0].stop is not None else rows)
+                   for index in batch_sharding(mesh, rules, 1).addressable_devices_indices_map((rows,)).values()})
+  if any(a[1] != b[0] for a, b in zip(starts, starts[1:])):
+    raise ConfigError(f"the batch rows of this process's devices on mesh {dict(mesh.shape)} are not contiguous "
+                      f"({starts}); order the mesh's devices by process")
+  return slice(starts[0][0], starts[-1][1])
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array sharded over its first dimension (the batch), as numpy, in order: each
+  process reads only its own shards (on one process: the whole array). The inverse of
+  `global_batch_from_process_local`."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.array(x)  # a copy the caller may write to, as the concatenation below is
+  shards = {}
+  for shard in x.addressable_shards:  # replicas over the non-batch mesh axes hold the same rows: keep one
+    shards.setdefault(shard.index[0].start or 0, shard)
+  starts = sorted(shards)
+  parts = [np.asarray(shards[s].data) for s in starts]
+  if any(s + len(p) != t for s, p, t in zip(starts, parts, starts[1:])):
+    raise ValueError(f"this process's rows of an array of shape {x.shape} are not contiguous (shards at {starts})")
+  return np.concatenate(parts)
+
+
+def replicate_to_host(tree, mesh: Mesh):
+  """Every element of a tree of (small) global arrays, as numpy on every process: a jitted all-gather to a
+  replicated layout, then a local read. For per-example statistics and flags, never for whole batches."""
+  return jax.tree.map(np.asarray, _replicator(mesh)(tree))
+
+
+@functools.lru_cache(maxsize=16)
+def _replicator(mesh: Mesh):
+  return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 # -- activation constraints -------------------------------------------------------------------------------------
@@ -265,6 +302,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   takes to start. A shorter shutdown timeout (a minute or two) frees the other hosts sooner after one fails; it must
   still cover the work one process does alone at the end of a run (process 0 writes the summaries and report).
   """
+  if jax.distributed.is_initialized():  # a command that starts it before running stages (`jaxstages run`)
+    return
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["JAX_NUM_PROCESSES"])
@@ -289,8 +328,24 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
       if value <= 0:
         raise ConfigError(f"{name}={value}: a timeout must be a positive number of seconds")
       timeouts[name] = value
+  use_cpu_collectives()
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id, local_device_ids=local_device_ids, **timeouts)
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process has reached the same `name`d point (nothing on one process): e.g. all have read a
+  folder before one of them writes into it."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def use_cpu_collectives() -> None:
+  """Gloo for cross-process collectives of CPU arrays, unless another implementation (MPI) is chosen: without one, a
+  computation over CPU devices of several processes fails. Set before `jax.distributed.initialize`; it touches only
+  the CPU backend, so it is harmless where the arrays live on accelerators."""
+  if jax.config.jax_cpu_collectives_implementation not in ("gloo", "mpi", "megascale"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def optimizer_shardings(optimizer, params, params_sharding, mesh: Mesh):

@@ -32,15 +32,27 @@ def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, 
                     rng=replicated)
 
 
+def abstract_train_state(params: nnx.State, optimizer: optax.GradientTransformation, mesh: Mesh,
+                         rules: LogicalRules = DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+  """`(abstract state, shardings)`: the train state's shapes and dtypes for `params` (arrays or abstract
+  `nnx.eval_shape` variables), with every leaf's sharding, allocating nothing: the target a checkpoint is restored
+  into, and what `init_train_state` creates."""
+  abstract_params = jax.eval_shape(lambda p: p, params)
+  abstract = TrainState(abstract_params, jax.eval_shape(optimizer.init, abstract_params),
+                        jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
+  shardings = state_shardings(abstract, optimizer, mesh, rules)
+  with_shardings = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return with_shardings, shardings
+
+
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int = 0,
                      rules: LogicalRules = DEFAULT_RULES) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """Splits `model` (already on `mesh`, e.g. from `create_model(cfg, seed, mesh)`) into its graph definition and a
-  sharded train state. Returns `(graphdef, state, shardings)`."""
+  sharded train state. Returns `(graphdef, state, shardings)`. Every new array is created by a jitted function
+  straight into its sharding (never `device_put` onto a global sharding, which fails on several processes)."""
   graphdef, params = nnx.split(model)
-  abstract = TrainState(params, jax.eval_shape(optimizer.init, params), jax.ShapeDtypeStruct((), jnp.int32),
-                        jax.eval_shape(lambda: jax.random.key(0)))
-  shardings = state_shardings(abstract, optimizer, mesh, rules)
+  _, shardings = abstract_train_state(params, optimizer, mesh, rules)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-                     jax.device_put(jax.random.key(seed), shardings.rng))
-  return graphdef, state, shardings
+  step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key(seed)),
+                      out_shardings=(shardings.step, shardings.rng))()
+  return graphdef, TrainState(params, opt_state, step, rng), shardings

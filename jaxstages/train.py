@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax._src import distributed as _jax_distributed  # the preemption service's state: no public accessor
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -43,14 +45,14 @@ from jaxstages.flops import train_flops_per_token
 from jaxstages.metrics import MetricsWriter, progress, write_atomic
 from jaxstages.model import create_model, param_count
 from jaxstages.model.config import check_positions, stage_model_config
-from jaxstages.model.io import load_model
+from jaxstages.model.io import load_model, model_config_of
 from jaxstages.optim import OptimConfig, make_optimizer
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, check_batch_divisible,
                                 data_parallel_size, global_batch_from_process_local, initialize_distributed,
-                                make_mesh, use_mesh)
+                                make_mesh, sync_processes, use_mesh)
 from jaxstages.stages import (LOSSES, OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step,
                               stage_model, updates_per_step)
-from jaxstages.state import TrainState, init_train_state, state_shardings
+from jaxstages.state import TrainState, abstract_train_state, init_train_state, state_shardings
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
@@ -228,7 +230,7 @@ class Preempted(Exception):
   The command line exits with `PREEMPTED_EXIT_CODE`."""
 
   def __init__(self, stage: str, signum: int | None, step: int):
-    received = signal.Signals(signum).name if signum else "a preemption signal (on another process)"
+    received = signal.Signals(signum).name if signum else "a preemption notice (SIGTERM to one of the processes)"
     super().__init__(f"stage {stage!r}: {received} received; checkpoint saved at step {step}; run the same "
                      "command again to resume")
     self.step = step
@@ -240,14 +242,24 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: try again
 @contextlib.contextmanager
 def preemption_signals():
   """While inside, SIGTERM and SIGINT only set the returned flag (`flag["signal"]`), for the loop to act on at the
-  next step boundary. Outside the main thread (where handlers cannot be set) the flag never fires."""
-  flag = {"signal": None}
+  next step boundary (`preempt_requested`). Outside the main thread (where handlers cannot be set) the flag never
+  fires.
+
+  On several processes with JAX's preemption service (`jax.distributed` starts it), SIGTERM is left to the
+  service's own handler, which tells every process; SIGINT is passed on to it as a SIGTERM to this process."""
+  flag = {"signal": None, "step": 0}
   if threading.current_thread() is not threading.main_thread():
     yield flag
     return
+  service = preemption_service()
+
   def handler(signum, frame):
     flag["signal"] = signum
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    if service:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  signals = (signal.SIGINT,) if service else (signal.SIGTERM, signal.SIGINT)
+  previous = {s: signal.signal(s, handler) for s in signals}
   try:
     yield flag
   finally:
@@ -255,13 +267,25 @@ def preemption_signals():
       signal.signal(s, h)
 
 
+def preemption_service() -> bool:
+  """Whether JAX's multi-host preemption sync service runs (several processes, `jax_enable_preemption_service`)."""
+  return jax.process_count() > 1 and _jax_distributed.global_state.preemption_sync_manager is not None
+
+
 def preempt_requested(flag: dict) -> bool:
-  """Whether any process got a preemption signal: every process must stop at the same step, since saving is a
-  collective (a signal can reach hosts at different steps)."""
-  local = flag["signal"] is not None
+  """Whether to stop for a preemption after step `flag["step"]` (every process at the same step: saving is a
+  collective, and a signal can reach hosts at different steps).
+
+  One process: whether it got SIGTERM / SIGINT. Several: JAX's preemption sync point
+  (`multihost_utils.reached_preemption_sync_point`; a SIGTERM to any process makes every process stop at the same
+  step soon after, with no collective per step). Without that service, the processes agree by an all-gather of
+  their flags, only at steps where `flag["check"]` is set (the loop sets it at its log steps)."""
   if jax.process_count() == 1:
-    return local
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
+    return flag["signal"] is not None
+  if preemption_service():
+    return multihost_utils.reached_preemption_sync_point(flag["step"])
+  return flag.get("check", True) and bool(
+      np.asarray(multihost_utils.process_allgather(np.int32(flag["signal"] is not None))).any())
 
 
 class NonFiniteError(RuntimeError):
@@ -318,13 +342,15 @@ def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path, also: Sequenc
   for source in ([stage.init_from] if stage.init_from and not stage.init_from.startswith("hf:") else []) + list(also):
     candidates += [Path(source) / "tokenizer", Path(source).parent / "tokenizer"]
   candidates.append(workdir / "tokenizer")
-  tokenizer = next((load_tokenizer(f) for f in candidates if f and Path(f).exists()), None)
-  if tokenizer is None:
-    if stage.tokenizer:
-      raise FileNotFoundError(f"stage.tokenizer {stage.tokenizer} does not exist")
-    tokenizer = task_tokenizer(data_cfg.task)
-  if jax.process_index() == 0 and not (workdir / "tokenizer").exists():
+  found = next((Path(f) for f in candidates if f and Path(f).exists()), None)
+  saved = (workdir / "tokenizer").exists()
+  sync_processes("jaxstages: tokenizer looked up")  # every process chose before process 0 writes one
+  if found is None and stage.tokenizer:
+    raise FileNotFoundError(f"stage.tokenizer {stage.tokenizer} does not exist")
+  tokenizer = load_tokenizer(found) if found else task_tokenizer(data_cfg.task)  # deterministic on every process
+  if jax.process_index() == 0 and not saved:
     tokenizer.save(workdir / "tokenizer")  # every stage's folder is self-contained
+  sync_processes("jaxstages: tokenizer saved")
   return tokenizer
 
 
@@ -333,6 +359,11 @@ def initial_model(stage: StageConfig, model_cfg, mesh: Mesh, rules: LogicalRules
   if not stage.init_from:
     return create_model(model_cfg, stage.seed, mesh, rules)
   return load_model(stage.init_from, mesh, rules, None if stage.init_from.startswith("hf:") else model_cfg)
+
+
+def initial_model_config(stage: StageConfig, model_cfg):
+  """The shape of `initial_model`'s model: the stage's, or an `hf:` source's own."""
+  return model_config_of(stage.init_from) if (stage.init_from or "").startswith("hf:") else model_cfg
 
 
 def held_out_metrics(eval_fn, params, data_cfg, tokenizer, batches: int, mesh: Mesh, rules,
@@ -404,9 +435,13 @@ def schedule_steps(stage: StageConfig, block: Mapping[str, Any], model_cfg, data
 
 
 def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: str | Path,
-                devices: Sequence[jax.Device] | None = None) -> Stage:
+                devices: Sequence[jax.Device] | None = None, resume: bool = False) -> Stage:
   """Parses a stage's config and builds its mesh, tokenizer (saved in `workdir`), model, optimizer, train state and
-  objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own block, e.g. `grpo`)."""
+  objective (`jaxstages.stages.OBJECTIVES[stage.kind]`, configured by its own block, e.g. `grpo`).
+
+  `resume`: the state is about to be restored from a checkpoint, so `Stage.state` is only its abstract target
+  (shapes, dtypes and shardings, nothing allocated): the fresh state is never made, and the starting params are
+  loaded only if the objective reads them (`StageContext.initial_params`)."""
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
   block = objective_block(stage.kind, config)
   workdir = Path(workdir)
@@ -418,16 +453,31 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
   optim_cfg = OptimConfig.from_config(config.get("optim"))
   if jax.process_index() == 0:
     write_atomic(workdir / "config.json", json.dumps(config, indent=2, default=str))
-
-  model = stage_model(stage.kind, block, initial_model(stage, model_cfg, mesh, rules), mesh, rules)
   optimizer, schedule = make_optimizer(optim_cfg, schedule_steps(stage, block, model_cfg, data_cfg)
                                        * updates_per_step(stage.kind, block))
-  graphdef, state, shardings = init_train_state(model, optimizer, mesh, stage.seed, rules)
-  del model
-  # built before any resume, so `initial_params` are the stage's starting params (a DPO reference)
+
+  def starting_model() -> nnx.Module:
+    return stage_model(stage.kind, block, initial_model(stage, model_cfg, mesh, rules), mesh, rules)
+
+  if resume:
+    abstract_model = nnx.eval_shape(lambda: stage_model(stage.kind, block, create_model(
+        initial_model_config(stage, model_cfg), stage.seed), None, rules))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    state, shardings = abstract_train_state(abstract_params, optimizer, mesh, rules)
+    loaded = {}
+
+    def starting_params() -> nnx.State:
+      if "params" not in loaded:
+        loaded["params"] = nnx.state(starting_model())
+      return loaded["params"]
+  else:
+    graphdef, state, shardings = init_train_state(starting_model(), optimizer, mesh, stage.seed, rules)
+    starting_params = lambda: state.params
   objective = OBJECTIVES[stage.kind](StageContext(
       stage=stage, data=data_cfg, model_cfg=model_cfg, graphdef=graphdef, mesh=mesh, rules=rules,
-      tokenizer=tokenizer, initial_params=state.params), block)
+      tokenizer=tokenizer, params_sharding=shardings.params, starting_params=starting_params), block)
+  if resume:
+    loaded.clear()  # an objective keeps what it needs of the starting params (its own copy)
   if data_cfg.kind not in objective.data_kinds:
     raise ConfigError(f"stage kind {stage.kind!r} trains on data kinds {list(objective.data_kinds)}, but the data "
                       f"block has kind {data_cfg.kind!r}")
@@ -450,16 +500,19 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   attempt that was killed is kept up to its last record, and the summary's `wall_s` is the sum over attempts."""
   attempt_start = time.perf_counter()
   initialize_distributed()
-  built = build_stage(config, workdir, devices)
   workdir = Path(workdir)
+  stage = StageConfig.from_config(to_dict(config).get("stage"))
+  checkpointer = Checkpointer(workdir / "checkpoints", stage.checkpoint_every, stage.keep_checkpoints,
+                              stage.async_checkpoints)
+  resume = checkpointer.latest_step() is not None
+  # resuming, the state is built abstract and restored into: the fresh one is never made
+  built = build_stage(config, workdir, devices, resume=resume)
   stage, mesh, rules, data_cfg, tokenizer, model_cfg = (built.stage, built.mesh, built.rules, built.data,
                                                         built.tokenizer, built.model_cfg)
   graphdef, state, shardings, objective = built.graphdef, built.state, built.shardings, built.objective
-  checkpointer = Checkpointer(workdir / "checkpoints", stage.checkpoint_every, stage.keep_checkpoints,
-                              stage.async_checkpoints)
   data_iter = make_pipeline(data_cfg, tokenizer)
   resumed_from = None
-  if checkpointer.latest_step() is not None:
+  if resume:
     state, data_state = checkpointer.restore(state, shardings)  # the latest good step (broken ones set aside)
     resumed_from = int(state.step)
     objective_state = data_state.pop("objective", None)
@@ -550,11 +603,12 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
         metrics = {**metrics, **objective.host_metrics()}
       pending.append(metrics)
       done = step + 1
+      preemption.update(step=done, check=done % stage.log_every == 0)
       preempted = preempt_requested(preemption)
       last = done == end or budget_spent(done) or preempted
       if done % stage.log_every == 0 or last:
         check_finite()
-        fetched = jax.device_get(pending)  # one host sync every log_every steps (and, multi-process, the signal check)
+        fetched = jax.device_get(pending)  # one host sync every log_every steps (replicated metrics: no gather)
         now = time.perf_counter()
         seconds = (now - last_time) / (done - last_step)
         row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
@@ -610,6 +664,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
                  processes=max(a["processes"] for a in every))
   if jax.process_index() == 0:
     write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+  sync_processes("jaxstages: stage summary written")  # a caller on any process may read it (the schedule)
   return summary
 
 

@@ -1,8 +1,9 @@
 """One of two processes of `test_multiprocess.py`'s lost-host test: cross-process collectives in a loop, forever.
 
-It runs both kinds the training loop runs each step: a jitted reduction over a global array sharded across the two
-processes, and a `process_allgather` of a host value (as `preempt_requested` does). Once a step has completed it
-prints `RUNNING`, so the test knows both processes are inside the loop before it kills one.
+It runs both kinds of collective the training loop runs: a jitted reduction over a global array sharded across the
+two processes, and a `process_allgather` of a host value (as `preempt_requested` does without JAX's preemption
+service). Once a step has completed it prints `RUNNING`, so the test knows both processes are inside the loop before
+it kills one.
 """
 
 import os

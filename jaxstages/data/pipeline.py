@@ -36,10 +36,14 @@ interpolated. The pipeline knows the step because it is deterministic: row `r` o
 weights of step `k` (shift with `step_offset` when a pipeline starts at a later training step; with gradient
 accumulation the schedule is in batches, not optimizer steps).
 
-**Multi-host.** Each JAX process reads a disjoint slice of every index stream (`[process_index::process_count]` of
-the globally shuffled order) and yields its own `batch_size / process_count` rows; assemble the global batch with
-`jaxstages.sharding.global_batch_from_process_local`. Finite rl/eval/preference streams are padded with `valid=0`
-examples to a whole number of global batches, so every process yields the same number of batches. A finite *packed*
+**Multi-host.** The data is split into `streams` shards (default: one per process), each a disjoint slice of every
+index stream (`[stream::streams]` of the globally shuffled order) with its own mixer and packer, yielding
+`batch_size / streams` rows per batch; each JAX process reads its own streams and yields their rows,
+`batch_size / process_count` of them; assemble the global batch with
+`jaxstages.sharding.global_batch_from_process_local`. With `streams` fixed, the global batch does not depend on how
+many processes read it (2 processes of 1 stream each give what 1 process of 2 streams gives). Finite
+rl/eval/preference streams are padded with `valid=0` examples to a whole number of global batches, so every process
+yields the same number of batches. A finite *packed*
 stream ends when its process's documents run out, which can differ by a batch between processes: train on endless
 packed streams (the default) when running on several processes.
 
@@ -145,6 +149,10 @@ class DataConfig:
   eval_ops: tuple = (2, 3, 4, 5, 6)  # eval: the grid's ops
   eval_contexts: tuple = ()  # eval: the grid's contexts; default every context of the task mixture
   eval_per_cell: int = 32  # eval: problems per (op, context) cell
+  # independent shards of the data (each a slice of every index stream, with its own mixer and packer), process
+  # `p` of `P` reading shards `p * S / P` .. `(p + 1) * S / P - 1`; None: one per process. A fixed number (a
+  # multiple of every process count used) gives the same batches on any number of processes
+  streams: int | None = None
   read_threads: int = 0  # grain read threads; generation is GIL-bound Python, so threads rarely help
   prefetch: int = 0  # batches a background thread prepares ahead (overlaps with device compute)
 
@@ -164,7 +172,7 @@ class DataConfig:
     for key in ("seq_len", "batch_size", "prompt_len", "eval_per_cell"):
       if getattr(self, key) <= 0:
         raise ConfigError(f"data {key}={getattr(self, key)} must be positive")
-    for key in ("num_examples", "epochs", "pack_bins"):
+    for key in ("num_examples", "epochs", "pack_bins", "streams"):
       if getattr(self, key) is not None and getattr(self, key) <= 0:
         raise ConfigError(f"data {key}={getattr(self, key)} must be positive or None")
     mix = tuple(float(x) for x in self.think_mix)
@@ -558,23 +566,58 @@ def _default_process(process_index: int | None, process_count: int | None) -> tu
 
 def make_dataset(data_cfg: DataConfig | Mapping | ml_collections.ConfigDict | str, tokenizer: Tokenizer,
                  process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
-  """The pipeline as a grain `IterDataset` of this process's batches (`make_pipeline` iterates it)."""
+  """The pipeline as a grain `IterDataset` of this process's batches (`make_pipeline` iterates it): the rows of its
+  streams (`DataConfig.streams`), stream by stream."""
   cfg = data_config(data_cfg)
   process_index, process_count = _default_process(process_index, process_count)
-  if cfg.batch_size % process_count:
-    raise ConfigError(f"data batch_size {cfg.batch_size} is not divisible by the {process_count} processes")
-  local_batch = cfg.batch_size // process_count
-  if cfg.kind == "eval":
-    ds = _eval_dataset(cfg, tokenizer, process_index, process_count)
-  else:
-    parents = [_source_dataset(cfg, s, tokenizer, process_index, process_count, local_batch)
-               for s in cfg.source_configs]
-    ds = MixIterDataset(parents, cfg.mixture, local_batch, cfg.step_offset, seed=(cfg.seed, process_index, 0x6D6978))
-  # Finite rl/eval/preference streams are padded to whole batches; a finite packed stream drops its last partial batch
-  ds = ds.batch(local_batch, drop_remainder=True)
+  streams = cfg.streams or process_count
+  if streams % process_count:
+    raise ConfigError(f"data.streams={streams} does not split over {process_count} processes; use a multiple of "
+                      f"{process_count}")
+  if cfg.batch_size % streams:
+    raise ConfigError(f"data batch_size {cfg.batch_size} is not divisible by the {streams} data streams "
+                      f"({'data.streams' if cfg.streams else 'one per process'})")
+  per_process, stream_batch = streams // process_count, cfg.batch_size // streams
+  parts = [_stream_dataset(cfg, tokenizer, s, streams, stream_batch)
+           for s in range(process_index * per_process, (process_index + 1) * per_process)]
+  ds = parts[0] if len(parts) == 1 else ConcatRowsIterDataset(parts)
   if cfg.prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
   return ds
+
+
+def _stream_dataset(cfg: DataConfig, tokenizer: Tokenizer, stream: int, streams: int,
+                    stream_batch: int) -> grain.IterDataset:
+  """Stream `stream` of `streams`: batches of `stream_batch` rows."""
+  if cfg.kind == "eval":
+    ds = _eval_dataset(cfg, tokenizer, stream, streams)
+  else:
+    parents = [_source_dataset(cfg, s, tokenizer, stream, streams, stream_batch) for s in cfg.source_configs]
+    ds = MixIterDataset(parents, cfg.mixture, stream_batch, cfg.step_offset, seed=(cfg.seed, stream, 0x6D6978))
+  # Finite rl/eval/preference streams are padded to whole batches; a finite packed stream drops its last partial batch
+  return ds.batch(stream_batch, drop_remainder=True)
+
+
+class _ConcatRowsIterator(grain.DatasetIterator):
+
+  def __next__(self) -> dict:
+    parts = [next(p) for p in self._parents]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {"streams": [p.get_state() for p in self._parents]}
+
+  def set_state(self, state: dict) -> None:
+    for parent, s in zip(self._parents, state["streams"], strict=True):
+      parent.set_state(s)
+
+
+class ConcatRowsIterDataset(grain.IterDataset):
+  """Batches of several parents side by side: each element is the parents' next batches concatenated along rows
+  (a process's data streams). Ends when any parent ends."""
+
+  def __iter__(self) -> _ConcatRowsIterator:
+    return _ConcatRowsIterator([p.__iter__() for p in self._parents])
 
 
 def make_pipeline(data_cfg: DataConfig | Mapping | ml_collections.ConfigDict | str, tokenizer: Tokenizer,
@@ -653,6 +696,6 @@ def show(data_cfg: DataConfig | Mapping | ml_collections.ConfigDict | str, token
   return "\n".join(out)
 
 
-__all__ = ["CONTEXTS", "DataConfig", "MixIterDataset", "MixtureSchedule", "SourceConfig", "data_config",
-           "eval_cells", "format_example", "lm_document", "make_dataset", "make_pipeline", "pack_documents",
+__all__ = ["CONTEXTS", "ConcatRowsIterDataset", "DataConfig", "MixIterDataset", "MixtureSchedule", "SourceConfig",
+           "data_config", "eval_cells", "format_example", "lm_document", "make_dataset", "make_pipeline", "pack_documents",
            "preference_example", "rl_example", "sft_document", "show"]

@@ -25,7 +25,7 @@ from jaxstages.losses import (check_same_vocab, forward_kl, generalized_jsd, rev
                               truncated_forward_kl)
 from jaxstages.model.io import load_model
 from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, unpad_prompts
-from jaxstages.sharding import gather_to_host, shard_batch
+from jaxstages.sharding import global_batch_from_process_local, local_rows
 from jaxstages.stages.lm import lm_loss
 from jaxstages.stages.objective import Objective
 
@@ -160,15 +160,15 @@ def distill_objective(ctx, block) -> Objective:
   def generate(state, batch, step: int) -> dict:
     """Rows of prompt + completion, sampled by the student (probability λ, from the step's seed) or the teacher."""
     on_policy = np.random.default_rng([cfg.seed, step, 0x6B64]).random() < cfg.on_policy_fraction
-    host = gather_to_host({k: batch[k] for k in ("prompt_tokens", "prompt_mask")})
+    host = {k: local_rows(batch[k]) for k in ("prompt_tokens", "prompt_mask")}  # this process's prompts
     prompts = unpad_prompts(host["prompt_tokens"], host["prompt_mask"])
     model = nnx.merge(ctx.graphdef, state.params) if on_policy else teacher
     samples = sample(model, prompts, sampling, int(np.random.default_rng([cfg.seed, step]).integers(2**31)),
-                     ctx.mesh, ctx.rules)
+                     ctx.mesh, ctx.rules).local()
     rows = completion_rows(prompts, samples, 1, tok.pad_id, width=host["prompt_tokens"].shape[1])
     rows["loss_mask"] = rows.pop("completion_mask")
     rows["on_policy"] = np.full((len(prompts),), float(on_policy), np.float32)
-    return shard_batch(rows, ctx.mesh, ctx.rules)
+    return global_batch_from_process_local(rows, ctx.mesh, ctx.rules)
 
   def prepare(state, batch, step: int, next_batch=None):
     if cfg.samples:

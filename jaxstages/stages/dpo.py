@@ -64,7 +64,7 @@ from jaxstages.losses import token_log_probs
 from jaxstages.model.io import load_model
 from jaxstages.rewards import verify
 from jaxstages.sampling import SamplingConfig, sample, stop_ids, unpad_prompts
-from jaxstages.sharding import gather_to_host, shard_batch
+from jaxstages.sharding import global_batch_from_process_local, local_rows
 from jaxstages.stages.objective import Objective
 
 KINDS = ("sigmoid", "robust", "ipo", "hinge", "simpo")
@@ -249,14 +249,14 @@ def sampled_pairs(model: nnx.Module, batch, cfg: DPOConfig, data_cfg, tokenizer,
   """The batch with each pair's sides replaced, where the samples allow, by `cfg.pair_samples` completions of its
   prompt from `model`, scored by the task verifier: chosen = the first strictly correct one, rejected = the first
   wrong one. Adds `sampled_chosen` / `sampled_rejected` `[batch]` (1 where that side is a sample). Host-side
-  (the verifier parses text); the global batch is gathered on every process and re-sharded."""
-  host = gather_to_host(batch)
+  (the verifier parses text): each process samples, verifies and rewrites its own rows of the global batch."""
+  host = {k: local_rows(v) for k, v in batch.items()}
   prompts = unpad_prompts(host["prompt_tokens"], host["prompt_mask"])
   stops = stop_ids(tokenizer)
   g = cfg.pair_samples
   out = sample(model, prompts, SamplingConfig(max_new_tokens=cfg.pair_max_new_tokens, temperature=cfg.pair_temperature,
                                               n=g, stop_tokens=stops, pad_id=tokenizer.pad_id), seed, mesh, rules)
-  completions = out.completions()
+  completions = out.completions()  # this process's rows
   seq_len = host["chosen_tokens"].shape[1]
   flags = {"sampled_chosen": np.zeros(len(prompts), np.float32), "sampled_rejected": np.zeros(len(prompts), np.float32)}
   for i, prompt in enumerate(prompts):
@@ -278,7 +278,7 @@ def sampled_pairs(model: nnx.Module, batch, cfg: DPOConfig, data_cfg, tokenizer,
       mask[len(prompt):len(row)] = 1
       host[f"{side}_tokens"][i], host[f"{side}_segment_ids"][i], host[f"{side}_mask"][i] = tokens, segments, mask
       flags[f"sampled_{side}"][i] = 1.0
-  return shard_batch({**host, **flags}, mesh, rules)
+  return global_batch_from_process_local({**host, **flags}, mesh, rules)
 
 
 def dpo_objective(ctx, block) -> Objective:

@@ -17,8 +17,12 @@ LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax
 @dataclasses.dataclass(frozen=True)
 class StageContext:
   """What an objective may build on: the stage, its data config, the model's shape and graph, the mesh, the
-  tokenizer, and the params the stage starts from (before any resume; copy them if they must outlive the first,
-  donating, step)."""
+  tokenizer, where the trained params live (`params_sharding`), and the params the stage starts from
+  (`initial_params`: before any resume; copy them if they must outlive the first, donating, step).
+
+  `initial_params` is read on demand: a resumed stage restores its train state from a checkpoint and loads the
+  starting params (from `stage.init_from`, or a fresh initialisation) only for an objective that reads them (a
+  reference or drift model); other objectives never have them in memory next to the restored state."""
 
   stage: Any  # jaxstages.train.StageConfig (the loop's config, a layer above: only read here)
   data: Any  # jaxstages.data.pipeline.DataConfig
@@ -27,7 +31,12 @@ class StageContext:
   mesh: Mesh
   rules: tuple
   tokenizer: Any
-  initial_params: nnx.State
+  params_sharding: Any  # a tree like the params, of NamedShardings
+  starting_params: Callable[[], nnx.State]  # loads (or returns) the stage's starting params; see `initial_params`
+
+  @property
+  def initial_params(self) -> nnx.State:
+    return self.starting_params()
 
 
 @dataclasses.dataclass(frozen=True)

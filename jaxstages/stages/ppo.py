@@ -59,13 +59,14 @@ def actor_critic(policy: nnx.Module, cfg, mesh, rules) -> ActorCritic:
   trunk = None
   if cfg.critic == "separate":
     graphdef, state = nnx.split(policy)
-    trunk = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-  model = ActorCritic(policy, trunk, ValueHead(policy.cfg.hidden_size, dtype))
-  if mesh is not None:
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, param_shardings(state, mesh, rules))
-    model = nnx.merge(graphdef, state)
-  return model
+    trunk = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))  # a copy keeps each parameter's sharding
+  make_head = lambda: ValueHead(policy.cfg.hidden_size, dtype)
+  if mesh is None:
+    return ActorCritic(policy, trunk, make_head())
+  # the new head is created by jit straight into its sharding (on several processes a host array cannot be placed)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_head))
+  head = jax.jit(lambda: nnx.state(make_head()), out_shardings=param_shardings(abstract, mesh, rules))()
+  return ActorCritic(policy, trunk, nnx.merge(graphdef, head))
 
 
 def values_fn(width: int):

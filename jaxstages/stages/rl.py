@@ -23,6 +23,13 @@ Per step, on the host side of the shared train loop (`Objective.prepare`), top t
    loop) runs `epochs x minibatches` clipped-surrogate updates over the rollout, with the loss of `grpo.py` /
    `ppo.py`.
 
+On several processes, steps 2-3 are each process's own: it samples, decodes and verifies its rows of the global
+batch of prompts and contributes them (rewards included) as global arrays
+(`jax.make_array_from_process_local_data`); what every process must agree on (which groups are informative, the
+longest sample for the FLOPs) is read from small replicated arrays, and steps 4-6 run on the global arrays (one
+jitted post-processing), so no completion crosses to another host. A row's sampling key is its global row index:
+one process and several draw the same samples.
+
 Everything random is keyed by (seed, step, round), so a resumed run repeats the same rollouts; the adaptive KL
 coefficient and the FLOPs spent so far (measured: sampling as executed) are saved with every checkpoint.
 """
@@ -30,6 +37,7 @@ coefficient and the FLOPs spent so far (measured: sampling as executed) are save
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 
@@ -37,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxstages.apply import make_apply
 from jaxstages.config import ConfigError, check_keys, from_config
@@ -47,8 +56,9 @@ from jaxstages.losses import KL_ESTIMATORS, token_log_probs
 from jaxstages.model.config import check_positions
 from jaxstages.model.io import load_model
 from jaxstages.rewards import Verdict, format_ok, mixed_reward, verify
-from jaxstages.sampling import Samples, SamplingConfig, completion_rows, sample, stop_ids, strip_stop, unpad_prompts
-from jaxstages.sharding import gather_to_host, shard_batch
+from jaxstages.sampling import SamplingConfig, completion_rows, sample, stop_ids, strip_stop, unpad_prompts
+from jaxstages.sharding import (batch_sharding, global_batch_from_process_local, local_rows, replicate_to_host,
+                                shard_batch)
 from jaxstages.stages.grpo import (ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, Clip, PolicyLossConfig, completion_logits,
                                    grpo_loss_fn)
 from jaxstages.stages.objective import Objective
@@ -225,33 +235,33 @@ class AdaptiveKL:
 # -- groups ----------------------------------------------------------------------------------------------------------
 
 
-def informative_groups(rollout: Mapping[str, np.ndarray], g: int) -> np.ndarray:
-  """`[groups]` bool: valid groups whose rewards are not all equal (the others carry no GRPO advantage)."""
-  rewards = rollout["reward"].reshape(-1, g)
-  return (rollout["valid"].reshape(-1, g)[:, 0] > 0) & (np.ptp(rewards, axis=1) > 0)
+@functools.partial(jax.jit, static_argnames="g")
+def group_flags(reward: jax.Array, valid: jax.Array, g: int) -> tuple[jax.Array, jax.Array]:
+  """`([groups] valid, [groups] informative)` of a round's `[rows]` rewards and valid flags: informative groups are
+  valid ones whose rewards are not all equal (the others carry no GRPO advantage). Small: read on every process
+  (`sharding.replicate_to_host`) to choose the groups alike."""
+  rewards = reward.reshape(-1, g)
+  ok = valid.reshape(-1, g)[:, 0] > 0
+  return ok, ok & (jnp.max(rewards, axis=1) - jnp.min(rewards, axis=1) > 0)
 
 
-def select_groups(rounds: list[dict], b: int, g: int, dynamic: bool) -> tuple[dict, dict]:
-  """The B groups of G rows an update trains on, from one or more sampling rounds (host dicts of `[rows, ...]`
-  arrays and a `prompts` list). Plain: the first round as it is. Dynamic sampling (DAPO): informative groups in
-  the order sampled, then, if there are fewer than B, dropped groups with `valid` set to 0 (they fill the batch's
-  static shape and train nothing). Returns (rows, counts for the metrics)."""
-  groups = [(ri, gi) for ri, r in enumerate(rounds) for gi in range(len(r["reward"]) // g)]
-  useful = {(ri, gi) for ri, r in enumerate(rounds) for gi in np.flatnonzero(informative_groups(r, g))}
+def select_groups(flags: list[tuple[np.ndarray, np.ndarray]], b: int, dynamic: bool
+                  ) -> tuple[list[tuple[int, int]], int, dict]:
+  """The B groups an update trains on, from one or more sampling rounds, given each round's `(valid, informative)`
+  group flags (`group_flags`). Plain: the first round as it is. Dynamic sampling (DAPO): informative groups in the
+  order sampled, then, if there are fewer than B, dropped groups (the caller sets their `valid` to 0: they fill the
+  batch's static shape and train nothing). Returns `(chosen (round, group) pairs, groups kept, counts for the
+  metrics)`; the same on every process (the flags are)."""
+  groups = [(ri, gi) for ri, (ok, _) in enumerate(flags) for gi in range(len(ok))]
+  useful = {(ri, gi) for ri, (_, informative) in enumerate(flags) for gi in np.flatnonzero(informative)}
   kept = [x for x in groups if x in useful] if dynamic else groups
   kept_set = set(kept)
   chosen = kept[:b] + [x for x in groups if x not in kept_set][:max(0, b - len(kept))]
-  out = {}
-  for key in rounds[0]:
-    parts = [rounds[ri][key][gi * g:(gi + 1) * g] for ri, gi in chosen]
-    out[key] = sum(parts, []) if key == "prompts" else np.concatenate(parts)
-  out["valid"] = out["valid"] * np.repeat((np.arange(b) < len(kept)).astype(np.float32), g)
-  first = rounds[0]
-  first_valid = first["valid"].reshape(-1, g)[:, 0] > 0
-  zero_variance = float(np.mean(~informative_groups(first, g)[first_valid])) if first_valid.any() else 0.0
-  return out, {"zero_variance_groups": zero_variance,
-               "groups_dropped": float(len(groups) - len(kept)) if dynamic else 0.0,
-               "groups_filled": float(max(0, b - len(kept))), "sampling_rounds": float(len(rounds))}
+  first_valid, first_informative = flags[0]
+  zero_variance = float(np.mean(~first_informative[first_valid])) if first_valid.any() else 0.0
+  return chosen, min(len(kept), b), {
+      "zero_variance_groups": zero_variance, "groups_dropped": float(len(groups) - len(kept)) if dynamic else 0.0,
+      "groups_filled": float(max(0, b - len(kept))), "sampling_rounds": float(len(flags))}
 
 
 # -- the objective ---------------------------------------------------------------------------------------------------
@@ -293,6 +303,9 @@ def policy_logprobs_fn(width: int, temperature: float) -> Callable:
   return fn
 
 
+ROW_KEYS = ("tokens", "positions", "segment_ids", "targets")  # a rollout's rows of prompt + completion
+
+
 @jax.jit
 def _round_params(params, like):
   return jax.tree.map(lambda x: x.astype(like.dtype).astype(x.dtype), params)
@@ -310,7 +323,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
   stops = stop_ids(tok, chat=d.prompt == "chat")
   scfg = SamplingConfig(max_new_tokens=n_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=g,
                         stop_tokens=stops, pad_id=tok.pad_id, prompt_buckets=(width,))
-  params_sharding = jax.tree.map(lambda x: x.sharding, ctx.initial_params)
+  params_sharding = ctx.params_sharding
   logprobs = make_apply(ctx.graphdef, policy_logprobs_fn(n_new, cfg.temperature), ctx.mesh, params_sharding,
                         ctx.rules, out_batch_sharded=True)
   critic_values = (make_apply(ctx.graphdef, values_fn(n_new), ctx.mesh, params_sharding, ctx.rules,
@@ -345,11 +358,11 @@ def rl_objective(ctx, block: Mapping, kind: str):
     return out
 
   def roll_out(params, batch, seed: int) -> dict:
-    """One round: G samples of each prompt of `batch`, verified. Host arrays, `[B * G, ...]` per row."""
-    host = gather_to_host({k: batch[k] for k in ("prompt_tokens", "prompt_mask", "source", "index", "valid")})
+    """One round: G samples of each of this process's prompts of `batch` (its rows of the global batch), decoded and
+    verified here; returned as global `[B * G, ...]` arrays to which every process contributed its own rows."""
+    host = {k: local_rows(batch[k]) for k in ("prompt_tokens", "prompt_mask", "source", "index", "valid")}
     prompts = unpad_prompts(host["prompt_tokens"], host["prompt_mask"])
-    samples = sample(policy_of(nnx.merge(ctx.graphdef, params)), prompts, scfg, seed, ctx.mesh, ctx.rules)
-    out = {k: np.asarray(v) for k, v in dataclasses.asdict(samples).items()}
+    samples = sample(policy_of(nnx.merge(ctx.graphdef, params)), prompts, scfg, seed, ctx.mesh, ctx.rules).local()
     problems = problems_of(host)
     rewards, strict, outcome, truncated = [], [], [], []
     for r, tokens in enumerate(samples.completions()):
@@ -360,10 +373,84 @@ def rl_objective(ctx, block: Mapping, kind: str):
       rewards.append(completion_reward(verdict, text, len(tokens), truncated[-1], cfg))
       strict.append(verdict.strict_correct)
       outcome.append(verdict.outcome_correct)
-    out.update(prompts=[prompts[r // g] for r in range(len(prompts) * g)], reward=np.asarray(rewards, np.float32),
-               strict=np.asarray(strict, np.float32), outcome=np.asarray(outcome, np.float32),
-               truncated=np.asarray(truncated, np.float32),
-               valid=np.repeat(host["valid"].astype(np.float32), g))
+    # rows of prompt + completion for the teacher-forced passes; [rows, T] arrays over the completion
+    rows = completion_rows(prompts, samples, g, tok.pad_id, width=width)
+    local = {**{k: rows[k] for k in ROW_KEYS}, "logprobs": samples.logprobs, "sample_mask": samples.mask,
+             "forced": samples.forced, "lengths": samples.lengths, "reward": np.asarray(rewards, np.float32),
+             "strict": np.asarray(strict, np.float32), "outcome": np.asarray(outcome, np.float32),
+             "truncated": np.asarray(truncated, np.float32), "valid": np.repeat(host["valid"].astype(np.float32), g)}
+    return global_batch_from_process_local(local, ctx.mesh, ctx.rules)
+
+  batch_out_keys = ["mask", "old_logprobs", "advantages"] + (["sampler_logprobs"] if cfg.tis != "none" else [])
+  batch_out_keys += ["ref_logprobs"] if reference is not None and cfg.kl_placement == "loss" else []
+  batch_out_keys += ["returns", "old_values"] if kind == "ppo" else []
+
+  def postprocess(ro, old_lp, ref_lp, values, kl_coef):
+    """One jitted pass over the chosen rollout (global arrays): the trained-token mask, old / reference log-probs,
+    KL, advantages (and PPO's values and returns), and the step's rollout metrics, reduced over every row."""
+    valid = ro["valid"] > 0
+    n_valid = jnp.maximum(jnp.sum(valid), 1)
+    pick = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n_valid  # mean over the valid rows
+    mask = ro["sample_mask"] * (1.0 - ro["forced"]) * ro["valid"][:, None]
+    if cfg.mask_truncated:
+      mask = mask * (1.0 - ro["truncated"])[:, None]
+    sampler_lp = ro["logprobs"]
+    metrics = {}
+    if old_lp is not None:
+      old = old_lp * ro["sample_mask"]
+      metrics["mismatch_abs_logprob"] = jnp.sum(jnp.abs(old - sampler_lp) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    else:
+      old = sampler_lp
+    rewards = ro["reward"]
+    out = {"mask": mask, "old_logprobs": old.astype(jnp.float32), "sampler_logprobs": sampler_lp.astype(jnp.float32)}
+    token_rewards = jnp.zeros_like(mask)
+    if ref_lp is not None:
+      ref = ref_lp * ro["sample_mask"]
+      kl_tokens = KL_ESTIMATORS[cfg.kl_estimator](old, ref) * mask
+      kl_seq = kl_tokens.sum(-1)
+      metrics["kl_ref_sequence"] = pick(kl_seq)
+      if cfg.kl_placement == "loss":
+        out["ref_logprobs"] = ref.astype(jnp.float32)
+      else:
+        token_rewards = token_rewards - kl_coef * kl_tokens
+        rewards = rewards - kl_coef * kl_seq
+    if kind == "ppo":
+      values = values * mask
+      adv, returns = ppo_postprocess(ro["reward"], token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam,
+                                     whiten_advantages=cfg.whiten_advantages)
+      out.update(advantages=adv, returns=returns, old_values=values)
+      metrics["value_mean"] = jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    else:
+      adv = ADVANTAGES[cfg.advantage](rewards.reshape(b, g), ro["valid"][::g], cfg.scale_std)
+      out["advantages"] = jnp.repeat(adv.reshape(-1, 1), n_new, axis=1) * mask
+    reward_mean = pick(ro["reward"])
+    metrics.update(reward_mean=reward_mean, reward_std=jnp.sqrt(pick((ro["reward"] - reward_mean) ** 2)),
+                   pass_rate=pick(ro["strict"]), outcome_rate=pick(ro["outcome"]),
+                   hack_rate=pick(ro["outcome"] * (1 - ro["strict"])),
+                   response_length=pick(ro["lengths"].astype(jnp.float32)), truncated_fraction=pick(ro["truncated"]))
+    batch_sharded = lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(ctx.mesh, ctx.rules, x.ndim))
+    replicated = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, PartitionSpec()))
+    return ({k: batch_sharded(out[k].astype(jnp.float32)) for k in batch_out_keys},
+            {k: replicated(jnp.asarray(v, jnp.float32)) for k, v in metrics.items()})
+
+  postprocess = jax.jit(postprocess)
+
+  def take_rows(rounds: list[dict], chosen: list[tuple[int, int]], kept: int) -> dict:
+    """The chosen groups' rows of every round, as one batch sharded like the rounds; groups past the first `kept`
+    fill the shape with `valid` 0. On device: each process ends up with its own rows, wherever they were sampled."""
+    idx = np.concatenate([ri * rows_per_step + gi * g + np.arange(g) for ri, gi in chosen]).astype(np.int32)
+    keep = np.repeat((np.arange(b) < kept).astype(np.float32), g)
+    fixed = shard_batch({"idx": idx, "keep": keep}, ctx.mesh, ctx.rules)
+    return gather_rows(rounds, fixed["idx"], fixed["keep"])
+
+  @jax.jit
+  def gather_rows(rounds: list[dict], idx: jax.Array, keep: jax.Array) -> dict:
+    """Rows `idx` of the rounds' rows laid end to end, `valid` times `keep`, batch-sharded."""
+    out = {}
+    for k in rounds[0]:
+      x = jnp.concatenate([r[k] for r in rounds])[idx]
+      out[k] = jax.lax.with_sharding_constraint(x, batch_sharding(ctx.mesh, ctx.rules, x.ndim))
+    out["valid"] = out["valid"] * keep
     return out
 
   def prepare(state, batch, step: int, next_batch: Callable[[], dict]) -> dict:
@@ -374,80 +461,48 @@ def rl_objective(ctx, block: Mapping, kind: str):
     params = state.params
     if cfg.rollout_dtype:
       params = _round_params(params, jnp.zeros((), cfg.rollout_dtype))
-    rounds = []
+    rounds, flags, longest = [], [], []
     while True:
       seed = int(np.random.default_rng([cfg.seed, step, len(rounds), 0x524C]).integers(2**31))
       rounds.append(roll_out(params, batch, seed))
+      ok, informative, most = replicate_to_host((*group_flags(rounds[-1]["reward"], rounds[-1]["valid"], g),
+                                                 jnp.max(rounds[-1]["lengths"])), ctx.mesh)
+      flags.append((ok, informative))
+      longest.append(int(most))
       if not cfg.dynamic_sampling or len(rounds) >= cfg.max_sampling_rounds:
         break
-      if sum(int(informative_groups(r, g).sum()) for r in rounds) >= b:
+      if sum(int(f.sum()) for _, f in flags) >= b:
         break
       batch = next_batch()
-    ro, group_counts = select_groups(rounds, b, g, cfg.dynamic_sampling)
+    chosen, kept, group_counts = select_groups(flags, b, cfg.dynamic_sampling)
+    ro = rounds[0] if not cfg.dynamic_sampling else take_rows(rounds, chosen, kept)
     t_sample = time.perf_counter() - t0
 
-    # rows of prompt + completion for teacher-forced passes; [rows, T] arrays over the completion
-    chosen = Samples(**{f.name: ro[f.name] for f in dataclasses.fields(Samples)})
-    rows = completion_rows(ro["prompts"], chosen, 1, tok.pad_id, width=width)
-    mask = ro["mask"] * (1.0 - ro["forced"]) * ro["valid"][:, None]
-    if cfg.mask_truncated:
-      mask = mask * (1.0 - ro["truncated"])[:, None]
-    device_rows = shard_batch({k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")},
-                              ctx.mesh, ctx.rules)
     t1 = time.perf_counter()
-    host = {}
-    sampler_lp = ro["logprobs"]
-    if cfg.recompute_old_logprobs:
-      old = np.asarray(jax.device_get(logprobs(state.params, device_rows))) * ro["mask"]
-      host["mismatch_abs_logprob"] = float(np.sum(np.abs(old - sampler_lp) * mask) / max(mask.sum(), 1.0))
-    else:
-      old = sampler_lp
-    rewards = ro["reward"].copy()
-    batch_out = dict(device_rows)
-    extra = {"mask": mask, "old_logprobs": old.astype(np.float32)}
-    if cfg.tis != "none":
-      extra["sampler_logprobs"] = sampler_lp.astype(np.float32)
-    token_rewards = np.zeros_like(mask)
+    device_rows = {k: ro[k] for k in ROW_KEYS}
+    old_lp = logprobs(state.params, device_rows) if cfg.recompute_old_logprobs else None
+    ref_lp = None
     if reference is not None:
       ref_fn, ref_params = reference
-      ref_lp = np.asarray(jax.device_get(ref_fn(ref_params, device_rows))) * ro["mask"]
+      ref_lp = ref_fn(ref_params, device_rows)
       counters["reference_forwards"] += 1
-      kl_tokens = np.asarray(KL_ESTIMATORS[cfg.kl_estimator](jnp.asarray(old), jnp.asarray(ref_lp))) * mask
-      kl_seq = kl_tokens.sum(-1)
-      host["kl_ref_sequence"] = float(kl_seq[ro["valid"] > 0].mean()) if ro["valid"].any() else 0.0
-      if cfg.kl_placement == "loss":
-        extra["ref_logprobs"] = ref_lp.astype(np.float32)
-      else:
-        token_rewards -= kl_control.coef * kl_tokens
-        rewards = rewards - kl_control.coef * kl_seq
-        host["kl_coef"] = kl_control.coef
-        kl_control.update(host["kl_ref_sequence"], rows_per_step)
-    if kind == "ppo":
-      values = np.asarray(jax.device_get(critic_values(state.params, device_rows))) * mask
-      adv, returns = ppo_postprocess(ro["reward"], token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                     whiten_advantages=cfg.whiten_advantages)
-      extra.update(advantages=np.asarray(adv), returns=np.asarray(returns), old_values=values)
-      host["value_mean"] = float((values * mask).sum() / max(mask.sum(), 1.0))
-    else:
-      adv = ADVANTAGES[cfg.advantage](jnp.asarray(rewards.reshape(b, g)), jnp.asarray(ro["valid"][::g]),
-                                      cfg.scale_std)
-      extra["advantages"] = np.repeat(np.asarray(adv).reshape(-1, 1), n_new, axis=1) * mask
-    batch_out.update(shard_batch({k: np.asarray(v, np.float32) for k, v in extra.items()}, ctx.mesh, ctx.rules))
+    values = critic_values(state.params, device_rows) if kind == "ppo" else None
+    kl_coef = kl_control.coef
+    extra, rollout_metrics = postprocess(ro, old_lp, ref_lp, values, kl_coef)
+    batch_out = {**device_rows, **extra}
     jax.block_until_ready(batch_out)
+    host = {k: float(v) for k, v in rollout_metrics.items()}  # replicated: every process reads the same values
+    if reference is not None and cfg.kl_placement == "reward":
+      host["kl_coef"] = kl_coef
+      kl_control.update(host["kl_ref_sequence"], rows_per_step)
     clock["rollout_end"] = time.perf_counter()
     t_logprobs = clock["rollout_end"] - t1
 
-    valid = ro["valid"] > 0
-    lengths = ro["lengths"].astype(np.float32)
     # the decode loop runs every row until the round's longest sample stops: that is the compute spent
-    decoded_tokens = sum(float(len(r["lengths"]) * r["lengths"].max(initial=0)) for r in rounds)
-    pick = lambda x: float(x[valid].mean()) if valid.any() else 0.0
+    decoded_tokens = sum(float(rows_per_step * most) for most in longest)
     last.clear()
-    last.update(host, **group_counts, reward_mean=pick(ro["reward"]), reward_std=float(ro["reward"][valid].std())
-                if valid.any() else 0.0, pass_rate=pick(ro["strict"]), outcome_rate=pick(ro["outcome"]),
-                hack_rate=pick(ro["outcome"] * (1 - ro["strict"])), response_length=pick(lengths),
-                truncated_fraction=pick(ro["truncated"]), time_sampling_s=t_sample, time_logprobs_s=t_logprobs,
-                time_update_s=t_update, reference_forwards=float(counters["reference_forwards"]),
+    last.update(host, **group_counts, time_sampling_s=t_sample, time_logprobs_s=t_logprobs, time_update_s=t_update,
+                reference_forwards=float(counters["reference_forwards"]),
                 flops_sampling=plan["prefill_flops"] * len(rounds) + plan["decode_flops_per_token"] * decoded_tokens,
                 flops_logprobs=plan["logprobs_flops"], flops_update=plan["update_flops"])
     spent["flops"] += last["flops_sampling"] + last["flops_logprobs"] + last["flops_update"]
