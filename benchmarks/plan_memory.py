@@ -8,6 +8,12 @@ host devices, run in its own process (one at a time: a big compile takes minutes
 printed as one Markdown row for `benchmarks/RESULTS.md`:
 
 - `pretrain-interplay`, `midtrain-interplay`: the interplay study's presets (`configs/train.py`);
+- `grpo-interplay-update`: a stand-in for one optimizer update of `grpo-interplay` (`plan` sizes packed-data stages
+  only): a next-token step of the preset's model, mesh, optimizer and micro-batches over the rows of one minibatch
+  (prompts x group / minibatches) at prompt + completion length. The RL loss's own extras (old / reference
+  log-probs, advantages: `[rows, seq]` each) are small next to the activations; its log-probs do not yet go through
+  the chunked path, so its `[rows, completion, vocab]` logits come on top (about 1.7 GiB per device at vocab 2,304);
+  the sampler's KV cache (6,144 rows x 2,048 slots, bf16) is about 9 GiB per device, outside the update.
 - `qwen2.5-0.5b`, `qwen2.5-1.5b`, `qwen2.5-7b`: pre-training at seq 4,096 with one sequence per device, from the
   presets `configs/train.py:pretrain-qwen2.5-*` where they exist, else (`--shapes`, or a checkout that predates
   them) built from `pretrain-interplay` with the model size of `configs/models.py` swapped in (the "before" numbers).
@@ -26,7 +32,8 @@ import subprocess
 import sys
 import time
 
-ENTRIES = ("pretrain-interplay", "midtrain-interplay", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
+ENTRIES = ("pretrain-interplay", "midtrain-interplay", "grpo-interplay-update", "qwen2.5-0.5b", "qwen2.5-1.5b",
+           "qwen2.5-7b")
 
 
 def _config(name: str, shapes: bool, devices: int):
@@ -46,6 +53,14 @@ def _config(name: str, shapes: bool, devices: int):
     cfg.model = dict(load_config(f"models.py:{name}").to_dict())
     cfg.data.seq_len, cfg.data.batch_size = 4096, devices
     cfg.stage.name = f"pretrain-{name}"
+  elif name == "grpo-interplay-update":
+    rl = load_config("configs/train.py:grpo-interplay")
+    cfg = load_config("configs/train.py:pretrain-interplay")
+    cfg.model, cfg.mesh, cfg.optim = rl.model, rl.mesh, rl.optim
+    cfg.stage.micro_batches = rl.stage.micro_batches
+    cfg.stage.name = name
+    cfg.data.batch_size = rl.data.batch_size * rl.grpo.group_size // rl.grpo.minibatches
+    cfg.data.seq_len = rl.data.prompt_len + rl.grpo.max_new_tokens
   else:
     cfg = load_config(f"configs/train.py:{name}")
   if shapes:

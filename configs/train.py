@@ -123,8 +123,10 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
     # the interplay study's RL stage (shared REFERENCES): the ~100M Qwen2-shape model after mid-training, GRPO on
     # the edge range op 11-14, 1024 prompts x 6, 4 minibatches, token-mean, KL loss 1e-3 (k3), clip 0.2, dual-clip
     # 3, lr 1e-6 constant, ~200 steps; set stage.init_from to the mid-trained stage folder
+    # 4 micro-batches per update: 1,536 rows of 2,048 tokens per update would compile to ~87 GiB per device on 8
+    # devices in one piece (benchmarks/RESULTS.md)
     cfg = _config(dict(name="grpo", kind="grpo", steps=200, log_every=1, checkpoint_every=20, eval_every=20,
-                       init_from="runs/interplay/midtrain"),
+                       init_from="runs/interplay/midtrain", micro_batches=4),
                   "interplay-100m", "rl-interplay", dict(lr=1e-6, schedule="constant", warmup_fraction=0.0,
                                                          weight_decay=0.1, clip_norm=1.0),
                   mesh=ACCELERATOR_MESH, model_overrides=ACCELERATOR_MODEL,

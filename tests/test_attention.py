@@ -136,7 +136,10 @@ def test_auto_picks_the_fused_kernel_of_each_platform():
   assert resolve("auto", platform="gpu", dtype=jnp.bfloat16, **kw) == "cudnn"
   assert resolve("auto", platform="gpu", dtype=jnp.float32, **kw) == "blocked"  # cuDNN flash is bf16/fp16 only
   assert resolve("auto", platform="cpu", dtype=jnp.float32, **kw) == "blocked"
-  assert resolve("auto", platform="cpu", dtype=jnp.float32, **dict(kw, q_len=256, kv_len=256)) == "einsum"
+  assert resolve("auto", platform="cpu", dtype=jnp.float32, **dict(kw, q_len=64, kv_len=64)) == "einsum"
+  # a cached prefill: blocked once the scores outgrow one block^2
+  assert resolve("auto", platform="gpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False)) == "blocked"
+  assert resolve("auto", platform="gpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False, q_len=64)) == "einsum"
   # decoding (a cache): one query against the cache is small; splash is self-attention only
   assert resolve("auto", platform="tpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False, q_len=1)) == "einsum"
   assert resolve("splash", platform="tpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False)) == "blocked"

@@ -46,10 +46,11 @@ class ModelConfig:
   # weight matmuls (recompute only norms, RoPE, activations and attention: more memory, less recompute)
   remat_policy: str = "full"
   init_std: float = 0.02
-  # attention kernel (jaxstages.model.attention): "auto" picks splash on TPU, cuDNN on GPU, else einsum for small
-  # score matrices and the blocked flash-style attention for long ones; "einsum" is the reference
+  # attention kernel (jaxstages.model.attention): "auto" picks splash on TPU, cuDNN on GPU, else the blocked
+  # flash-style attention (einsum for short sequences and one-token decoding); "einsum" is the reference
   attention: str = "auto"
-  attention_block: int = 512  # query block of the blocked attention and splash; auto's einsum limit is its square
+  # the largest query block of the blocked attention, splash's block, and (squared) auto's limit for einsum with a cache
+  attention_block: int = 512
   # positions per chunk when the losses compute log-probs from hidden states (jaxstages.losses.chunked_logits_map):
   # the `[batch, chunk, vocab]` float32 logits of one chunk are live at a time instead of `[batch, seq, vocab]`;
   # 0 computes all logits at once
