@@ -143,3 +143,14 @@ def test_auto_picks_the_fused_kernel_of_each_platform():
   # decoding (a cache): one query against the cache is small; splash is self-attention only
   assert resolve("auto", platform="tpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False, q_len=1)) == "einsum"
   assert resolve("splash", platform="tpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False)) == "blocked"
+
+
+def test_bfloat16_compute_with_each_kernel_stays_close_to_float32(tiny_cfg):
+  """bf16 activations, float32 softmax and logits: every kernel's bf16 model is within bf16 rounding of the float32
+  einsum model, and its logits come back in float32."""
+  tokens = np.random.default_rng(3).integers(0, tiny_cfg.vocab_size, (2, 160)).astype(np.int32)
+  ref = np.asarray(create_model(tiny_cfg.replace(attention="einsum"), seed=2)(tokens)[0])
+  for impl, block in [("einsum", 512), ("xla", 512), ("blocked", 512)]:
+    logits, _ = create_model(tiny_cfg.replace(dtype="bfloat16", attention=impl, attention_block=block), seed=2)(tokens)
+    assert logits.dtype == jnp.float32
+    assert np.abs(np.asarray(logits) - ref).max() < 0.05, impl

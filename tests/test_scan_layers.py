@@ -107,3 +107,40 @@ def test_convert_layers_on_a_mesh_keeps_the_rules(tiny_cfg, devices):
   assert q.sharding.spec[0] is None and q.sharding.spec[1] == "fsdp"  # [layers, embed, heads, head_dim]
   tokens = jnp.zeros((8, 6), jnp.int32)
   np.testing.assert_allclose(scanned(tokens)[0], plain(tokens)[0], atol=1e-6)
+
+
+def test_a_stage_checkpoint_loads_into_the_other_layout(tiny_cfg, tmp_path, devices):
+  """A stage folder trained with the layer list loads as a scanned model (and back), its config naming the layout
+  it was saved in."""
+  import dataclasses
+  import json
+  import shutil
+  from pathlib import Path
+
+  import optax
+
+  from jaxstages.checkpoint import Checkpointer
+  from jaxstages.model.io import load_model
+  from jaxstages.sharding import MeshConfig, make_mesh
+  from jaxstages.state import init_train_state
+
+  cfg = tiny_cfg.replace(vocab_size=768)  # at least the committed tokenizer's vocabulary (748)
+  shutil.copytree(Path(__file__).resolve().parents[1] / "experiments/artifacts/toy-sft/tokenizer", tmp_path / "tokenizer")
+  mesh = make_mesh(MeshConfig(8, 1, 1))
+  tokens = np.arange(12, dtype=np.int32)[None] % cfg.vocab_size
+  for saved_scanned in (False, True):
+    folder = tmp_path / f"stage-{saved_scanned}"
+    folder.mkdir()
+    shutil.copytree(tmp_path / "tokenizer", folder / "tokenizer")
+    saved_cfg = cfg.replace(scan_layers=saved_scanned)
+    (folder / "config.json").write_text(json.dumps({"model": dataclasses.asdict(saved_cfg)}))
+    model = create_model(saved_cfg, seed=7, mesh=mesh)
+    want = np.asarray(model(tokens)[0])
+    _, state, _ = init_train_state(model, optax.sgd(1.0), mesh)
+    ckpt = Checkpointer(folder / "checkpoints", save_every=1)
+    ckpt.save(type(state)(state.params, state.opt_state, state.step + 1, state.rng))
+    ckpt.wait()
+    ckpt.close()
+    other = load_model(folder, make_mesh(MeshConfig(2, 2, 2)), model_cfg=cfg.replace(scan_layers=not saved_scanned))
+    assert other.cfg.scan_layers == (not saved_scanned)
+    np.testing.assert_allclose(other(tokens)[0], want, atol=1e-6)

@@ -92,7 +92,8 @@ def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RUL
   """A model from `source`: a stage folder (its `config.json`, `tokenizer/` and `checkpoints/`; latest step unless
   `step`), its `checkpoints/` folder, a params folder (`model_config.json`), or `hf:FOLDER`. A stage or params
   folder's model config is its own unless `model_cfg` is given (then a checkpoint that does not fit names the
-  tensor and both shapes). A stage that trained more than the policy (PPO's critic) keeps the policy as its own
+  tensor and both shapes); a stage folder's checkpoint loads into either layer layout (`scan_layers`), converted
+  after reading. A stage that trained more than the policy (PPO's critic) keeps the policy as its own
   subtree of the checkpoint (`jaxstages.checkpoint.POLICY`): that subtree is what is loaded."""
   source = str(source)
   if source.startswith("hf:"):
@@ -105,10 +106,11 @@ def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RUL
   if not checkpoints.exists():
     raise FileNotFoundError(f"{source}: neither a stage folder (with checkpoints/), a params folder (with "
                             "model_config.json) nor hf:FOLDER")
-  saved_cfg = model_config_of(stage_dir)
+  saved_cfg = model_config_of(stage_dir) if model_cfg is None or (stage_dir / "config.json").exists() else None
   model_cfg = model_cfg or saved_cfg
-  # read in the layout the stage trained in (scanned layers or a list), then convert to the one asked for
-  read_cfg = model_cfg.replace(scan_layers=saved_cfg.scan_layers)
+  # read in the layout the stage trained in (scanned layers or a list; without the stage's config, the one asked
+  # for), then convert to the one asked for
+  read_cfg = model_cfg.replace(scan_layers=(saved_cfg or model_cfg).scan_layers)
   graphdef, target = nnx.split(nnx.eval_shape(lambda: create_model(read_cfg, 0)))
   params = restore_params(checkpoints, target, param_shardings(target, mesh, rules), step=step)
   return convert_layers(nnx.merge(graphdef, params), model_cfg.scan_layers, mesh, rules)
