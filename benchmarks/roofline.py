@@ -11,8 +11,10 @@ On the first device JAX finds:
   second over the chip's peak dense bf16 FLOP/s.
 - **decode**: `--decode-batch` rows prefilled with `--prompt-len` tokens, then `--new` greedy one-token steps with the
   KV cache (one jitted `lax.scan`; params stored in the compute dtype, as for serving). Each step must read every
-  parameter once and the filled part of every row's cache, so the roofline is
-  `batch x HBM bandwidth / (param bytes + mean KV bytes)` tokens/s; printed is the share of it reached.
+  parameter once and the filled part of every row's cache, so the memory roofline is
+  `batch x HBM bandwidth / (param bytes + mean KV bytes)` tokens/s; the compute roofline is peak FLOP/s over the
+  forward FLOPs per token. Printed is the lower of the two (at batch 64 on an accelerator: memory) and the share of
+  it reached.
 
 Peak FLOP/s and HBM bandwidth come from `CHIPS` (datasheet numbers of known accelerators, matched on the start of
 `device_kind`); on anything else (a CPU) both are measured: a jitted square matmul of the compute dtype and a
@@ -37,9 +39,10 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import matmul_peak, timed  # noqa: E402
 
-from jaxstages.flops import train_flops_per_token  # noqa: E402
+from jaxstages.flops import forward_flops_per_token, train_flops_per_token  # noqa: E402
 from jaxstages.losses import next_token_loss  # noqa: E402
 from jaxstages.model import KVCache, create_model, model_config, param_count  # noqa: E402
+from jaxstages.model.transformer import convert_layers  # noqa: E402
 from jaxstages.sharding import MeshConfig, make_mesh  # noqa: E402
 from jaxstages.state import init_train_state  # noqa: E402
 from jaxstages.train import make_train_step  # noqa: E402
@@ -109,7 +112,7 @@ def train_mfu(cfg, batch: int, seq: int, peak: float, repeats: int) -> dict:
           "compile_s": compile_s}
 
 
-def decode_roofline(cfg, batch: int, prompt_len: int, new: int, bandwidth: float, repeats: int) -> dict:
+def decode_roofline(cfg, batch: int, prompt_len: int, new: int, bandwidth: float, peak: float, repeats: int) -> dict:
   cfg = cfg.replace(param_dtype=cfg.dtype)  # weights served in the compute dtype
   model = create_model(cfg, seed=0)
   graphdef, params = nnx.split(model)
@@ -124,7 +127,7 @@ def decode_roofline(cfg, batch: int, prompt_len: int, new: int, bandwidth: float
 
   @jax.jit
   def decode(params, token, cache):
-    model = nnx.merge(graphdef, params)
+    model = convert_layers(nnx.merge(graphdef, params), False)  # as the sampler does: layers sliced once
 
     def one(carry, _):
       token, cache = carry
@@ -142,10 +145,13 @@ def decode_roofline(cfg, batch: int, prompt_len: int, new: int, bandwidth: float
   kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
   mean_filled = prompt_len + (new + 1) / 2
   bytes_per_step = param_bytes + batch * kv_per_token * mean_filled
-  roofline = batch * bandwidth / bytes_per_step  # tokens/s
+  memory_roof = batch * bandwidth / bytes_per_step  # tokens/s if each step only streamed its bytes
+  compute_roof = peak / forward_flops_per_token(cfg, int(mean_filled))  # tokens/s if each step only did its FLOPs
+  roofline = min(memory_roof, compute_roof)
   tokens_per_s = batch * new / seconds
   return {"tokens_per_s": tokens_per_s, "roofline_tokens_per_s": roofline, "share": tokens_per_s / roofline,
-          "step_ms": 1e3 * seconds / new, "bytes_per_step": bytes_per_step}
+          "bound": "memory" if memory_roof <= compute_roof else "compute", "step_ms": 1e3 * seconds / new,
+          "bytes_per_step": bytes_per_step}
 
 
 def _value(text: str):
@@ -187,13 +193,14 @@ def main(argv: list[str] | None = None) -> None:
   for name in args.models.split(","):
     cfg = shape(name, args.tiny, overrides)
     t = {} if args.no_train else train_mfu(cfg, args.batch, args.seq, peak, args.repeats)
-    d = {} if args.no_decode else decode_roofline(cfg, args.decode_batch, args.prompt_len, args.new, bandwidth,
+    d = {} if args.no_decode else decode_roofline(cfg, args.decode_batch, args.prompt_len, args.new, bandwidth, peak,
                                                    args.repeats)
     fmt = lambda r, k, f: f.format(r[k]) if k in r else "-"
     print(f"| {name}{' (tiny)' if args.tiny else ''} | {param_count(cfg):,} | {args.batch} x {args.seq} | "
           f"{fmt(t, 'tokens_per_s', '{:,.0f}')} | {fmt(t, 'mfu', '{:.1%}')} | {args.decode_batch} | "
           f"{args.prompt_len} + {args.new} | {fmt(d, 'tokens_per_s', '{:,.0f}')} | {fmt(d, 'step_ms', '{:.2f}')} | "
-          f"{fmt(d, 'roofline_tokens_per_s', '{:,.0f}')} | {fmt(d, 'share', '{:.1%}')} |", flush=True)
+          f"{fmt(d, 'roofline_tokens_per_s', '{:,.0f}')} ({d.get('bound', '-')}) | {fmt(d, 'share', '{:.1%}')} |",
+          flush=True)
 
 
 if __name__ == "__main__":
