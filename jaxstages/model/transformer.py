@@ -15,7 +15,12 @@ KV cache layout (`KVCache`), batch-first everywhere so that one `jax.tree.map` c
 A forward with a cache writes its `seq` new keys/values at `index` (per row), then attends over the whole cache:
 slot `j` is visible to the query in slot `i` when `j <= i` and their segment ids are equal and non-zero. Slot order is
 time order for every row, so left- and right-padded batches, ragged prompts and one-token decoding all use the same
-rule; positions are only used for RoPE.
+rule; positions are only used for RoPE. The attention itself is one of the kernels of `jaxstages.model.attention`
+(`cfg.attention`), all with this rule.
+
+With `cfg.scan_layers` the layers' parameters are stacked (`[num_layers, ...]`, logical axis `layers`) and a forward
+without a cache runs them with `jax.lax.scan` (one traced layer: compile time flat in depth); a forward with a cache
+(decoding) runs them as a loop over slices of the stack. `convert_layers` turns one layout into the other.
 """
 
 from __future__ import annotations
