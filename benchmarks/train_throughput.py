@@ -2,7 +2,7 @@
 this machine's measured matmul peak, for several model sizes in one run.
 
   python benchmarks/train_throughput.py [--models toy,small] [--batch 8] [--seq 256] [--dtype float32]
-                                        [--attention auto,einsum] [--single-thread]
+                                        [--attention auto,einsum] [--single-core]
 
 Both sides run a full AdamW training step (forward, backward, clipping-free update) on identical weights; the
 forward-only throughput is reported too. Prints a Markdown table for benchmarks/RESULTS.md.
@@ -17,9 +17,8 @@ import sys
 import tempfile
 import time
 
-if "--single-thread" in sys.argv:  # XLA:CPU's thread pools are sized when jax is imported
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                             "intra_op_parallelism_threads=1").strip()
+if "--single-core" in sys.argv:  # before jax sizes its thread pools: this process (JAX and PyTorch) on one core
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +44,6 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return float(np.median(times))
-
-
-SINGLE_THREAD = "--single-thread" in sys.argv
 
 
 def matmul_peak(dtype, n: int = 2048) -> float:
@@ -96,7 +92,7 @@ def bench(name: str, batch: int, seq: int, dtype: str, repeats: int, with_torch:
     import torch
     import transformers
 
-    torch.set_num_threads(1 if SINGLE_THREAD else len(os.sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp.name, dtype=getattr(torch, dtype))
     adam = torch.optim.AdamW(hf.parameters(), lr=1e-4)
     t = torch.tensor(tok[:, :-1], dtype=torch.long)
@@ -149,8 +145,9 @@ def main() -> None:
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--attention", default="auto", help="model.attention kernels to time, comma-separated")
   parser.add_argument("--attention-block", type=int, default=512)
-  parser.add_argument("--single-thread", action="store_true",
-                      help="one thread each for XLA:CPU and PyTorch: a fairer ratio on a machine other work loads")
+  parser.add_argument("--single-core", action="store_true",
+                      help="pin the process (both frameworks) to one core: a steadier ratio where other work loads "
+                           "the machine")
   args = parser.parse_args()
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   peak = matmul_peak(dtype)
