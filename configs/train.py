@@ -12,8 +12,9 @@ import dataclasses
 
 import ml_collections
 
-from jaxstages.config import load_config
+from jaxstages.config import HASH_NEUTRAL, load_config
 from jaxstages.data.pipeline import data_config
+from jaxstages.model.config import ModelConfig
 from jaxstages.optim import OptimConfig
 from jaxstages.sharding import MeshConfig
 from jaxstages.stages.distill import DistillConfig
@@ -22,10 +23,26 @@ from jaxstages.stages.rl import RLConfig
 from jaxstages.train import StageConfig
 
 
-def _config(stage, model, data, optim, mesh=None, **objective):
-  """Every block spelled out in full (defaults included), so any key can be overridden from the command line.
-  `objective`: the stage kind's own block, e.g. `dpo=DPOConfig(...)`."""
-  model = dict(load_config(f"models.py:{model}").to_dict(), vocab_size=0)
+# The accelerator presets (interplay, Qwen2.5 shapes) on 8 x 80 GB devices: FSDP over every device; bf16 compute
+# (the model size's dtype) over float32 master weights; the platform's fused attention (`auto`); log-probs in
+# 1,024-position chunks; layers scanned (compile time flat in depth) and rematerialised. What each compiles to per
+# device is in benchmarks/RESULTS.md (`benchmarks/plan_memory.py`).
+ACCELERATOR_MESH = dict(data=1, fsdp=-1)
+ACCELERATOR_MODEL = dict(attention="auto", logits_chunk=1024, scan_layers=True, remat=True)
+
+
+def _config(stage, model, data, optim, mesh=None, model_overrides=None, **objective):
+  """Every block spelled out in full (defaults included), so any key can be overridden from the command line
+  (`--config.model.dtype=bfloat16`, `--config.model.remat=True` on every preset). `objective`: the stage kind's own
+  block, e.g. `dpo=DPOConfig(...)`; `model_overrides`: changes to the named model size (vocab_size 0: the
+  tokenizer's)."""
+  size = load_config(f"models.py:{model}").to_dict()
+  # every ModelConfig field the size leaves out, at its default (head_dim stays None: derived from the shape, so an
+  # overridden hidden_size or num_heads changes it too); these defaults are hash-neutral (jaxstages.config), so runs
+  # named by their config's hash keep their names
+  defaults = {k: v for k, v in HASH_NEUTRAL.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+  model = defaults | size | dict(vocab_size=0)
+  model.update(model_overrides or {})
   mesh = dataclasses.asdict(MeshConfig(**(mesh or {})))
   mesh.pop("rules")  # the default rule table; set mesh.rules in a config to change it
   return ml_collections.ConfigDict(dict(
@@ -99,22 +116,42 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
                        init_from=None if pre else "runs/interplay/pretrain"),
                   "interplay-100m", name,
                   dict(lr=1e-4, schedule="cosine", warmup_fraction=0.05 if pre else 0.15, end_lr_ratio=0.3,
-                       weight_decay=0.1, clip_norm=1.0))
+                       weight_decay=0.1, clip_norm=1.0),
+                  mesh=ACCELERATOR_MESH, model_overrides=ACCELERATOR_MODEL)
     return cfg
   if name == "grpo-interplay":
     # the interplay study's RL stage (shared REFERENCES): the ~100M Qwen2-shape model after mid-training, GRPO on
     # the edge range op 11-14, 1024 prompts x 6, 4 minibatches, token-mean, KL loss 1e-3 (k3), clip 0.2, dual-clip
     # 3, lr 1e-6 constant, ~200 steps; set stage.init_from to the mid-trained stage folder
+    # 4 micro-batches per update: 1,536 rows of 2,048 tokens per update would compile to ~87 GiB per device on 8
+    # devices in one piece (benchmarks/RESULTS.md)
     cfg = _config(dict(name="grpo", kind="grpo", steps=200, log_every=1, checkpoint_every=20, eval_every=20,
-                       init_from="runs/interplay/midtrain"),
+                       init_from="runs/interplay/midtrain", micro_batches=4),
                   "interplay-100m", "rl-interplay", dict(lr=1e-6, schedule="constant", warmup_fraction=0.0,
                                                          weight_decay=0.1, clip_norm=1.0),
+                  mesh=ACCELERATOR_MESH, model_overrides=ACCELERATOR_MODEL,
                   grpo=RLConfig(group_size=6, max_new_tokens=1024, temperature=1.0, minibatches=4, epochs=1,
                                 loss_agg="token-mean", clip_low=0.2, clip_high=0.2, dual_clip=3.0, kl_coef=1e-3,
                                 kl_placement="loss", kl_estimator="k3", eval_problems=128))
     return cfg
+  if name.startswith("pretrain-qwen2.5-"):
+    # a Qwen2.5 shape pre-trained from scratch on the story task world at 4,096-token rows, one row per device of
+    # 8 x 80 GB (`ACCELERATOR_MODEL`: chunked log-probs never hold the [rows, 4096, 151936] logits); the model keeps
+    # Qwen's vocabulary size
+    size = name.removeprefix("pretrain-")
+    cfg = _config(dict(name="pretrain", kind="pretrain", steps=10_000, log_every=10, checkpoint_every=1000,
+                       eval_every=1000, eval_batches=4),
+                  size, "pretrain-interplay",
+                  dict(lr=3e-4, schedule="cosine", warmup_fraction=0.02, end_lr_ratio=0.1, weight_decay=0.1,
+                       clip_norm=1.0),
+                  mesh=ACCELERATOR_MESH,
+                  model_overrides=dict(ACCELERATOR_MODEL, vocab_size=load_config(f"models.py:{size}").vocab_size))
+    cfg.stage.name = name
+    cfg.data.seq_len, cfg.data.batch_size = 4096, 8
+    return cfg
   import difflib
   names = ["pretrain-toy", "midtrain-toy", "sft-toy", "dpo-toy", "distill-toy", "grpo-toy", "ppo-toy",
-           "pretrain-interplay", "midtrain-interplay", "grpo-interplay"]
+           "pretrain-interplay", "midtrain-interplay", "grpo-interplay", "pretrain-qwen2.5-0.5b",
+           "pretrain-qwen2.5-1.5b", "pretrain-qwen2.5-7b"]
   raise KeyError(f"unknown training config {name!r}; did you mean {difflib.get_close_matches(name, names)}? "
                  f"Known: {names}")

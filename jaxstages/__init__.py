@@ -8,7 +8,7 @@ the table below and enforces it. Bottom to top:
   layer  name        modules
   1      base        config, metrics, sharding, state, optim, checkpoint
   2      data        data, data.tasks, data.tokenizer, data.pipeline, rewards
-  3      model       model, model.config, model.transformer, model.hf, model.io, flops, losses
+  3      model       model, model.config, model.attention, model.transformer, model.hf, model.io, flops, losses
   4      forwards    sampling, apply
   5      evaluation  evaluation
   6      stages      stages, stages.objective, stages.lm, stages.sft, stages.grpo, stages.ppo, stages.rl, stages.dpo,

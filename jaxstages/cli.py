@@ -98,6 +98,7 @@ def _plan(args: argparse.Namespace) -> None:
   print(f"  total FLOPs       {plan['flops_per_step'] * plan['steps']:.3e}")
   print(f"  memory per device arguments {mib(mem['argument'])}, outputs {mib(mem['output'])} "
         f"(aliased {mib(mem['alias'])}), temporaries {mib(mem['temp'])}; peak ~{mib(mem['peak_estimate'])}")
+  print(f"  compiled in       {plan['compile_s']:.1f} s")
 
 
 def _ints(text: str) -> tuple[int, ...]:

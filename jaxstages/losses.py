@@ -1,5 +1,11 @@
 """Loss building blocks shared by every stage, and every divergence between two models.
 
+**Log-probs from hidden states, in chunks** (`chunked_logits_map`, `model_token_log_probs`): the one path every loss
+takes from a model's final hidden states `[batch, seq, embed]` to per-token values. With `ModelConfig.logits_chunk`
+set, the float32 logits exist one `[batch, chunk, vocab]` slice at a time, in the forward pass and (recomputed from
+the hidden states) in the backward: at Qwen's 151,936-token vocabulary, 8 x 4,096 positions of full logits would be
+20 GB. Loss and gradient equal the unchunked ones (`tests/test_losses_chunked.py`).
+
 Losses return a `(sum, count)` pair rather than a mean: the caller divides by the *global* count of the whole batch,
 so a batch gives the same loss and gradient however it is split into micro-batches or sharded over devices.
 
@@ -45,7 +51,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxstages.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, param_shardings, use_mesh
+from jaxstages.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, constrain, param_shardings, use_mesh
 
 Batch = Mapping[str, jax.Array]
 
@@ -58,15 +64,67 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def logits_of(hidden: jax.Array, head: jax.Array) -> jax.Array:
+  """`[batch, seq, embed] @ [embed, vocab]` -> float32 `[batch, seq, vocab]` (one 2-D matmul over the flattened
+  tokens, as `jaxstages.model.transformer.dense` does, for XLA:CPU's weight gradient)."""
+  b, t, e = hidden.shape
+  logits = jnp.dot(hidden.reshape(b * t, e), head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+  return constrain(logits.reshape(b, t, -1), ("batch", "seq", "act_vocab"))
+
+
+def chunked_logits_map(fn: Callable[..., object], hidden: jax.Array, head: jax.Array, *per_token: jax.Array,
+                       chunk: int = 0):
+  """`fn(logits, *per_token)` computed `chunk` positions at a time, without ever holding all the logits.
+
+  hidden `[batch, seq, embed]` (compute dtype), head `[embed, vocab]`; each of `per_token` is `[batch, seq, ...]`;
+  `fn(logits [batch, c, vocab] float32, *slices [batch, c, ...])` returns a tree of `[batch, c, ...]` arrays, and the
+  result is that tree over the whole `[batch, seq, ...]`. `chunk` 0 (or >= seq) is one chunk. Chunks run in a
+  `lax.map` whose body is rematerialised, so the backward pass recomputes each chunk's logits from its hidden states
+  instead of storing them: the loss and gradient are the unchunked ones, with one chunk's logits live at a time. The
+  sequence is padded to a multiple of `chunk` (the padding's outputs are dropped); the batch axis stays whole, so a
+  batch-sharded input stays sharded."""
+  b, t, _ = hidden.shape
+  if not chunk or chunk >= t:
+    return fn(logits_of(hidden, head), *per_token)
+  n = -(-t // chunk)
+
+  def split(x):  # [b, t, ...] -> [n, b, chunk, ...]
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+  def merge(y):  # [n, b, chunk, ...] -> [b, t, ...]
+    return jnp.moveaxis(y, 0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :t]
+
+  body = jax.checkpoint(lambda h, *xs: fn(logits_of(h, head), *xs), prevent_cse=False)
+  out = jax.lax.map(lambda xs: body(*xs), (split(hidden), *map(split, per_token)))
+  return jax.tree.map(merge, out)
+
+
+def hidden_token_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk: int = 0,
+                           temperature: float = 1.0) -> jax.Array:
+  """log p(target) per position under softmax(logits / temperature), float32, in chunks (`chunked_logits_map`).
+  hidden `[batch, seq, embed]`, head `[embed, vocab]`, targets `[batch, seq]` -> `[batch, seq]`."""
+  scale = lambda logits: logits if temperature == 1.0 else logits / temperature
+  return chunked_logits_map(lambda logits, y: token_log_probs(scale(logits), y), hidden, head, targets, chunk=chunk)
+
+
+def model_token_log_probs(model: nnx.Module, tokens: jax.Array, targets: jax.Array, positions: jax.Array | None = None,
+                          segment_ids: jax.Array | None = None, temperature: float = 1.0) -> jax.Array:
+  """A `Transformer`'s float32 log p(target) `[batch, seq]` for `tokens` `[batch, seq]`, in chunks of its
+  `cfg.logits_chunk` positions."""
+  hidden, _ = model.hidden_states(tokens, positions, segment_ids)
+  return hidden_token_log_probs(hidden, model.head(), targets, model.cfg.logits_chunk, temperature)
+
+
 def next_token_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """Summed cross-entropy over positions where `loss_mask` is 1, and their count.
 
   batch: `tokens`, `targets`, `loss_mask` `[batch, seq]`; optional `positions`, `segment_ids` `[batch, seq]`.
   """
-  logits, _ = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+  lp = model_token_log_probs(model, batch["tokens"], batch["targets"], batch.get("positions"),
+                             batch.get("segment_ids"))
   mask = batch["loss_mask"].astype(jnp.float32)
-  nll = -token_log_probs(logits, batch["targets"])
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  return jnp.sum(-lp * mask), jnp.sum(mask)
 
 
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array]]

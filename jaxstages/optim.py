@@ -35,6 +35,9 @@ class OptimConfig:
   weight_decay: float = 0.1
   no_decay: tuple[str, ...] = ("norm", "bias", "embed")  # parameter groups without weight decay
   clip_norm: float | None = 1.0
+  # dtype of Adam's first moment (None: the params'); "bfloat16" halves it (optax's mu_dtype; the second moment,
+  # whose small values bf16 would flush, stays in the params' dtype)
+  mu_dtype: str | None = None
 
   def __post_init__(self):
     if self.schedule not in ("cosine", "wsd", "constant"):
@@ -43,6 +46,8 @@ class OptimConfig:
     if unknown:
       raise ConfigError(f"no_decay groups {sorted(unknown)} unknown; choose from ['bias', 'embed', 'norm']")
     object.__setattr__(self, "no_decay", tuple(self.no_decay))
+    if self.mu_dtype not in (None, "float32", "bfloat16"):
+      raise ConfigError(f"optimizer mu_dtype {self.mu_dtype!r} is not one of [None, 'bfloat16', 'float32']")
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any] | None = None, **overrides) -> "OptimConfig":
@@ -86,6 +91,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
   """AdamW (+ global-norm clipping) and its learning-rate schedule, for a stage of `total_steps` updates."""
   schedule = learning_rate_schedule(cfg, total_steps)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                      mask=lambda params: decay_mask(params, cfg.no_decay))
+                      mask=lambda params: decay_mask(params, cfg.no_decay), mu_dtype=cfg.mu_dtype)
   chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
   return optax.chain(*chain, adamw), schedule

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jaxstages.config import ConfigError, check_keys
 from jaxstages.losses import token_log_probs
 from jaxstages.model import KVCache, Transformer
+from jaxstages.model.transformer import convert_layers
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, constrain, data_parallel_size,
                                 global_batch_from_process_local, local_rows, logical_to_spec, process_rows, use_mesh)
 
@@ -214,7 +215,9 @@ def _generate(graphdef: nnx.GraphDef, cfg: SamplingConfig, rules: LogicalRules, 
               tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, row_keys: jax.Array) -> Samples:
   if reshard:
     state = _reshard_params(state, rules)
-  model = nnx.merge(graphdef, state)
+  # scanned layers decode as a list: their slices of the stacked params are taken once here, not at every step
+  # (XLA:CPU re-slices loop-invariant weights inside the while loop: 2x slower decoding)
+  model = convert_layers(nnx.merge(graphdef, state), False)
   mcfg = model.cfg
   b, width = tokens.shape
   rows, max_new = b * cfg.n, cfg.max_new_tokens

@@ -45,6 +45,7 @@ DEFAULT_RULES: LogicalRules = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned layers (ModelConfig.scan_layers)
     # activations, batches and caches
     ("batch", ("data", "fsdp")),
     ("seq", None),
@@ -264,6 +265,16 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
+
+
+def active_spec(logical_axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+  """The `PartitionSpec` of an array of `shape` under the current `use_mesh` (None outside one): for code that runs
+  per shard (`jax.shard_map` around a kernel XLA cannot partition)."""
+  rules = _ACTIVE_RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return None
+  return logical_to_spec(logical_axes, shape, mesh, rules)
 
 
 # -- multi-process -----------------------------------------------------------------------------------------------

@@ -692,7 +692,9 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
   shardings = state_shardings(abstract, optimizer, mesh, rules)
   step = make_train_step(graphdef, optimizer, LOSSES[stage.kind], mesh, shardings, schedule, stage.micro_batches,
                          rules)
+  start = time.perf_counter()
   compiled = step.lower(abstract, _abstract_batch(data_cfg)).compile()
+  compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -705,4 +707,5 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
   return {"stage": stage.name, "kind": stage.kind, "mesh": dict(mesh.shape), "params": param_count(model_cfg),
           "tokens_per_step": tokens, "steps": stage.steps,
           "flops_per_step": train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens,
-          "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)), "memory_per_device_bytes": mem}
+          "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)), "memory_per_device_bytes": mem,
+          "compile_s": compile_s}

@@ -54,3 +54,26 @@ def test_command_line_overrides():
     apply_overrides(base, ["steps=dict(a=1)"])
   with pytest.raises(ConfigError, match="must look like"):
     apply_overrides(base, ["steps"])
+
+
+def test_every_preset_takes_numerics_overrides_and_keeps_its_hash():
+  """`--config.model.dtype` / `model.remat` / the attention and loss options work on every training preset and
+  recipe; spelling the model block out in full left the hash (the name of runs made before) of each preset as it was
+  when the block held only the size's keys."""
+  from jaxstages.config import HASH_NEUTRAL, apply_overrides, config_hash
+  from jaxstages.model.config import stage_model_config
+
+  names = ["pretrain-toy", "midtrain-toy", "sft-toy", "dpo-toy", "distill-toy", "grpo-toy", "ppo-toy",
+           "pretrain-interplay", "midtrain-interplay", "grpo-interplay", "pretrain-qwen2.5-0.5b",
+           "pretrain-qwen2.5-1.5b", "pretrain-qwen2.5-7b"]
+  specs = [f"configs/train.py:{n}" for n in names] + ["configs/recipes/rl.py:dapo", "configs/recipes/rl.py:dapo-toy"]
+  for spec in specs:
+    cfg = apply_overrides(load_config(spec), ["model.dtype=bfloat16", "model.remat=True", "model.attention=einsum",
+                                              "model.logits_chunk=256", "model.scan_layers=True",
+                                              "optim.mu_dtype=bfloat16"])
+    model = stage_model_config(cfg.model, 300)
+    assert (model.dtype, model.remat, model.attention, model.logits_chunk) == ("bfloat16", True, "einsum", 256), spec
+  # the hash leaves out a model block's spelled-out defaults
+  toy = load_config("configs/train.py:pretrain-toy").to_dict()
+  lean = dict(toy, model={k: v for k, v in toy["model"].items() if not (k in HASH_NEUTRAL and HASH_NEUTRAL[k] == v)})
+  assert config_hash(lean) == config_hash(toy) and len(lean["model"]) < len(toy["model"])

@@ -80,6 +80,16 @@ def test_logits_match_transformers_after_conversion(hf_models, tmp_path, name):
   assert diff <= 1e-4, f"{name}: max |diff| {diff}"
 
 
+@pytest.mark.parametrize("kernel", [dict(attention="xla"), dict(attention="blocked", attention_block=4),
+                                    dict(attention="blocked", scan_layers=True)])
+def test_logits_match_transformers_with_each_attention_kernel_and_layout(hf_models, kernel):
+  folder, hf_model = hf_models["qwen2-untied"]
+  model = import_hf(folder, **kernel)
+  tokens = _tokens()
+  diff = np.abs(np.asarray(model(tokens)[0]) - _hf_logits(hf_model, tokens)).max()
+  assert diff <= 1e-4, f"{kernel}: max |diff| {diff}"
+
+
 @pytest.mark.parametrize("name", ["qwen2-untied", "llama-tied-llama3-rope"])
 def test_export_round_trip_loads_in_transformers(hf_models, tmp_path, name):
   folder, hf_model = hf_models[name]

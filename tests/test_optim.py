@@ -53,3 +53,18 @@ def test_bad_optimizer_config():
     OptimConfig(schedule="cosin")
   with pytest.raises(ConfigError, match=r"unknown key 'learning_rate'.*\(no close match|did you mean"):
     OptimConfig.from_config({"learning_rate": 1e-3})
+
+
+def test_adam_first_moment_in_bfloat16(tiny_cfg):
+  import jax.numpy as jnp
+
+  params = nnx.state(create_model(tiny_cfg, seed=0))
+  optimizer, _ = make_optimizer(OptimConfig(mu_dtype="bfloat16"), 10)
+  state = optimizer.init(params)
+  adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")][0]
+  assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+  updates, _ = optimizer.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+  with pytest.raises(ConfigError, match="mu_dtype"):
+    OptimConfig(mu_dtype="fp8")

@@ -191,6 +191,7 @@ def test_plan_reports_params_flops_and_compiled_memory(devices):
   assert plan["params"] > 0 and plan["tokens_per_step"] == 8 * 128
   assert plan["xla_flops_per_step_per_device"] == pytest.approx(plan["flops_per_step"] / 8, rel=0.15)
   assert mem["argument"] > 0 and mem["temp"] > 0 and mem["peak_estimate"] >= mem["argument"]
+  assert plan["compile_s"] > 0
 
 
 def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def get_config(name: str = "interplay"):
     cfg.model[key] = value
   if toy:  # the toy setup's model, data, start point and evaluation; the recipe's algorithm
     base = load_config("train.py:grpo-toy")
-    cfg.model, cfg.data, cfg.stage = base.model, base.data, base.stage
+    cfg.model, cfg.data, cfg.stage, cfg.mesh = base.model, base.data, base.stage, base.mesh
     for key in ("group_size", "max_new_tokens", "reward", "eval_problems"):
       cfg.grpo[key] = base.grpo[key]
     cfg.grpo.minibatches = min(cfg.grpo.minibatches, 4)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from jaxstages.config import ConfigError, from_config, load_config
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash", "blocked")  # jaxstages.model.attention
+REMAT_POLICIES = ("full", "dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -40,7 +42,21 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each layer's activations in the backward pass
+  # what a rematerialised layer keeps: "full" nothing (recompute the whole layer), "dots" the outputs of its
+  # weight matmuls (recompute only norms, RoPE, activations and attention: more memory, less recompute)
+  remat_policy: str = "full"
   init_std: float = 0.02
+  # attention kernel (jaxstages.model.attention): "auto" picks splash on TPU, cuDNN on GPU, else the blocked
+  # flash-style attention (einsum for short sequences and one-token decoding); "einsum" is the reference
+  attention: str = "auto"
+  # the largest query block of the blocked attention, splash's block, and (squared) auto's limit for einsum with a cache
+  attention_block: int = 512
+  # positions per chunk when the losses compute log-probs from hidden states (jaxstages.losses.chunked_logits_map):
+  # the `[batch, chunk, vocab]` float32 logits of one chunk are live at a time instead of `[batch, seq, vocab]`;
+  # 0 computes all logits at once
+  logits_chunk: int = 0
+  # layers stored stacked (`[num_layers, ...]` per parameter) and run with `jax.lax.scan`: compile time flat in depth
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -50,6 +66,13 @@ class ModelConfig:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if self.attention_block < 1 or self.logits_chunk < 0:
+      raise ConfigError(f"attention_block ({self.attention_block}) must be >= 1 and logits_chunk "
+                        f"({self.logits_chunk}) >= 0")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}")

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 
 from jaxstages.checkpoint import CheckpointMismatchError
 from jaxstages.model.config import ModelConfig
-from jaxstages.model.transformer import Transformer
+from jaxstages.model.transformer import Transformer, convert_layers
 from jaxstages.sharding import DEFAULT_RULES, LogicalRules, param_shardings
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
@@ -175,10 +175,14 @@ def import_hf(folder: str | Path, mesh: Mesh | None = None, rules: LogicalRules 
               **config_overrides: Any) -> Transformer:
   """Loads a HF Qwen2/Qwen2.5/Llama checkpoint folder into a `Transformer` (sharded over `mesh` when given).
 
-  `config_overrides` change numerics only (e.g. `dtype="bfloat16"`, `param_dtype="bfloat16"`, `remat=True`).
+  `config_overrides` change numerics only (e.g. `dtype="bfloat16"`, `param_dtype="bfloat16"`, `remat=True`) or the
+  layers' layout (`scan_layers=True`).
   """
   folder = Path(folder)
   cfg = config_from_hf(read_hf_config(folder), **config_overrides)
+  if cfg.scan_layers:  # read layer by layer into the list layout, then stack
+    return convert_layers(import_hf(folder, mesh, rules, **dict(config_overrides, scan_layers=False)), True, mesh,
+                          rules)
   files = _safetensors_files(folder)
   model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   shardings = None
@@ -233,6 +237,7 @@ def export_hf(model: Transformer, folder: str | Path, dtype: str = "float32",
   On several processes every process must call this (gathering is collective); only process 0 writes.
   """
   folder = Path(folder)
+  model = convert_layers(model, False)  # HF names each layer's tensors: unstack scanned layers
   cfg = model.cfg
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
   tensors: dict[str, np.ndarray] = {}

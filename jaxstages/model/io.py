@@ -26,7 +26,7 @@ from jaxstages.config import config_hash
 from jaxstages.data.tokenizer import load_tokenizer
 from jaxstages.model.config import ModelConfig, model_config, stage_model_config
 from jaxstages.model.hf import config_from_hf, import_hf
-from jaxstages.model.transformer import Transformer, create_model
+from jaxstages.model.transformer import Transformer, convert_layers, create_model
 from jaxstages.sharding import DEFAULT_RULES, LogicalRules, make_mesh, param_shardings
 
 
@@ -43,12 +43,17 @@ def save_params(model: Transformer, folder: str | Path) -> Path:
 
 def load_params(folder: str | Path, mesh: Mesh | None = None, rules: LogicalRules = DEFAULT_RULES,
                 **config_overrides) -> Transformer:
-  """Reads what `save_params` wrote; `config_overrides` may change numerics (dtype, remat), not shapes."""
+  """Reads what `save_params` wrote; `config_overrides` may change numerics (dtype, remat) and the layers' layout
+  (`scan_layers`: converted after reading), not shapes."""
   folder = Path(folder).absolute()
   cfg_path = folder / "model_config.json"
   if not cfg_path.exists():
     raise FileNotFoundError(f"{cfg_path} not found: not a jaxstages params folder")
   cfg = model_config(json.loads(cfg_path.read_text()), **config_overrides)
+  saved_layout = bool(json.loads(cfg_path.read_text()).get("scan_layers", False))
+  if cfg.scan_layers != saved_layout:  # read in the layout it was saved in, then convert
+    model = load_params(folder, mesh, rules, **dict(config_overrides, scan_layers=saved_layout))
+    return convert_layers(model, cfg.scan_layers, mesh, rules)
   model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   graphdef, abstract = nnx.split(model)
   if mesh is None:
@@ -87,7 +92,8 @@ def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RUL
   """A model from `source`: a stage folder (its `config.json`, `tokenizer/` and `checkpoints/`; latest step unless
   `step`), its `checkpoints/` folder, a params folder (`model_config.json`), or `hf:FOLDER`. A stage or params
   folder's model config is its own unless `model_cfg` is given (then a checkpoint that does not fit names the
-  tensor and both shapes). A stage that trained more than the policy (PPO's critic) keeps the policy as its own
+  tensor and both shapes); a stage folder's checkpoint loads into either layer layout (`scan_layers`), converted
+  after reading. A stage that trained more than the policy (PPO's critic) keeps the policy as its own
   subtree of the checkpoint (`jaxstages.checkpoint.POLICY`): that subtree is what is loaded."""
   source = str(source)
   if source.startswith("hf:"):
@@ -100,10 +106,14 @@ def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RUL
   if not checkpoints.exists():
     raise FileNotFoundError(f"{source}: neither a stage folder (with checkpoints/), a params folder (with "
                             "model_config.json) nor hf:FOLDER")
-  model_cfg = model_cfg or model_config_of(stage_dir)
-  graphdef, target = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, 0)))
+  saved_cfg = model_config_of(stage_dir) if model_cfg is None or (stage_dir / "config.json").exists() else None
+  model_cfg = model_cfg or saved_cfg
+  # read in the layout the stage trained in (scanned layers or a list; without the stage's config, the one asked
+  # for), then convert to the one asked for
+  read_cfg = model_cfg.replace(scan_layers=(saved_cfg or model_cfg).scan_layers)
+  graphdef, target = nnx.split(nnx.eval_shape(lambda: create_model(read_cfg, 0)))
   params = restore_params(checkpoints, target, param_shardings(target, mesh, rules), step=step)
-  return nnx.merge(graphdef, params)
+  return convert_layers(nnx.merge(graphdef, params), model_cfg.scan_layers, mesh, rules)
 
 
 def load_stage(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None):

@@ -15,7 +15,12 @@ KV cache layout (`KVCache`), batch-first everywhere so that one `jax.tree.map` c
 A forward with a cache writes its `seq` new keys/values at `index` (per row), then attends over the whole cache:
 slot `j` is visible to the query in slot `i` when `j <= i` and their segment ids are equal and non-zero. Slot order is
 time order for every row, so left- and right-padded batches, ragged prompts and one-token decoding all use the same
-rule; positions are only used for RoPE.
+rule; positions are only used for RoPE. The attention itself is one of the kernels of `jaxstages.model.attention`
+(`cfg.attention`), all with this rule.
+
+With `cfg.scan_layers` the layers' parameters are stacked (`[num_layers, ...]`, logical axis `layers`) and a forward
+without a cache runs them with `jax.lax.scan` (one traced layer: compile time flat in depth); a forward with a cache
+(decoding) runs them as a loop over slices of the stack. `convert_layers` turns one layout into the other.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxstages.model.attention import attend
 from jaxstages.model.config import ModelConfig
 from jaxstages.sharding import DEFAULT_RULES, constrain, param_shardings
 
@@ -125,13 +131,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def attention_mask(q_slots: Array, q_segments: Array, kv_slots: Array, kv_segments: Array) -> Array:
-  """`[batch, q, kv]` bool: causal in slot order, within one non-padding segment."""
-  causal = kv_slots[:, None, :] <= q_slots[:, :, None]
-  same = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)
-  return causal & same
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -175,19 +174,8 @@ class Attention(nnx.Module):
       k, v = new_k.astype(x.dtype), new_v.astype(x.dtype)
       q_slots = q_slots + index[:, None]
       kv_slots = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (b, k.shape[2]))
-    mask = attention_mask(q_slots, segment_ids, kv_slots, kv_segments)
-
-    # Grouped-query attention: the `groups` query heads sharing a KV head are folded into the query axis, so each
-    # KV head is one plain batched matmul `[b, kv] x (groups*t, d) @ (d, s)` (the fastest layout on XLA:CPU too).
-    kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    s = k.shape[2]
-    q = q.reshape(b, t, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = scores.reshape(b, kv, groups, t, s)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, kv, groups * t, s)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, groups, t, d)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, d)
+    out = attend(q, k, v, q_slots, segment_ids, kv_slots, kv_segments, implementation=cfg.attention,
+                 self_attention=cache is None, block=cfg.attention_block)
     out = constrain(out, ("batch", "seq", "act_heads", None))
     y = dense(out, self.o[...].astype(x.dtype), contract=2)
     return y, new_k, new_v
@@ -228,19 +216,66 @@ def _block_forward(block: Block, x, positions, segment_ids, inv_freq):
   return block(x, positions, segment_ids, inv_freq)[0]
 
 
-_remat_block_forward = nnx.remat(_block_forward)
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One `Block` whose every parameter is the `num_layers` layers' stacked along a new leading axis (logical axis
+  `layers`), initialised exactly as the unstacked `Block`s (same rng stream), so the two layouts are one model."""
+  blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
+  graphdef = nnx.graphdef(blocks[0])
+  is_var = lambda x: isinstance(x, nnx.Variable)
+
+  def stack(*vs):
+    return vs[0].replace(jnp.stack([v.get_value() for v in vs]),
+                         logical_axes=("layers",) + tuple(vs[0].get_metadata()["logical_axes"]))
+
+  return nnx.merge(graphdef, jax.tree.map(stack, *[nnx.state(b) for b in blocks], is_leaf=is_var))
 
 
 class Transformer(nnx.Module):
-  """Decoder-only LM. `model(tokens, positions, segment_ids, cache) -> (logits [batch, seq, vocab] f32, cache)`."""
+  """Decoder-only LM. `model(tokens, positions, segment_ids, cache) -> (logits [batch, seq, vocab] f32, cache)`.
+
+  `layers` is an `nnx.List` of `Block`s, or with `cfg.scan_layers` one `Block` of stacked parameters
+  (`stacked_blocks`) that the forward runs with `jax.lax.scan`; `convert_layers` turns one layout into the other.
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = _param(rngs, _normal(cfg), (cfg.vocab_size, cfg.hidden_size), cfg, ("vocab", "embed"))
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.layers = stacked_blocks(cfg, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, _normal(cfg), (cfg.hidden_size, cfg.vocab_size), cfg, ("embed", "vocab"))
+
+  def _blocks(self):
+    """Each layer as a `Block` (with scanned layers: a view of its slice of the stacked parameters)."""
+    if not self.cfg.scan_layers:
+      return list(self.layers)
+    graphdef, state = nnx.split(self.layers)
+    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.cfg.num_layers)]
+
+  def _trunk(self, x, positions, segment_ids, inv_freq):
+    """Every layer without a cache: a Python loop, or one `lax.scan` step per layer with `scan_layers`."""
+    cfg = self.cfg
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if not cfg.scan_layers:
+      forward = nnx.remat(_block_forward, policy=policy) if cfg.remat else _block_forward
+      for block in self.layers:
+        x = forward(block, x, positions, segment_ids, inv_freq)
+      return x
+    graphdef, state = nnx.split(self.layers)
+
+    def layer(x, layer_state):
+      return _block_forward(nnx.merge(graphdef, layer_state), x, positions, segment_ids, inv_freq), None
+
+    if cfg.remat:
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)  # inside scan CSE cannot hoist the recompute
+    return jax.lax.scan(layer, x, state)[0]
 
   def hidden_states(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
                     cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
@@ -261,15 +296,14 @@ class Transformer(nnx.Module):
     x = table[tokens]
     x = constrain(x, ("batch", "seq", "act_embed"))
     if cache is None:
-      forward = _remat_block_forward if cfg.remat else _block_forward
-      for block in self.layers:
-        x = forward(block, x, positions, segment_ids, inv_freq)
-      return self.final_norm(x), None
+      return self.final_norm(self._trunk(x, positions, segment_ids, inv_freq)), None
     chex.assert_shape(cache.index, (b,))
     new_segments = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))(
         cache.segment_ids, segment_ids, cache.index)
     ks, vs = [], []
-    for i, block in enumerate(self.layers):
+    # decoding keeps the per-layer cache tuple (batch-first arrays the sampler slices and repeats) and so runs the
+    # layers as a loop, also with scan_layers
+    for i, block in enumerate(self._blocks()):
       layer_cache = (cache.k[i], cache.v[i], new_segments, cache.index)
       x, k, v = block(x, positions, segment_ids, inv_freq, layer_cache)
       ks.append(k)
@@ -277,12 +311,15 @@ class Transformer(nnx.Module):
     new_cache = KVCache(k=tuple(ks), v=tuple(vs), segment_ids=new_segments, index=cache.index + t)
     return self.final_norm(x), new_cache
 
+  def head(self) -> Array:
+    """The output projection `[embed, vocab]` in the compute dtype (the embedding table's transpose when tied)."""
+    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return head.astype(self.cfg.compute_dtype)
+
   def logits(self, hidden: Array) -> Array:
     """`[batch, seq, embed]` hidden states -> `[batch, seq, vocab]` float32 logits."""
-    dtype = hidden.dtype
-    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
     # float32 out even from bf16 inputs: log-probs (RL ratios, KL) need more than bf16's 8 bits of mantissa
-    logits = dense(hidden, head.astype(dtype), preferred_element_type=jnp.float32)
+    logits = dense(hidden, self.head().astype(hidden.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "act_vocab"))
 
   def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
@@ -302,3 +339,30 @@ def create_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None
   shardings = param_shardings(abstract_state, mesh, rules or DEFAULT_RULES)
   state = jax.jit(lambda: nnx.state(Transformer(cfg, nnx.Rngs(seed))), out_shardings=shardings)()
   return nnx.merge(graphdef, state)
+
+
+def convert_layers(model: Transformer, scan_layers: bool, mesh: jax.sharding.Mesh | None = None,
+                   rules=None) -> Transformer:
+  """The same model with its layers stacked for `lax.scan` (`scan_layers=True`) or as a list of `Block`s; a model
+  already in that layout is returned as is. On a mesh the result is laid out by the rules (the stacked `layers` axis
+  unsharded)."""
+  cfg = model.cfg
+  if cfg.scan_layers == scan_layers:
+    return model
+  new_cfg = cfg.replace(scan_layers=scan_layers)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(new_cfg, nnx.Rngs(0))))
+  pure = nnx.state(model).to_pure_dict()
+
+  def convert(pure):
+    pure = dict(pure)
+    if scan_layers:
+      pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[pure["layers"][i] for i in range(cfg.num_layers)])
+    else:
+      pure["layers"] = {i: jax.tree.map(lambda x, i=i: x[i], pure["layers"]) for i in range(cfg.num_layers)}
+    return pure
+
+  out_shardings = None
+  if mesh is not None:
+    out_shardings = param_shardings(abstract, mesh, rules or DEFAULT_RULES).to_pure_dict()
+  abstract.replace_by_pure_dict(jax.jit(convert, out_shardings=out_shardings)(pure))
+  return nnx.merge(graphdef, abstract)

@@ -20,7 +20,7 @@ from jaxstages.config import ConfigError, check_keys, from_config
 from jaxstages.data.pipeline import PACKED_KINDS
 from jaxstages.data.tokenizer import load_tokenizer
 from jaxstages.flops import forward_flops_per_token, train_flops_per_token
-from jaxstages.losses import (check_same_vocab, forward_kl, generalized_jsd, reverse_kl,
+from jaxstages.losses import (check_same_vocab, chunked_logits_map, forward_kl, generalized_jsd, reverse_kl,
                               sampled_token_reverse_kl_advantage, token_log_probs, topk_tail_log_probs,
                               truncated_forward_kl)
 from jaxstages.model.io import load_model
@@ -97,25 +97,33 @@ def distill_loss_fn(cfg: DistillConfig):
   `[batch, seq]`) with the teacher's outputs added by `prepare` (`teacher_outputs`): (sum of the per-token divergence
   over `loss_mask`, trained tokens, {nll: the student's NLL of the row's tokens})."""
 
-  def loss(model: nnx.Module, batch):
-    logits, _ = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
-    mask = batch["loss_mask"].astype(jnp.float32)
-    token_lp = token_log_probs(logits, batch["targets"])
+  def per_token(logits, targets, *teacher):
+    """(student log-prob of the target, divergence) of one chunk of positions, from its logits."""
+    token_lp = token_log_probs(logits, targets)
     if cfg.divergence == "sampled_reverse_kl":
+      return token_lp, jnp.zeros_like(token_lp)  # the divergence is the advantage-weighted log-prob, below
+    if cfg.top_k:
+      return token_lp, truncated_forward_kl(logits, *teacher, cfg.temperature)
+    divergence = {"forward_kl": forward_kl, "reverse_kl": reverse_kl,
+                  "jsd": functools.partial(generalized_jsd, beta=cfg.beta)}[cfg.divergence]
+    return token_lp, divergence(logits, *teacher, temperature=cfg.temperature)
+
+  def loss(model: nnx.Module, batch):
+    hidden, _ = model.hidden_states(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    mask = batch["loss_mask"].astype(jnp.float32)
+    teacher = {"sampled_reverse_kl": (), "top_k": (batch.get("teacher_topk_ids"), batch.get("teacher_topk_logprobs")),
+               "full": (batch.get("teacher_logits"),)}
+    kind = "sampled_reverse_kl" if cfg.divergence == "sampled_reverse_kl" else "top_k" if cfg.top_k else "full"
+    # the student's logits in chunks of `logits_chunk` positions (jaxstages.losses.chunked_logits_map)
+    token_lp, divergence = chunked_logits_map(per_token, hidden, model.head(), batch["targets"], *teacher[kind],
+                                              chunk=model.cfg.logits_chunk)
+    extra = {}
+    if kind == "sampled_reverse_kl":
       advantage = sampled_token_reverse_kl_advantage(token_lp, batch["teacher_token_logprobs"])
-      per_token = -advantage * token_lp  # its gradient is the policy gradient of −KL(q‖p)
+      divergence = -advantage * token_lp  # its gradient is the policy gradient of −KL(q‖p)
       extra = {"reverse_kl_estimate": jnp.sum(-advantage * mask)}
-    elif cfg.top_k:
-      per_token = truncated_forward_kl(logits, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-                                       cfg.temperature)
-      extra = {}
-    else:
-      divergence = {"forward_kl": forward_kl, "reverse_kl": reverse_kl,
-                    "jsd": functools.partial(generalized_jsd, beta=cfg.beta)}[cfg.divergence]
-      per_token = divergence(logits, batch["teacher_logits"], temperature=cfg.temperature)
-      extra = {}
     nll = jnp.sum(jnp.where(mask != 0, -token_lp * mask, 0.0))
-    return jnp.sum(jnp.where(mask != 0, per_token * mask, 0.0)), jnp.sum(mask), {"nll": nll, **extra}
+    return jnp.sum(jnp.where(mask != 0, divergence * mask, 0.0)), jnp.sum(mask), {"nll": nll, **extra}
 
   return loss
 
@@ -127,13 +135,16 @@ def teacher_outputs(cfg: DistillConfig):
   `teacher_token_logprobs [batch, seq]` of the row's own next tokens."""
 
   def fn(teacher: nnx.Module, batch):
-    logits, _ = teacher(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    hidden, _ = teacher.hidden_states(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+    head, chunk = teacher.head(), teacher.cfg.logits_chunk
     if cfg.divergence == "sampled_reverse_kl":
-      return {"teacher_token_logprobs": token_log_probs(logits, batch["targets"])}
+      return {"teacher_token_logprobs": chunked_logits_map(token_log_probs, hidden, head, batch["targets"],
+                                                           chunk=chunk)}
     if cfg.top_k:
-      ids, lps = topk_tail_log_probs(logits, cfg.top_k, cfg.temperature)
+      ids, lps = chunked_logits_map(lambda logits: topk_tail_log_probs(logits, cfg.top_k, cfg.temperature), hidden,
+                                    head, chunk=chunk)
       return {"teacher_topk_ids": ids, "teacher_topk_logprobs": lps}
-    return {"teacher_logits": logits.astype(jnp.float32)}
+    return {"teacher_logits": chunked_logits_map(lambda logits: logits, hidden, head)}
 
   return fn
 

@@ -60,7 +60,7 @@ from jaxstages.config import ConfigError, check_keys, from_config
 from jaxstages.data import tasks
 from jaxstages.evaluation import kl_drift_fn
 from jaxstages.flops import forward_flops_per_token, train_flops_per_token
-from jaxstages.losses import token_log_probs
+from jaxstages.losses import model_token_log_probs, token_log_probs
 from jaxstages.model.io import load_model
 from jaxstages.rewards import verify
 from jaxstages.sampling import SamplingConfig, sample, stop_ids, unpad_prompts
@@ -78,8 +78,12 @@ def sequence_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -
   logits `[batch, seq, vocab]`, targets and mask `[batch, seq]` -> `[batch]`.
   """
   chex.assert_rank([logits, targets, mask], [3, 2, 2])
-  chex.assert_equal_shape([targets, mask])
-  lp = token_log_probs(logits, targets)
+  return masked_sum(token_log_probs(logits, targets), mask)
+
+
+def masked_sum(lp: jax.Array, mask: jax.Array) -> jax.Array:
+  """Per-token log-probs `[batch, seq]` summed over positions where `mask` is nonzero (weighted by it) -> `[batch]`."""
+  chex.assert_equal_shape([lp, mask])
   mask = mask.astype(jnp.float32)
   # Masked positions may hold pad/ignore ids whose gathered value is garbage or NaN; select rather than multiply so
   # they cannot poison the sum.
@@ -214,8 +218,10 @@ def pair_log_probs(model: nnx.Module, batch) -> tuple[jax.Array, jax.Array, jax.
   segments = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])[:, :-1]
   rows, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t - 1, dtype=jnp.int32), (rows, t - 1))  # right-padded: 0, 1, 2, ...
-  logits, _ = model(tokens[:, :-1], positions, segments)
-  logps = sequence_log_probs(logits, tokens[:, 1:], mask)
+  # log-probs from hidden states in chunks of the model's `logits_chunk` positions (jaxstages.losses), never the
+  # `[2 * batch, seq, vocab]` logits at once
+  lp = model_token_log_probs(model, tokens[:, :-1], tokens[:, 1:], positions, segments)
+  logps = masked_sum(lp, mask)
   lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
   half = rows // 2
   return logps[:half], logps[half:], lengths[:half], lengths[half:]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxstages.losses import token_log_probs
+from jaxstages.losses import model_token_log_probs
 
 
 def per_sequence_nll(nll: jax.Array, mask: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -40,8 +40,8 @@ def per_sequence_nll(nll: jax.Array, mask: jax.Array, segment_ids: jax.Array) ->
 def sft_per_sequence_loss(model: nnx.Module, batch: dict[str, jax.Array]
                           ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """Per-sequence normalisation: (sum of per-conversation mean NLLs, number of conversations, trained tokens)."""
-  logits, _ = model(batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+  nll = -model_token_log_probs(model, batch["tokens"], batch["targets"], batch.get("positions"),
+                               batch.get("segment_ids"))
   mask = batch["loss_mask"].astype(jnp.float32)
-  nll = -token_log_probs(logits, batch["targets"])
   total, count = per_sequence_nll(nll, mask, batch["segment_ids"])
   return total, count, {"trained_tokens": jnp.sum(mask)}
