@@ -108,7 +108,7 @@ def from_config(cls: type[T], config: Mapping[str, Any] | ml_collections.ConfigD
 
 # keys added after runs were named by their hash: at these values they are left out of the hash, so the committed
 # runs and models made before the key existed keep their names
-HASH_NEUTRAL = {"solution_format": "expanded",
+HASH_NEUTRAL = {"solution_format": "expanded", "recall_drills": 0.0,
                 # model fields every preset spells out since they became overridable from the command line
                 # (configs/train.py), the accelerator options added with them, and Adam's moment dtype
                 "dtype": "float32", "param_dtype": "float32", "remat": False, "init_std": 0.02, "head_dim": None,

@@ -12,7 +12,7 @@ import grain
 import numpy as np
 import pytest
 
-from jaxstages.config import ConfigError
+from jaxstages.config import HASH_NEUTRAL, ConfigError
 from jaxstages.data import pipeline as pl
 from jaxstages.data import tasks
 
@@ -174,6 +174,33 @@ def test_pretrain_loss_on_solution_trains_exactly_the_solution_and_answer(tok):
         assert trained[-1] == tok.eos_id and tok.decode(trained[:-1].tolist()) == solution
         n += 1
   assert n >= 8
+
+
+def test_recall_drills_replace_that_share_of_solutions_with_each_constant_by_name(tok):
+  """`task.recall_drills=0.5`: about half the documents train a line of `name value` pairs, one per constant of the
+  problem (each pair read back against the problem's own constants), and the other half the usual solution."""
+  cfg = pl.data_config(dict(kind="pretrain", task=dict(TASK, recall_drills=0.5), seq_len=256, batch_size=4, seed=3,
+                            loss_on="solution"))
+  problems = {}
+  for i in range(300):
+    p = tasks.generate(cfg.task, 3, "train", i)
+    text = tasks.recall_document(p) if tasks.is_recall_drill(p, 0.5) else tasks.pretrain_document(p)
+    problems[tuple(pl.lm_document(tok, text)["tokens"].tolist())] = p
+  drills = solutions = 0
+  for batch in take(pl.make_pipeline(cfg, tok, 0, 1), 4):
+    for row in unbatch(batch):
+      for start, stop in segments(row):
+        p = problems[tuple(row["tokens"][start:stop].tolist())]
+        trained = tok.decode(row["targets"][start:stop][row["loss_mask"][start:stop] > 0][:-1].tolist()).strip()
+        if trained == p.solution():
+          solutions += 1
+          continue
+        constants = {p.names[n]: p.nodes[n].value for n in p.order if p.nodes[n].kind == "const"}
+        pairs = dict((name, int(value)) for name, value in (pair.split() for pair in trained.split(" ; ")))
+        assert pairs == constants
+        drills += 1
+  assert drills >= 4 and solutions >= 4, (drills, solutions)
+  assert tasks.TaskConfig().recall_drills == 0.0 and "recall_drills" in HASH_NEUTRAL
 
 
 # -- SFT ------------------------------------------------------------------------------------------------------------

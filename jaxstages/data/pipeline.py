@@ -518,7 +518,11 @@ def _source_dataset(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer, pr
     return lm_document(tokenizer, text, prefix)
 
   if src.format == "pretrain":
-    docs = indices.map(lambda i: lm(tasks.pretrain_document, problem(i)))
+    def pretrain(p: tasks.Problem) -> dict:
+      drill = tasks.is_recall_drill(p, task.recall_drills)
+      return lm(tasks.recall_document if drill else tasks.pretrain_document, p)
+
+    docs = indices.map(lambda i: pretrain(problem(i)))
   elif src.format == "instruction":
     docs = indices.map(lambda i: lm(tasks.instruction_document, problem(i)))
   elif src.format == "sft":

@@ -186,6 +186,8 @@ class TaskConfig:
   names: int | None = None  # draw quantity names from each context's first k names (None: the whole pool)
   solution_format: str = "expanded"  # a solution line: "expanded" `y = a op b = va op vb = r`, "inline"
   #                                     `y = a va op b vb = r` or "lookup" `y = a op b ; a = va ; b = vb ; y = r`
+  recall_drills: float = 0.0  # share of pre-training documents whose solution is a look-up drill instead
+  #                             (`recall_document`): every constant of the problem restated by name, in random order
 
   def __post_init__(self):
     for key, allowed in (("surface", SURFACES), ("order", ("dependency", "shuffled")), ("reach", ("any", "near")),
@@ -196,6 +198,8 @@ class TaskConfig:
       raise ConfigError(f"task ops {self.ops} must be a non-empty subset of {OPS}")
     if self.op_range[0] < 1 or self.op_range[0] > self.op_range[1]:
       raise ConfigError(f"task op_range {self.op_range} must be (lo, hi) with 1 <= lo <= hi")
+    if not 0 <= self.recall_drills <= 1:
+      raise ConfigError(f"task recall_drills={self.recall_drills} must be in [0, 1]")
     if not 0 < self.eval_fraction < 1:
       raise ConfigError(f"eval_fraction {self.eval_fraction} must be in (0, 1)")
     for key in ("phrasings", "names"):
@@ -566,6 +570,22 @@ THINK_FLAG, NO_THINK_FLAG = "/think", "/no_think"
 def pretrain_document(p: Problem) -> str:
   """Plain text for pre-training: the problem, its solution and the answer."""
   return p.text() + "\n" + p.solution()
+
+
+def recall_document(p: Problem) -> str:
+  """A look-up drill for pre-training: the problem, then one line with each of its constants as `name value` (how
+  the inline format writes an operand), in an order drawn from the problem's identity. It trains the one skill a
+  solution cannot do without and a small model is slow to learn: a value found by its name (docs/learnability.md).
+  The line opens with a space so its first name is the same token as in the problem (`▁p1`, not a bare `p1`)."""
+  rng = np.random.default_rng([p.seed, SPLITS[p.split], p.index, 11])
+  constants = [n for n in p.order if p.nodes[n].kind == "const"]
+  pairs = [f"{p.names[n]} {p.nodes[n].value}" for n in rng.permutation(constants)]
+  return p.text() + "\n " + " ; ".join(pairs)
+
+
+def is_recall_drill(p: Problem, share: float) -> bool:
+  """Whether pre-training writes problem `p` as a `recall_document` (a pure function of its identity)."""
+  return share > 0 and np.random.default_rng([p.seed, SPLITS[p.split], p.index, 12]).random() < share
 
 
 def instruction_document(p: Problem) -> str:
