@@ -115,6 +115,7 @@ def test_rl_efficiency_at_minimal_scale(workdir):
   assert arm["rl"]["flops"]["mean"] > 0 and arm["sft"]["flops"]["mean"] > 0
 
 
+@pytest.mark.slow  # ~2-4 min each: the default run keeps one RL arm per experiment family
 def test_online_vs_offline_measures_grpos_drift(workdir):
   results = run_experiment(online_vs_offline, workdir, "--arms", "grpo")
   (drift,) = results["arms"]["grpo"]["drift"]
@@ -123,6 +124,7 @@ def test_online_vs_offline_measures_grpos_drift(workdir):
   assert values and all(0.0 <= v <= 1.0 for v in values)
 
 
+@pytest.mark.slow  # ~2-4 min each: the default run keeps one RL arm per experiment family
 def test_rl_scaling_and_distill_vs_rl_share_the_small_model_rl_runs(workdir):
   scaling = run_experiment(rl_scaling, workdir, "--arms", "1 layer")
   runs = sorted(p.name for p in (workdir / "minimal" / "runs").iterdir())

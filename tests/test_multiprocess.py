@@ -32,6 +32,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # the loss function as 2 processes; the default run has the commands (tests/test_hosts.py)
 def test_two_processes_match_one_process(tmp_path, devices):
   from flax import nnx
 

@@ -145,11 +145,12 @@ def _saves_under_way(run_dir) -> set:
   return set(run_dir.glob("*/checkpoints/*.orbax-checkpoint-tmp*"))
 
 
-def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_stage, tmp_path):
-  """`jaxstages run` as a process, SIGKILLed ten times and re-run until it finishes, writes the same report and
-  final params as the uninterrupted library run: six kills at random moments once the process is at work (start-up,
+@pytest.mark.parametrize("at_work,at_save", [(2, 2), pytest.param(6, 4, marks=pytest.mark.slow)])
+def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_stage, tmp_path, at_work, at_save):
+  """`jaxstages run` as a process, SIGKILLed and re-run until it finishes, writes the same report and final params
+  as the uninterrupted library run: `at_work` kills at random moments once the process is at work (start-up,
   training, sampling, saving, evaluating, between stages: each re-run resumes, so the kills spread over the
-  pipeline), then four while a checkpoint save is being written."""
+  pipeline), then `at_save` while a checkpoint save is being written (the slow variant: 6 + 4)."""
   reference_dir, pipeline, _ = two_stage
   config = tmp_path / "pipeline.py"
   config.write_text(f"def get_config():\n  return {pipeline!r}\n")
@@ -160,16 +161,16 @@ def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_sta
   for attempt in range(40):
     started, stale = time.time(), _saves_under_way(run_dir)
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if kills < 10:
-      at_save, delay = kills >= 6, rng.uniform(0.0, 3.0)
+    if kills < at_work + at_save:
+      saving, delay = kills >= at_work, rng.uniform(0.0, 3.0)
       while proc.poll() is None and time.time() < started + 120:
-        if at_save and _saves_under_way(run_dir) - stale:
+        if saving and _saves_under_way(run_dir) - stale:
           break
-        if not at_save and _newest_mtime(run_dir) > started and time.time() > started + delay:
+        if not saving and _newest_mtime(run_dir) > started and time.time() > started + delay:
           break  # the process has written something (it is at work) and the drawn delay has passed
-        time.sleep(0.002 if at_save else 0.02)
+        time.sleep(0.002 if saving else 0.02)
       if proc.poll() is None:
-        during_saves += bool(at_save and _saves_under_way(run_dir) - stale)
+        during_saves += bool(saving and _saves_under_way(run_dir) - stale)
         os.kill(proc.pid, signal.SIGKILL)
         kills += 1
         phases.append(_phase(run_dir))
@@ -177,8 +178,9 @@ def test_pipeline_killed_anywhere_finishes_with_the_uninterrupted_report(two_sta
     if proc.returncode == 0:
       break
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
-  assert proc.returncode == 0 and kills == 10 and during_saves >= 3, (kills, during_saves)
-  assert {p.split()[0] for p in phases} >= {"pre", "rl"}, phases  # the kills reached both stages
+  assert proc.returncode == 0 and kills == at_work + at_save and during_saves >= at_save - 1, (kills, during_saves)
+  if at_work + at_save >= 10:  # with ten kills they reach both stages (seed 0); four may all land in the first
+    assert {p.split()[0] for p in phases} >= {"pre", "rl"}, phases
   assert _outcome(run_dir) == _outcome(reference_dir)
   for stage in ("pre", "rl"):
     for a, b in zip(_final_params(run_dir / stage), _final_params(reference_dir / stage), strict=True):
