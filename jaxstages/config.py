@@ -106,6 +106,20 @@ def from_config(cls: type[T], config: Mapping[str, Any] | ml_collections.ConfigD
   return cls(**values)
 
 
+_BOUNDS = {">=1": lambda v: v >= 1, ">0": lambda v: v > 0, ">=0": lambda v: v >= 0,
+           "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def check_bounds(obj: Any, where: str, **bounds: str) -> None:
+  """Raises `ConfigError` naming the key, its value and the bound for the first field of `obj` (a dataclass) outside
+  its bound: `check_bounds(cfg, "stage config", steps=">=1", lr=">0")`; None values are not checked (they mean a
+  default)."""
+  for key, bound in bounds.items():
+    value = getattr(obj, key)
+    if value is not None and not isinstance(value, bool) and not _BOUNDS[bound](value):
+      raise ConfigError(f"{key}={value!r} in {where}: must be {bound}")
+
+
 # keys added after runs were named by their hash: at these values they are left out of the hash, so the committed
 # runs and models made before the key existed keep their names
 HASH_NEUTRAL = {"solution_format": "expanded",

@@ -1,14 +1,18 @@
-"""Metrics to `metrics.jsonl` and TensorBoard event files, and a progress bar that stays quiet off a terminal."""
+"""Metrics to `metrics.jsonl` and TensorBoard event files, and progress that works everywhere: a tqdm bar on a
+terminal, one line per log to stderr elsewhere (nohup, SLURM, `| tee`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+from absl import logging as absl_logging
 from tqdm import tqdm
 
 
@@ -85,3 +89,43 @@ def progress(total: int, desc: str, initial: int = 0) -> tqdm:
   """A tqdm bar with ETA; disabled when stderr is not a terminal, under CI, or off process 0."""
   quiet = not sys.stderr.isatty() or os.environ.get("CI") == "true" or jax.process_index() != 0
   return tqdm(total=total, initial=initial, desc=desc, disable=quiet, dynamic_ncols=True)
+
+
+def on_terminal() -> bool:
+  """Whether a bar can redraw in place: stderr is a terminal and not under CI."""
+  return sys.stderr.isatty() and os.environ.get("CI") != "true"
+
+
+class TrainProgress:
+  """A stage's progress on process 0: a tqdm bar on a terminal; elsewhere one line per `log` to stderr with the
+  step, loss, tokens per second and the time left (a log file of a long job shows where it is)."""
+
+  def __init__(self, total: int, desc: str, initial: int = 0):
+    self.total, self.desc, self.step = total, desc, initial
+    self.enabled = jax.process_index() == 0
+    self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True) if (
+        self.enabled and on_terminal()) else None
+
+  def log(self, step: int, row: dict[str, Any]) -> None:
+    if self.bar is not None:
+      self.bar.update(step - self.step)
+      self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+    elif self.enabled:
+      eta = max(self.total - step, 0) * row.get("step_time_s", 0.0)
+      print(f"{self.desc}: step {step}/{self.total}  loss {row['loss']:.4f}  "
+            f"{row.get('tokens_per_s', 0.0):,.0f} tokens/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+            file=sys.stderr, flush=True)
+    self.step = step
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+  """The libraries' routine logs (orbax's per-checkpoint notes and warnings go through absl) shown only when asked
+  (`--verbose`); their errors always."""
+  level = logging.INFO if verbose else logging.ERROR
+  for name in ("absl", "orbax", "jax._src.distributed"):
+    logging.getLogger(name).setLevel(level)
+  absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.ERROR)  # orbax logs through absl

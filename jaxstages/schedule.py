@@ -15,7 +15,8 @@ extra forward passes and updates) are within half a step of its budget (`stage.f
 A stage starts from the previous stage's folder unless its overrides set `stage.init_from`; any string value
 `"stage:NAME"` in a stage's config is replaced by that stage's folder (a distillation teacher, a DPO reference).
 All stages share one tokenizer (`RUN/tokenizer`). Re-running the same command resumes: finished stages (and their
-evaluations) are skipped, an interrupted one resumes from its last checkpoint.
+evaluations) are skipped, an interrupted one resumes from its last checkpoint. A stage whose config changed since
+it ran (`stage_hashes.json`) is refused, never mixed into the report; `--force` re-runs it and the stages after it.
 
 The run folder: `config.json`, one folder per stage (the stage's own files, `eval.json`), `report.json` (per stage:
 steps, tokens, planned and spent FLOPs, wall time summed over every attempt at the stage, killed ones included, MFU
@@ -35,13 +36,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxstages.config import ConfigError, apply_overrides, check_keys, load_config, to_dict
+from jaxstages.config import ConfigError, apply_overrides, check_keys, config_hash, load_config, to_dict
 from jaxstages.data.pipeline import data_config
 from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
-from jaxstages.evaluation import EvalConfig, evaluate
+from jaxstages.evaluation import EvalConfig, evaluate, prompt_for
 from jaxstages.metrics import write_atomic
 from jaxstages.model.config import ModelConfig, model_config, vocab_size_for
 from jaxstages.model.io import load_model
+from jaxstages.runfolder import RunFolderError, check_name, local, locked, start_or_restore
 from jaxstages.sharding import initialize_distributed, make_mesh, sync_processes
 from jaxstages.stages import objective_block, planned_step
 from jaxstages.train import peak_flops_per_device, run_stage
@@ -58,7 +60,7 @@ def _stage_entries(config: Mapping) -> list[dict]:
     check_keys(e, STAGE_KEYS, f"pipeline stage {e.get('name', '?')!r}")
     if not e.get("name") or not e.get("config"):
       raise ConfigError(f"every pipeline stage needs a name and a config; got {e}")
-  names = [e["name"] for e in entries]
+  names = [check_name(e["name"], "pipeline stage") for e in entries]
   if len(set(names)) != len(names):
     raise ConfigError(f"pipeline stage names must be unique: {names}")
   return entries
@@ -108,7 +110,10 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
       cfg["stage"]["init_from"] = str(previous)
     cfg["stage"]["tokenizer"] = str(run_dir / "tokenizer")
     cfg = _replace_stage_refs(cfg, run_dir)
-    lengths = [k for k in ("steps", "tokens", "flops") if e.get(k)]
+    lengths = [k for k in ("steps", "tokens", "flops") if e.get(k) is not None]
+    for k in lengths:  # a length of 0 is a mistake, never "the preset's"
+      if not isinstance(e[k], (int, float)) or isinstance(e[k], bool) or e[k] < 1:
+        raise ConfigError(f"pipeline stage {e['name']!r}: {k}={e[k]!r} must be a number >= 1")
     if e["name"] in split:
       lengths.append("split")
     if len(lengths) > 1:
@@ -116,11 +121,11 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
                         f"not {lengths}")
     teacher = shapes.get(str(dict(cfg.get("distill") or {}).get("teacher")))  # a teacher trained earlier in the run
     plan = stage_plan(cfg, tokenizer_vocab, teacher)
-    if e.get("steps"):
+    if "steps" in lengths:
       steps = int(e["steps"])
-    elif e.get("tokens"):
+    elif "tokens" in lengths:
       steps = math.ceil(float(e["tokens"]) / plan["tokens_per_step"])
-    elif e.get("flops") or e["name"] in split:
+    elif "flops" in lengths or e["name"] in split:
       budget = float(e.get("flops") or compute["total_flops"] * float(split[e["name"]]))
       steps = max(1, round(budget / plan["flops_per_step"]))
       if "flops_per_step_min" in plan:  # RL: a step's FLOPs are known once sampled; run until the budget is spent
@@ -150,36 +155,73 @@ def stage_plan(cfg: Mapping, tokenizer_vocab: int | None = None, teacher_model=N
                       teacher_model)
 
 
-def _eval_config(pipeline: Mapping, entry: Mapping, kind: str, data_prompt: str = "chat") -> EvalConfig:
+def _eval_config(pipeline: Mapping, entry: Mapping, config: Mapping | None = None) -> EvalConfig:
   values = dict(pipeline.get("eval") or {})
-  # a base model is prompted with the problem as a document, a chat-tuned one with the user turn; an RL stage with
-  # document prompts (RL straight from a base) keeps the document
-  default = "document" if kind in ("pretrain", "midtrain") or data_prompt == "document" else "chat"
-  values["prompt"] = entry.get("eval_prompt") or values.get("prompt") or default
+  values["prompt"] = entry.get("eval_prompt") or values.get("prompt") or prompt_for(config)
   return EvalConfig.from_config(values)
 
 
-def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path) -> dict:
+STAGE_HASHES = "stage_hashes.json"  # in a run folder: {stage: the hash of the config it was run with}
+
+
+def stage_hash(cfg: Mapping, previous: str | None, run_dir: Path) -> str:
+  """The hash of a stage's full training config and of the stage before it (so a change reaches every later stage),
+  with the run folder's own path left out (a run folder may be moved)."""
+  text = json.dumps({"config": cfg, "previous": previous}, sort_keys=True, default=str)
+  return config_hash(json.loads(text.replace(str(run_dir), "RUN")))
+
+
+def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path, force: bool = False) -> dict:
   """Runs (or resumes) every stage of the pipeline in order, evaluates each, and writes `report.json` and
-  `report.md`. Returns the report."""
+  `report.md`. Returns the report.
+
+  Each stage's config hash (`stage_hash`) is recorded in `stage_hashes.json` when it starts; a stage that was run
+  with another config (and so every stage after it) is refused with a `RunFolderError` naming it, or, with `force`,
+  its folder is moved to `RUN/replaced/NAME-HASH` and the stage re-run. An evaluation made with another protocol
+  (`eval`) is made again. One writer at a time (`runfolder.locked`)."""
   initialize_distributed()  # several processes: each runs this same function; process 0 writes the shared files
   config = to_dict(config)
-  run_dir = Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  first = stage_configs(config, run_dir)[0][1]
-  have_tokenizer = (run_dir / "tokenizer").exists()
-  sync_processes("jaxstages: run folder looked at")  # every process decided before process 0 writes
-  if not have_tokenizer:  # one tokenizer for every stage: the first stage's start's, or trained (alike everywhere)
-    start = first["stage"].get("init_from")
-    found = next((p for p in ([Path(start) / "tokenizer", Path(start).parent / "tokenizer"] if start else [])
-                  if p.exists()), None)
-    tokenizer = load_tokenizer(found) if found else task_tokenizer(data_config(first["data"]).task)
+  run_dir = local(run_dir, "workdir")
+  with locked(run_dir):
+    return _run_pipeline(config, run_dir, force)
+
+
+def _run_pipeline(config: dict, run_dir: Path, force: bool) -> dict:
+  with start_or_restore(run_dir, rewritten=("config.json", STAGE_HASHES)):
+    first = stage_configs(config, run_dir)[0][1]
+    have_tokenizer = (run_dir / "tokenizer").exists()
+    sync_processes("jaxstages: run folder looked at")  # every process decided before process 0 writes
+    if not have_tokenizer:  # one tokenizer for every stage: the first stage's start's, or trained (alike everywhere)
+      start = first["stage"].get("init_from")
+      found = next((p for p in ([Path(start) / "tokenizer", Path(start).parent / "tokenizer"] if start else [])
+                    if p.exists()), None)
+      tokenizer = load_tokenizer(found) if found else task_tokenizer(data_config(first["data"]).task)
+      if jax.process_index() == 0:
+        tokenizer.save(run_dir / "tokenizer")
+      sync_processes("jaxstages: run tokenizer saved")
+    stages = stage_configs(config, run_dir, load_tokenizer(run_dir / "tokenizer").vocab_size)
+    hashes_path = run_dir / STAGE_HASHES
+    hashes = json.loads(hashes_path.read_text()) if hashes_path.exists() else {}
+    previous, replace = None, []
+    for entry, cfg in stages:
+      name, stage_dir = entry["name"], run_dir / entry["name"]
+      entry["hash"] = previous = stage_hash(cfg, previous, run_dir)
+      recorded = hashes.get(name, entry["hash"])  # a stage run before hashes were recorded is taken as it is
+      if (stage_dir / "config.json").exists() and recorded != entry["hash"]:
+        if not force:
+          raise RunFolderError(
+              f"stage {name!r} in {run_dir} was run with another config (hash {recorded}, now {entry['hash']}; "
+              "its own or an earlier stage's changed); run with --force to re-run it and the stages after it (the "
+              f"old folders move to {run_dir / 'replaced'}), or use another --workdir")
+        replace.append((stage_dir, f"{name}-{recorded}"))
     if jax.process_index() == 0:
-      tokenizer.save(run_dir / "tokenizer")
-    sync_processes("jaxstages: run tokenizer saved")
-  stages = stage_configs(config, run_dir, load_tokenizer(run_dir / "tokenizer").vocab_size)
-  if jax.process_index() == 0:
-    write_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str))
+      for stage_dir, aside in replace:
+        (run_dir / "replaced").mkdir(exist_ok=True)
+        target = run_dir / "replaced" / aside
+        while target.exists():
+          target = target.with_name(target.name + "-again")
+        stage_dir.rename(target)
+      write_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str))
   rows = []
   for entry, cfg in stages:
     stage_dir = run_dir / entry["name"]
@@ -187,10 +229,16 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     done = (summary.get("steps") == cfg["stage"]["steps"]
             and summary.get("finished", summary["step"] == summary["steps"]))
+    eval_cfg = _eval_config(config, entry, cfg)
     eval_path = stage_dir / "eval.json"
-    evaluated = eval_path.exists()
+    # an evaluation made with another protocol (problems, samples, prompt) is made again
+    evaluated = eval_path.exists() and done and (
+        json.loads(eval_path.read_text())["config"] == json.loads(json.dumps(dataclasses.asdict(eval_cfg))))
     sync_processes(f"jaxstages: stage {entry['name']} looked at")  # the same decisions on every process
     if not done:
+      if jax.process_index() == 0:  # recorded before the stage writes anything: a killed one resumes under it
+        hashes[entry["name"]] = entry["hash"]
+        write_atomic(run_dir / STAGE_HASHES, json.dumps(hashes, indent=2))
       run_stage(cfg, stage_dir)  # records its wall time per attempt (killed ones too): the summary sums them
       summary = json.loads(summary_path.read_text())  # process 0 wrote it before every process left run_stage
     if evaluated:
@@ -198,14 +246,13 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
     else:
       mesh = make_mesh()
       model = load_model(stage_dir, mesh)
-      result = evaluate(model, load_tokenizer(run_dir / "tokenizer"), data_config(cfg["data"]).task,
-                        _eval_config(config, entry, cfg["stage"]["kind"], cfg["data"].get("prompt", "chat")),
+      result = evaluate(model, load_tokenizer(run_dir / "tokenizer"), data_config(cfg["data"]).task, eval_cfg,
                         mesh=mesh, show_progress=False)
       del model
       if jax.process_index() == 0:
         write_atomic(eval_path, json.dumps(result, indent=2))
     rows.append(_report_row(entry, cfg, summary, _wall_seconds(summary, stage_dir), result, config))
-  protocol = dataclasses.asdict(_eval_config(config, {}, kind=""))  # the sampling protocol shared by every stage
+  protocol = dataclasses.asdict(_eval_config(config, {}))  # the sampling protocol shared by every stage
   report = {"name": config.get("name", run_dir.name), "run_dir": str(run_dir), "stages": rows,
             "eval": {k: protocol[k] for k in ("problems", "n", "ks", "temperature")},
             "total_flops": sum(r["flops"] for r in rows), "total_wall_s": sum(r["wall_s"] for r in rows)}
