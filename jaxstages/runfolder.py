@@ -13,6 +13,7 @@ leaving the folder as it was.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -24,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
-from etils import epath
 
 LOCK = ".jaxstages.lock"
 RESERVED = ("tokenizer", "checkpoints", "broken_checkpoints", "tensorboard", "eval", "replaced")
@@ -46,22 +46,17 @@ def check_name(name: str, where: str) -> str:
 
 def local(folder: str | os.PathLike, what: str = "workdir") -> Path:
   """`folder` as a local `Path`; a URL (`gs://...`) fails with a clear message instead of becoming a local folder
-  named `gs:` (checkpoints reach cloud storage through orbax; the run folder's own files are local)."""
+  named `gs:`. Checkpoints reach cloud storage through orbax (`etils.epath`), but a run folder's lock, metrics and
+  tokenizer are local files."""
   text = os.fspath(folder)
   if "://" in text:
-    backend = "available" if _has_backend(text) else "not installed"
+    scheme = text.split("://")[0]
+    backend = {"gs": "gcsfs", "s3": "s3fs"}.get(scheme)
+    have = f"; its backend {backend} is {'installed' if backend and importlib.util.find_spec(backend) else 'not installed'}"
     raise RunFolderError(f"{what} {text}: a run folder must be a local path (its lock, metrics and tokenizer are "
-                         f"local files; the {text.split('://')[0]}:// backend is {backend}); train into a local "
-                         "folder and copy it, or mount the bucket (gcsfuse)")
+                         f"local files{have if backend else ''}); train into a local folder and copy it, or mount the "
+                         "bucket (gcsfuse)")
   return Path(text)
-
-
-def _has_backend(url: str) -> bool:
-  try:
-    epath.Path(url).exists()
-  except Exception:  # noqa: BLE001 - a missing backend (gcsfs, tensorflow) or no credentials: not usable here
-    return False
-  return True
 
 
 def _alive(pid: int) -> bool:
