@@ -237,3 +237,32 @@ def test_a_cloud_workdir_is_refused_clearly_not_made_a_local_folder(tmp_path):
                         capture_output=True, text=True, timeout=600)
   one_line_error(done, "gs://no-such-bucket/run", "local path")
   assert not (tmp_path / "gs:").exists()
+
+
+# 5. configs
+
+
+def test_configs_load_from_the_checkout_the_command_runs_in(tmp_path, monkeypatch):
+  """A checkout's own `configs/` (here with a changed `toy` size) is what `configs/train.py:pretrain-toy` and the
+  `models.py` it reads come from, not the copy beside the installed package; a file it lacks falls back to it."""
+  shutil.copytree(REPO / "configs", tmp_path / "configs")
+  models = tmp_path / "configs" / "models.py"
+  models.write_text(models.read_text().replace("vocab_size=512, hidden_size=128", "vocab_size=512, hidden_size=96"))
+  (tmp_path / "configs" / "data.py").unlink()  # not in this checkout: the package's copy
+  monkeypatch.chdir(tmp_path)
+  from jaxstages.config import load_config
+
+  assert load_config("configs/train.py:pretrain-toy").model.hidden_size == 96
+  assert load_config("models.py:toy").hidden_size == 96
+  assert load_config(str(REPO / "configs" / "train.py") + ":pretrain-toy").model.hidden_size == 128
+
+
+def test_a_named_model_size_replaces_the_model_block():
+  """`--config.model=qwen2.5-0.5b`: the whole model block of that size (its dtype included); a misspelt name is
+  refused with the nearest sizes."""
+  from jaxstages.config import apply_overrides, load_config
+
+  config = apply_overrides(load_config("configs/train.py:pretrain-toy"), ["model=qwen2.5-0.5b", "model.num_layers=2"])
+  assert (config.model.hidden_size, config.model.num_layers, config.model.dtype) == (896, 2, "bfloat16")
+  with pytest.raises(ConfigError, match="unknown model size 'qwen2.5-05b'.*qwen2.5-0.5b"):
+    apply_overrides(load_config("configs/train.py:pretrain-toy"), ["model=qwen2.5-05b"])
