@@ -127,7 +127,7 @@ def write_manifest(step_dir: epath.Path) -> None:
            for p in _files(step_dir) if not p.name.startswith(MANIFEST)}
   tmp = step_dir / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps({"files": files}))
-  tmp.rename(step_dir / MANIFEST)
+  tmp.replace(step_dir / MANIFEST)  # over an older one (a params folder re-made in place)
 
 
 def check_step(step_dir: epath.Path) -> str | None:

@@ -2,7 +2,8 @@
 
   jaxstages smoke                                  the model's end-to-end smoke run (CPU-sized)
   jaxstages train --config C --workdir D [--config.KEY=VALUE ...]   train one stage (resumable)
-  jaxstages plan --config C                        parameters, FLOPs and compiled memory of a stage
+  jaxstages plan --config C                        parameters, FLOPs and compiled memory of a stage (any kind) or of
+                                                   each stage of a pipeline
   jaxstages run --config P [--workdir D]           a pipeline of stages and its report card (resumable)
   jaxstages eval RUN_DIR --ops 1,2,3 --n 8 --k 1,8   pass@k / maj@k by op and context
   jaxstages sample --checkpoint RUN_DIR             look at samples
@@ -32,7 +33,7 @@ from jaxstages.model.io import load_stage
 from jaxstages.rewards import verify
 from jaxstages.runfolder import RunFolderError
 from jaxstages.sampling import SamplingConfig, sample, stop_ids
-from jaxstages.schedule import load_pipeline, report_markdown, run_pipeline
+from jaxstages.schedule import load_pipeline, plan_pipeline, report_markdown, run_pipeline
 from jaxstages.sharding import initialize_distributed
 from jaxstages.train import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted, plan_stage, run_stage
 
@@ -90,7 +91,17 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-  plan = plan_stage(_stage_config(args))
+  config = load_config(args.config)
+  if "stages" in config:  # a pipeline: each stage as the run would configure it
+    config = apply_overrides(config, args.overrides)
+    plans = plan_pipeline(config, f"runs/{config.get('name', 'pipeline')}")
+  else:
+    plans = [plan_stage(apply_overrides(config, args.overrides))]
+  for plan in plans:
+    _print_plan(plan)
+
+
+def _print_plan(plan: dict) -> None:
   mib = lambda b: f"{b / 2**20:,.1f} MiB"
   mem = plan["memory_per_device_bytes"]
   print(f"stage {plan['stage']} ({plan['kind']}) on mesh {plan['mesh']}")
@@ -102,6 +113,9 @@ def _plan(args: argparse.Namespace) -> None:
   print(f"  memory per device arguments {mib(mem['argument'])}, outputs {mib(mem['output'])} "
         f"(aliased {mib(mem['alias'])}), temporaries {mib(mem['temp'])}; peak ~{mib(mem['peak_estimate'])}")
   print(f"  compiled in       {plan['compile_s']:.1f} s")
+  for note in (plan["memory_note"], plan["flops_note"]):
+    if note:
+      print(f"  note: {note}")
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -46,7 +46,7 @@ from jaxstages.model.io import load_model
 from jaxstages.runfolder import RunFolderError, check_name, local, locked, start_or_restore
 from jaxstages.sharding import initialize_distributed, make_mesh, sync_processes
 from jaxstages.stages import objective_block, planned_step
-from jaxstages.train import peak_flops_per_device, run_stage
+from jaxstages.train import peak_flops_per_device, plan_stage, run_stage
 
 PIPELINE_KEYS = ("name", "stages", "overrides", "eval", "compute", "price_per_chip_hour")
 STAGE_KEYS = ("name", "config", "overrides", "steps", "tokens", "flops", "eval_prompt")
@@ -139,6 +139,12 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
     previous = run_dir / e["name"]
     shapes[str(previous)] = _model_shape(cfg, tokenizer_vocab)
   return out
+
+
+def plan_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path) -> list[dict]:
+  """`train.plan_stage` of every stage of a pipeline, as the run would configure it (lengths, chained starts); nothing
+  is written and no earlier stage needs to exist."""
+  return [plan_stage(cfg) for _, cfg in stage_configs(to_dict(config), Path(run_dir))]
 
 
 def _model_shape(cfg: Mapping, tokenizer_vocab: int | None) -> ModelConfig:

@@ -52,8 +52,8 @@ from jaxstages.runfolder import local, locked, start_or_restore
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, check_batch_divisible,
                                 data_parallel_size, global_batch_from_process_local, initialize_distributed,
                                 make_mesh, sync_processes, use_mesh)
-from jaxstages.stages import (LOSSES, OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step,
-                              stage_model, updates_per_step)
+from jaxstages.stages import (OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step, stage_model,
+                              update_step, updates_per_step)
 from jaxstages.state import TrainState, abstract_train_state, init_train_state, state_shardings
 
 Batch = Mapping[str, jax.Array]
@@ -690,44 +690,75 @@ def _run_stage(config, workdir: Path, devices, stop_after: int | None, attempt_s
   return summary
 
 
-def _abstract_batch(data_cfg) -> dict:
-  """Shapes of a global batch of a packed (pretrain / midtrain / sft) pipeline."""
-  b, t = data_cfg.batch_size, data_cfg.seq_len
-  ints = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-  return {**ints, "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32), "source": jax.ShapeDtypeStruct((b,),
-                                                                                                           jnp.int32)}
+def _abstract_batch(data_cfg, tokenizer) -> dict:
+  """Shapes of one global batch of a stage's pipeline (one process-local batch made, its rows times the processes)."""
+  local = next_batch_or_explain(make_pipeline(data_cfg, tokenizer), data_cfg, "plan")
+  return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype)
+          for k, v in local.items()}
+
+
+CPU_MEMORY_NOTE = ("compiled for CPU: XLA:CPU keeps temporaries an accelerator's compiler would fuse away, so these "
+                   "figures overstate an accelerator's; run plan where the stage will run for its own")
 
 
 def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None) -> dict:
-  """Sizes a stage without training: parameters, FLOPs per step, and the AOT-compiled step's memory per device."""
+  """Sizes a stage of any kind without training or loading anything: parameters, FLOPs per step, and the
+  AOT-compiled update step's memory per device, on the batch shapes the stage's update trains on
+  (`stages.update_step`: a pipeline batch, plus what its `prepare` adds, or RL's rollout rows).
+
+  XLA counts a scanned body once, so its FLOPs come from the step compiled without micro-batches on one
+  minibatch's rows, times the updates per step; the memory from the step as configured. `memory_note` says when
+  the compile was for CPU (its temporaries are no guide to an accelerator's)."""
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
-  if stage.kind not in LOSSES:
-    raise ConfigError(f"plan sizes the packed-data stages ({', '.join(LOSSES)}), not {stage.kind!r}")
-  tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else task_tokenizer(data_cfg.task, n_samples=200)
+  block = objective_block(stage.kind, config)
+  # the configured tokenizer where it exists (a pipeline's run tokenizer is made when the run starts)
+  tokenizer = (load_tokenizer(stage.tokenizer) if stage.tokenizer and Path(stage.tokenizer).exists() else
+               task_tokenizer(data_cfg.task, n_samples=200))
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   check_positions(model_cfg, data_positions(data_cfg))
-  optimizer, schedule = make_optimizer(OptimConfig.from_config(config.get("optim")), stage.steps)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, stage.seed)))
+  loss, batch, minibatches, epochs = update_step(stage.kind, block, model_cfg, data_cfg,
+                                                 _abstract_batch(data_cfg, tokenizer))
+  teacher = block.get("teacher")
+  teacher_cfg = model_config_of(teacher) if teacher and (teacher.startswith("hf:") or Path(teacher).exists()) else None
+  planned = planned_step(stage.kind, block, model_cfg, data_cfg, teacher_cfg or model_cfg)
+  optimizer, schedule = make_optimizer(OptimConfig.from_config(config.get("optim")),
+                                       stage.steps * minibatches * epochs)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: stage_model(stage.kind, block, create_model(
+      initial_model_config(stage, model_cfg), stage.seed), None, rules)))
   abstract = TrainState(params, jax.eval_shape(optimizer.init, params), jax.ShapeDtypeStruct((), jnp.int32),
                         jax.eval_shape(lambda: jax.random.key(0)))
   shardings = state_shardings(abstract, optimizer, mesh, rules)
-  step = make_train_step(graphdef, optimizer, LOSSES[stage.kind], mesh, shardings, schedule, stage.micro_batches,
-                         rules)
+
+  def compiled_step(micro_batches: int, minibatches: int, epochs: int, rows_batch: dict):
+    step = make_train_step(graphdef, optimizer, loss, mesh, shardings, schedule, micro_batches, rules, minibatches,
+                           epochs)
+    return step.lower(abstract, rows_batch).compile()
+
   start = time.perf_counter()
-  compiled = step.lower(abstract, _abstract_batch(data_cfg)).compile()
+  compiled = compiled_step(stage.micro_batches, minibatches, epochs, batch)
   compile_s = time.perf_counter() - start
+  updates = minibatches * epochs
+  if stage.micro_batches > 1 or updates > 1:  # one unscanned update on one minibatch's rows, counted `updates` times
+    rows = next(iter(batch.values())).shape[0] // minibatches
+    one = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+    flop_cost = compiled_step(1, 1, 1, one).cost_analysis()
+  else:
+    flop_cost = compiled.cost_analysis()
+  flop_cost = flop_cost[0] if isinstance(flop_cost, list) else flop_cost
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  tokens = data_cfg.batch_size * data_cfg.seq_len
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")
   mem = {f.removesuffix("_size_in_bytes"): int(getattr(memory, f, 0) or 0) for f in fields}
   # donated state aliases its output, so arguments + outputs - aliased + temporaries is what is live at the peak
   mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  platform = mesh.devices.flat[0].platform
   return {"stage": stage.name, "kind": stage.kind, "mesh": dict(mesh.shape), "params": param_count(model_cfg),
-          "tokens_per_step": tokens, "steps": stage.steps,
-          "flops_per_step": train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens,
-          "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)), "memory_per_device_bytes": mem,
+          "tokens_per_step": planned["tokens_per_step"], "steps": stage.steps,
+          "flops_per_step": planned["flops_per_step"],
+          "xla_flops_per_step_per_device": float(flop_cost.get("flops", 0.0)) * updates,
+          "memory_per_device_bytes": mem, "platform": platform,
+          "memory_note": CPU_MEMORY_NOTE if platform == "cpu" else None,
+          "flops_note": None if teacher_cfg or not teacher else (
+              f"teacher {teacher} not found: its forwards counted at the student's shape"),
           "compile_s": compile_s}

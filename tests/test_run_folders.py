@@ -266,3 +266,43 @@ def test_a_named_model_size_replaces_the_model_block():
   assert (config.model.hidden_size, config.model.num_layers, config.model.dtype) == (896, 2, "bfloat16")
   with pytest.raises(ConfigError, match="unknown model size 'qwen2.5-05b'.*qwen2.5-0.5b"):
     apply_overrides(load_config("configs/train.py:pretrain-toy"), ["model=qwen2.5-05b"])
+
+
+# 6. plan
+
+
+def test_plan_of_a_pipeline_sizes_each_stage_and_says_its_memory_is_a_cpu_compile():
+  """`jaxstages plan --config configs/pipelines/quickstart.py` (the example of its own --help): every stage, GRPO
+  included, sized as the run would configure it, each with the note that CPU-compiled memory is no accelerator's."""
+  out = jaxstages("plan", "--config", "configs/pipelines/quickstart.py").stdout
+  stages = [line.split()[1:3] for line in out.splitlines() if line.startswith("stage ")]
+  assert stages == [["pretrain", "(pretrain)"], ["midtrain", "(midtrain)"], ["sft", "(sft)"], ["rl", "(grpo)"]], out
+  assert out.count("note: compiled for CPU") == 4, out
+
+
+@pytest.mark.parametrize("name, extra", [("dpo-toy", ["data.seq_len=128"]), ("distill-toy", ["data.seq_len=128"]),
+                                         ("ppo-toy", ["ppo.max_new_tokens=16", "ppo.group_size=2"])])
+def test_plan_sizes_the_other_stage_kinds_on_their_update_batches(name, extra):
+  """DPO (pairs and reference log-probs), distillation (the teacher's outputs; the teacher not yet trained) and PPO
+  (rollout rows, the critic): the update step compiles on the shapes the stage trains on; model and XLA FLOPs
+  agree."""
+  from jaxstages.config import apply_overrides, load_config
+  from jaxstages.train import plan_stage
+
+  tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+          "model.intermediate_size=128", "data.batch_size=8"]
+  plan = plan_stage(apply_overrides(load_config(f"configs/train.py:{name}"), tiny + extra))
+  assert plan["kind"] == name.split("-")[0] and plan["memory_per_device_bytes"]["peak_estimate"] > 0
+  assert 0.4 < plan["xla_flops_per_step_per_device"] * 8 / plan["flops_per_step"] < 1.5, plan
+
+
+def test_plan_flops_count_every_micro_batch():
+  """XLA counts a scanned body once: with 4 micro-batches the plan's XLA FLOPs are still the whole step's."""
+  from jaxstages.config import apply_overrides, load_config
+  from jaxstages.train import plan_stage
+
+  tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+          "model.intermediate_size=128", "data.batch_size=32", "data.seq_len=128"]
+  one, four = (plan_stage(apply_overrides(load_config("configs/train.py:sft-toy"), tiny + [f"stage.micro_batches={m}"]))
+               for m in (1, 4))
+  assert four["xla_flops_per_step_per_device"] == pytest.approx(one["xla_flops_per_step_per_device"], rel=0.05)
