@@ -564,7 +564,7 @@ def _run_stage(config, workdir: Path, devices, stop_after: int | None, attempt_s
     return global_batch_from_process_local(next_batch_or_explain(data_iter, data_cfg, f"stage {stage.name!r}"),
                                            mesh, rules)
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, resumed_from=resumed_from)
   tokens_per_step = objective.tokens_per_step or data_cfg.batch_size * data_cfg.seq_len
   flops_per_step = objective.flops_per_step or train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens_per_step
   peak = peak_flops_per_device(stage.peak_flops_per_device)

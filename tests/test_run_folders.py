@@ -306,3 +306,53 @@ def test_plan_flops_count_every_micro_batch():
   one, four = (plan_stage(apply_overrides(load_config("configs/train.py:sft-toy"), tiny + [f"stage.micro_batches={m}"]))
                for m in (1, 4))
   assert four["xla_flops_per_step_per_device"] == pytest.approx(one["xla_flops_per_step_per_device"], rel=0.05)
+
+
+# 7. TensorBoard
+
+
+def _events(folder: Path) -> list:
+  """Every event of a folder's TensorBoard files, in the order written (TFRecords: length, CRC, event, CRC)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  out = []
+  for path in sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+      i += 12 + n + 4
+  return out
+
+
+def test_tensorboard_tags_are_grouped_constants_written_once_and_a_resume_purges_what_it_redoes(tmp_path):
+  """Tags under train/, eval/, rollout/, time/; a value that does not change is one point; a run resumed from step 2
+  marks its restart (TensorBoard's purge of steps >= 3), so after TensorBoard drops the purged events every step
+  has one value."""
+  from jaxstages.metrics import MetricsWriter
+
+  first = MetricsWriter(tmp_path)
+  for step in (1, 2, 3, 4):
+    first.write(step, {"loss": 5.0 - step, "lr": 1e-3, "eval_loss": 9.0, "reward_mean": 0.5, "time_sampling_s": step,
+                       "tokens_per_s": 100.0 * step})
+  first.close()
+  again = MetricsWriter(tmp_path, resumed_from=2)
+  for step in (3, 4):
+    again.write(step, {"loss": 5.0 - step, "lr": 1e-3})
+  again.close()
+  points: dict[str, dict[int, list[float]]] = {}
+  for event in _events(tmp_path / "tensorboard"):
+    if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+      for by_step in points.values():  # what TensorBoard does with a restart at `purge_step`
+        for step in [s for s in by_step if s >= event.step]:
+          del by_step[step]
+    for value in event.summary.value:
+      points.setdefault(value.tag, {}).setdefault(event.step, []).append(value.simple_value)
+  assert set(points) == {"train/loss", "train/lr", "eval/loss", "rollout/reward_mean", "time/sampling_s",
+                         "time/tokens_per_s"}
+  assert sorted(points["train/loss"]) == [1, 2, 3, 4] and all(len(v) == 1 for v in points["train/loss"].values())
+  assert list(points["eval/loss"]) == [1] and list(points["rollout/reward_mean"]) == [1]
+  assert sorted(points["train/lr"]) == [1, 3]  # once per attempt: the resumed writer's first value
