@@ -252,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _join_spaced(args: list[str]) -> list[str]:
+  """absl's space-separated form `--config.KEY VALUE` as `--config.KEY=VALUE`."""
+  out, i = [], 0
+  while i < len(args):
+    a = args[i]
+    if a.startswith("--config.") and "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("--"):
+      out.append(f"{a}={args[i + 1]}")
+      i += 2
+    else:
+      out.append(a)
+      i += 1
+  return out
+
+
 # errors a user can act on (a config, a folder, a checkpoint, a lock): one line on the command line, the traceback
 # behind --verbose
 USER_ERRORS = (ConfigError, FileNotFoundError, BrokenCheckpointError, CheckpointMismatchError, NonFiniteError,
@@ -263,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
   as one line and exits 1 (`--verbose`: with its traceback); called with `argv` (tests, scripts), it raises."""
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
+  rest = _join_spaced(rest)
   overrides = [a.removeprefix("--config.") for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
   if unknown or (overrides and args.command not in ("train", "plan", "run")):

@@ -356,3 +356,11 @@ def test_tensorboard_tags_are_grouped_constants_written_once_and_a_resume_purges
   assert sorted(points["train/loss"]) == [1, 2, 3, 4] and all(len(v) == 1 for v in points["train/loss"].values())
   assert list(points["eval/loss"]) == [1] and list(points["rollout/reward_mean"]) == [1]
   assert sorted(points["train/lr"]) == [1, 3]  # once per attempt: the resumed writer's first value
+
+
+def test_overrides_take_absls_space_separated_form_too(tmp_path):
+  from jaxstages.cli import main
+
+  with pytest.raises(ConfigError, match="steps=0 in stage config"):
+    main(["train", "--config", "configs/train.py:pretrain-toy", "--workdir", str(tmp_path / "w"),
+          "--config.stage.steps", "0"])
