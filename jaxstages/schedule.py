@@ -270,7 +270,8 @@ def _run_pipeline(config: dict, run_dir: Path, force: bool) -> dict:
 
 
 def plot_report(report: dict, path: str | Path) -> None:
-  """Strict pass@1 of every evaluation cell after each stage against the cumulative FLOPs spent so far (matplotlib
+  """Strict pass@1 of every evaluation cell after each stage against the cumulative FLOPs spent so far: one panel per
+  context, one line per op, a linear FLOPs axis with each stage's end marked and named above the panels (matplotlib
   is imported here, only when a report is plotted: it is the one heavy dependency of this module)."""
   import matplotlib
 
@@ -281,19 +282,25 @@ def plot_report(report: dict, path: str | Path) -> None:
   for r in report["stages"]:
     total += r["flops"]
     flops.append(total)
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for ctx, op in [(c["context"], c["op"]) for c in report["stages"][0]["eval"]]:
-    ys = [next((c["pass@1"] for c in r["eval"] if (c["context"], c["op"]) == (ctx, op)), float("nan"))
-          for r in report["stages"]]
-    ax.plot(flops, ys, marker="o", label=f"{ctx} op {op}")
-  for x, r in zip(flops, report["stages"]):
-    ax.annotate(r["stage"], (x, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-  ax.set_xscale("log")
-  ax.set_xlabel("cumulative FLOPs")
-  ax.set_ylabel("strict pass@1" + (" (greedy)" if report.get("eval", {}).get("n", 1) == 1 else ""))
-  ax.set_ylim(-0.02, 1.02)
-  ax.set_title(report["name"])
-  ax.legend(fontsize=8)
+  cells = [(c["context"], c["op"]) for c in report["stages"][0]["eval"]]
+  contexts = list(dict.fromkeys(ctx for ctx, _ in cells))
+  fig, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts) + 1, 4), sharey=True, squeeze=False)
+  for ax, ctx in zip(axes[0], contexts):
+    for op in [op for c, op in cells if c == ctx]:
+      ys = [next((c["pass@1"] for c in r["eval"] if (c["context"], c["op"]) == (ctx, op)), float("nan"))
+            for r in report["stages"]]
+      ax.plot(flops, ys, marker="o", label=f"op {op}")
+    for i, (x, r) in enumerate(zip(flops, report["stages"])):  # names staggered: close stages do not overlap
+      ax.axvline(x, color="0.85", lw=0.8, zorder=0)
+      ax.annotate(r["stage"], (x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3 + 10 * (i % 2)),
+                  textcoords="offset points", ha="center", va="bottom", fontsize=7, rotation=30)
+    ax.set_xlim(0, total * 1.05 or 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("cumulative FLOPs")
+    ax.set_title(f"context {ctx}", pad=32)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel("strict pass@1" + (" (greedy)" if report.get("eval", {}).get("n", 1) == 1 else ""))
+  fig.suptitle(report["name"])
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
