@@ -130,7 +130,8 @@ def _eval(args: argparse.Namespace) -> None:
                    think={"on": True, "off": False, "none": None}[args.think], think_budget=args.think_budget,
                    seed=args.seed)
   result = evaluate_run(args.run, cfg, step=args.step, out_dir=args.out)
-  _say(markdown_table(result))
+  how = "as asked" if args.prompt else "the model's stage kind's (--prompt to change)"
+  _say(f"{result['config']['prompt']} prompts, {how}\n" + markdown_table(result))
   _say(f"written to {args.out or args.run.rstrip('/') + '/eval'}/eval.json and eval.md")
 
 

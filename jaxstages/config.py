@@ -25,7 +25,10 @@ from typing import Any, TypeVar
 
 import ml_collections
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the shipped configs: inside the package where an install put them (setup.py), else the source tree's
+CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent / "configs",
+                                Path(__file__).resolve().parent.parent / "configs") if d.is_dir()),
+                   Path(__file__).resolve().parent.parent / "configs")
 
 T = TypeVar("T")
 

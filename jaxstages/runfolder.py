@@ -6,8 +6,8 @@ leaving the folder as it was.
   process that is gone (same host, pid not running) is taken over with a warning; one from another host is only
   reported (its pid cannot be checked from here).
 - `check_name`: a stage name is one safe path component that is none of the run folder's own files.
-- `start_or_restore(folder)`: everything a failed start added to `folder` is removed again, and the files it
-  rewrote (`config.json`) get their old text back.
+- `start_or_restore(folder)`: what a failed start added to `folder` (`tokenizer/`, `checkpoints/`, `config.json`)
+  is removed again, and the files it rewrote (`config.json`) get their old text back.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def local(folder: str | os.PathLike, what: str = "workdir") -> Path:
   if "://" in text:
     scheme = text.split("://")[0]
     backend = {"gs": "gcsfs", "s3": "s3fs"}.get(scheme)
-    have = f"; its backend {backend} is {'installed' if backend and importlib.util.find_spec(backend) else 'not installed'}"
+    installed = bool(backend) and importlib.util.find_spec(backend) is not None
+    have = f"; its backend {backend} is {'installed' if installed else 'not installed'}"
     raise RunFolderError(f"{what} {text}: a run folder must be a local path (its lock, metrics and tokenizer are "
                          f"local files{have if backend else ''}); train into a local folder and copy it, or mount the "
                          "bucket (gcsfuse)")
@@ -112,19 +113,23 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
       folder.rmdir()
 
 
+STARTED = ("tokenizer", "checkpoints", "config.json")  # what a start writes into a run or stage folder
+
+
 @contextlib.contextmanager
-def start_or_restore(folder: str | os.PathLike, rewritten: tuple[str, ...] = ("config.json",)) -> Iterator[None]:
-  """A start that raises leaves `folder` as it was: entries it added are removed (the folder too, if it made it),
-  and the `rewritten` files get their old text back. Process 0 does the undoing."""
+def start_or_restore(folder: str | os.PathLike, started: tuple[str, ...] = STARTED,
+                     rewritten: tuple[str, ...] = ("config.json",)) -> Iterator[None]:
+  """A start that raises leaves `folder` as it was: the entries of `started` it added are removed, and the
+  `rewritten` files get their old text back. Nothing else is touched (a broken checkpoint set aside stays set
+  aside). Process 0 does the undoing."""
   folder = Path(folder)
-  existed = folder.exists()
-  before = set(os.listdir(folder)) if existed else set()
+  before = set(os.listdir(folder)) if folder.exists() else set()
   saved = {name: (folder / name).read_bytes() for name in rewritten if (folder / name).is_file()}
   try:
     yield
   except BaseException:
     if jax.process_index() == 0 and folder.exists():
-      for name in set(os.listdir(folder)) - before - {LOCK}:
+      for name in (set(started) & set(os.listdir(folder))) - before:
         path = folder / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
       for name, data in saved.items():

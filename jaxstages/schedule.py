@@ -193,7 +193,7 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
 
 
 def _run_pipeline(config: dict, run_dir: Path, force: bool) -> dict:
-  with start_or_restore(run_dir, rewritten=("config.json", STAGE_HASHES)):
+  with start_or_restore(run_dir):
     first = stage_configs(config, run_dir)[0][1]
     have_tokenizer = (run_dir / "tokenizer").exists()
     sync_processes("jaxstages: run folder looked at")  # every process decided before process 0 writes
@@ -220,14 +220,15 @@ def _run_pipeline(config: dict, run_dir: Path, force: bool) -> dict:
               "its own or an earlier stage's changed); run with --force to re-run it and the stages after it (the "
               f"old folders move to {run_dir / 'replaced'}), or use another --workdir")
         replace.append((stage_dir, f"{name}-{recorded}"))
-    if jax.process_index() == 0:
-      for stage_dir, aside in replace:
-        (run_dir / "replaced").mkdir(exist_ok=True)
-        target = run_dir / "replaced" / aside
-        while target.exists():
-          target = target.with_name(target.name + "-again")
-        stage_dir.rename(target)
-      write_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str))
+  if jax.process_index() == 0:  # past the start: nothing here is undone (the replaced folders are kept)
+    for stage_dir, aside in replace:
+      (run_dir / "replaced").mkdir(exist_ok=True)
+      target = run_dir / "replaced" / aside
+      while target.exists():
+        target = target.with_name(target.name + "-again")
+      stage_dir.rename(target)
+    write_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str))
+  sync_processes("jaxstages: run folder set up")
   rows = []
   for entry, cfg in stages:
     stage_dir = run_dir / entry["name"]

@@ -25,7 +25,8 @@ from jaxstages.flops import forward_flops_per_token, train_flops_per_token
 from jaxstages.model.config import ModelConfig
 from jaxstages.model.io import model_config_of
 from jaxstages.model.transformer import create_model
-from jaxstages.stages.distill import DistillConfig, distill_loss_fn, distill_objective, planned_distill_flops, teacher_outputs
+from jaxstages.stages.distill import (DistillConfig, distill_loss_fn, distill_objective, planned_distill_flops,
+                                     teacher_outputs)
 from jaxstages.stages.dpo import DPOConfig, dpo_loss_fn, dpo_objective
 from jaxstages.stages.grpo import grpo_loss_fn
 from jaxstages.stages.lm import lm_loss
@@ -126,7 +127,8 @@ def update_step(kind: str, block: Mapping[str, Any], model: ModelConfig, data, b
   if kind in ("grpo", "ppo"):
     cfg = rl_config(block, kind)
     rows, t = b * cfg.group_size, data.prompt_len + cfg.max_new_tokens - 1
-    batch = {**{k: i32(rows, t) for k in ROW_KEYS}, **{k: f32(rows, cfg.max_new_tokens) for k in update_keys(cfg, kind)}}
+    batch = {**{k: i32(rows, t) for k in ROW_KEYS},
+             **{k: f32(rows, cfg.max_new_tokens) for k in update_keys(cfg, kind)}}
     loss = ppo_loss_fn(cfg) if kind == "ppo" else grpo_loss_fn(cfg.policy_loss_config())
     return loss, batch, cfg.minibatches, cfg.epochs
   raise ConfigError(f"stage kind {kind!r} has no update step to plan")
