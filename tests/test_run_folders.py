@@ -142,6 +142,20 @@ def test_a_failed_start_leaves_the_folder_as_it_was(tmp_path):
   assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["notes.txt"]
 
 
+def test_a_fresh_start_replaces_a_stale_tokenizer_it_finds_in_the_workdir(tmp_path):
+  """A workdir with a `tokenizer/` but no checkpoint (left by a start that failed before starts were undone): a fresh
+  start trains with the tokenizer its config calls for and replaces the stale one, so `eval` decodes with the one
+  the model was trained with."""
+  from jaxstages.config import apply_overrides, load_config
+  from jaxstages.data.pipeline import data_config
+  from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
+
+  task = data_config(apply_overrides(load_config("configs/train.py:pretrain-toy"), []).data).task
+  task_tokenizer(task, vocab_size=730, n_samples=300).save(tmp_path / "pre" / "tokenizer")
+  train(tmp_path / "pre", "stage.steps=1", "stage.checkpoint_every=1", "stage.tokenizer=None")
+  assert load_tokenizer(tmp_path / "pre" / "tokenizer").vocab_size == task_tokenizer(task).vocab_size != 730
+
+
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path):
   """While a process holds the workdir's lock, `jaxstages train` there is refused naming its pid and host; a lock
   left by a process that is gone (same host) is taken over with a warning and released at the end."""
