@@ -1,7 +1,8 @@
 """Run folders that stay true: one writer at a time, names that stay inside the folder, and a start that fails
 leaving the folder as it was.
 
-- `locked(folder)`: a lock file (`.jaxstages.lock`, JSON with the holder's host and pid) taken by process 0 for as
+- `locked(folder)`: a lock (`.jaxstages.lock`, a symbolic link whose target is JSON with the holder's host and pid:
+  made with its content in one atomic step, never seen half-written) taken by process 0 for as
   long as a stage or a pipeline writes into `folder`; a second writer is refused naming the holder. A lock left by a
   process that is gone (same host, pid not running) is taken over with a warning; one from another host is only
   reported (its pid cannot be checked from here).
@@ -83,14 +84,15 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
   path = folder / LOCK
   me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
   while True:
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:  # a symbolic link whose target is the holder: created with its content in one atomic step
+      os.symlink(json.dumps(me), path)
     except FileExistsError:
       try:
-        holder = json.loads(path.read_text())
-      except (OSError, ValueError):  # being written this instant, or emptied: look again
-        time.sleep(0.1)
-        holder = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
+        holder = json.loads(os.readlink(path))
+      except FileNotFoundError:  # released this instant
+        continue
+      except (OSError, ValueError):
+        holder = {}
       if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
         yield  # re-entered: the outer holder releases it
         return
@@ -102,8 +104,6 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
       raise RunFolderError(
           f"{folder} is being written by pid {holder.get('pid')} on host {holder.get('host')} (since "
           f"{holder.get('since')}); wait for it to end, or, if that run is gone, delete {path}") from None
-    with os.fdopen(fd, "w") as f:
-      f.write(json.dumps(me))
     break
   try:
     yield

@@ -161,17 +161,17 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_pa
   left by a process that is gone (same host) is taken over with a warning and released at the end."""
   workdir = tmp_path / "pre"
   with locked(workdir):
-    held = json.loads((workdir / LOCK).read_text())
+    held = json.loads(os.readlink(workdir / LOCK))
     assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
     one_line_error(train(workdir, "stage.steps=1", ok=False), f"pid {os.getpid()}", socket.gethostname())
   assert not workdir.exists()  # the lock made the folder and took it back
   gone = subprocess.Popen(["true"])
   gone.wait()
   workdir.mkdir()
-  (workdir / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "since": "earlier"}))
+  os.symlink(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "since": "earlier"}), workdir / LOCK)
   done = train(workdir, "stage.steps=1", "stage.checkpoint_every=1")
   assert f"pid {gone.pid}" in done.stderr and "taking it over" in done.stderr, done.stderr[-2000:]
-  assert (workdir / "summary.json").exists() and not (workdir / LOCK).exists()
+  assert (workdir / "summary.json").exists() and not os.path.lexists(workdir / LOCK)
 
 
 def test_stage_names_are_path_components(tmp_path):
