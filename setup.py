@@ -8,7 +8,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["jaxstages", "jaxstages.*"]),
+    # the shipped configs go into the package as `jaxstages/configs` (jaxstages.config.CONFIGS_DIR), so an install
+    # that is not editable loads them too; a checkout's own `configs/` is read first
+    packages=find_packages(include=["jaxstages", "jaxstages.*"])
+    + ["jaxstages.configs", "jaxstages.configs.pipelines", "jaxstages.configs.recipes"],
+    package_dir={"jaxstages.configs": "configs"},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -6,7 +6,7 @@ torch, transformers, tokenizers, matplotlib, tensorboardX), which load only when
 the table below and enforces it. Bottom to top:
 
   layer  name        modules
-  1      base        config, metrics, sharding, state, optim, checkpoint
+  1      base        config, metrics, runfolder, sharding, state, optim, checkpoint
   2      data        data, data.tasks, data.tokenizer, data.pipeline, rewards
   3      model       model, model.config, model.attention, model.transformer, model.hf, model.io, flops, losses
   4      forwards    sampling, apply
@@ -17,8 +17,9 @@ the table below and enforces it. Bottom to top:
   8      drivers     schedule, smoke
   9      cli         cli
 
-- base: configs, metrics files, meshes and shardings, the train state, the optimizer, and checkpoints of train
-  states (orbax; a stage's params alone for the hand-off, `restore_params`).
+- base: configs, metrics files and progress, run folders (one writer's lock, safe names, a failed start undone),
+  meshes and shardings, the train state, the optimizer, and checkpoints of train states (orbax; a stage's params
+  alone for the hand-off, `restore_params`, checked against their manifests).
 - data: the synthetic task world, tokenizers, grain pipelines, and the verifier's rewards.
 - model: the decoder, HF import / export, and loading any model folder (`model.io`: `load_model`, `load_stage`,
   `export_stage`); FLOP counts of a model; every loss building block and divergence (`losses`: token log-probs,

@@ -127,7 +127,7 @@ def write_manifest(step_dir: epath.Path) -> None:
            for p in _files(step_dir) if not p.name.startswith(MANIFEST)}
   tmp = step_dir / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps({"files": files}))
-  tmp.rename(step_dir / MANIFEST)
+  tmp.replace(step_dir / MANIFEST)  # over an older one (a params folder re-made in place)
 
 
 def check_step(step_dir: epath.Path) -> str | None:
@@ -208,8 +208,7 @@ class Checkpointer:
         try:
           restored = self._restore(step, target, shardings)
         except Exception as e:  # noqa: BLE001 - any failure to read a step means: not this step
-          first_line = (str(e).splitlines() or [""])[0][:300]
-          problem = f"restoring it failed: {type(e).__name__}: {first_line}"
+          problem = f"restoring it failed: {_first_line(e)}"
       if problem is None:
         if broken:
           self._set_aside(broken, used=step)
@@ -280,28 +279,79 @@ def check_shapes(metadata, target, folder: Any) -> None:
                                     f"checkpoint but the model expects {tuple(want.shape)}")
 
 
+def check_fits(directory: str | epath.Path, target_params: Any) -> None:
+  """Raises `CheckpointMismatchError` when the latest readable checkpoint in `directory` holds params of another
+  shape than `target_params`: a stage re-run in its workdir with another model is refused, not resumed into (nor
+  its good checkpoints taken for broken ones). Unreadable steps are left to `Checkpointer.restore`."""
+  path = _path(directory)
+  steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True) if path.exists() else []
+  for step in steps:
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        metadata = reader.metadata(path / str(step) / "params")
+    except Exception:  # noqa: BLE001 - a damaged step: the restore sets it aside
+      continue
+    try:
+      check_shapes(metadata, target_params, f"{directory} (step {step})")
+    except CheckpointMismatchError as e:
+      raise CheckpointMismatchError(f"{e}: the workdir holds another model's checkpoints; train this config in "
+                                    "another workdir, or set the model back to the one in its config.json") from None
+    return
+
+
+def _first_line(e: Exception) -> str:
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
 def restore_params(directory: str | epath.Path, target_params: Any, shardings: Any, step: int | None = None):
-  """Only the parameters of another run's or stage's checkpoint (latest step by default): the stage hand-off.
+  """Only the parameters of another run's or stage's checkpoint (latest good step by default): the stage hand-off.
+
+  Each step is checked against its manifest (sizes and CRC-32, as a resume checks) before it is read. Without
+  `step`, a step that fails the check or fails to read is skipped with a warning naming it and the step used
+  instead (nothing is moved: a reader leaves the folder as it is); `BrokenCheckpointError` when no step is good, or
+  when the asked-for `step` is broken. A checkpoint of another model shape is a `CheckpointMismatchError`, never
+  skipped.
 
   When the saved params hold more than `target_params` under a `policy` key (PPO's policy and critic) and the
   target is not itself such a wrapper, the `policy` subtree alone is read (the critic's arrays are never loaded)."""
   path = _path(directory)
   manager = ocp.CheckpointManager(path, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    with ocp.StandardCheckpointer() as reader:
-      metadata = reader.metadata(path / str(step) / "params")
-    saved = _tree_of(metadata)
-    wrapped = (isinstance(saved, Mapping) and POLICY in saved and len(saved) > 1
-               and not (isinstance(target_params, Mapping) and POLICY in target_params))
-    if not wrapped:
-      check_shapes(metadata, target_params, f"{directory} (step {step})")
-      return manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(_abstract(target_params, shardings)))).params
+    broken = []
+    for s in steps:
+      problem = check_step(path / str(s))
+      if problem is None:
+        try:
+          params = _restore_params_step(manager, path, s, target_params, shardings, directory)
+        except CheckpointMismatchError:
+          raise
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means: not this step
+          problem = f"reading it failed: {_first_line(e)}"
+      if problem is None:
+        for b, why in broken:
+          warnings.warn(f"checkpoint step {b} in {directory} is broken ({why}); using step {s} instead",
+                        stacklevel=2)
+        return params
+      broken.append((s, problem))
   finally:
     manager.close()
+  raise BrokenCheckpointError(f"no good checkpoint in {directory}: " + "; ".join(
+      f"step {s}: {p}" for s, p in broken))
+
+
+def _restore_params_step(manager, path: epath.Path, step: int, target_params: Any, shardings: Any, directory):
+  with ocp.StandardCheckpointer() as reader:
+    metadata = reader.metadata(path / str(step) / "params")
+  saved = _tree_of(metadata)
+  wrapped = (isinstance(saved, Mapping) and POLICY in saved and len(saved) > 1
+             and not (isinstance(target_params, Mapping) and POLICY in target_params))
+  if not wrapped:
+    check_shapes(metadata, target_params, f"{directory} (step {step})")
+    return manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(target_params, shardings)))).params
   check_shapes(saved[POLICY], target_params, f"{directory} (step {step}, its {POLICY!r} params)")
   # a partial restore of the saved tree: the target names the `policy` subtree only
   abstract = {POLICY: _abstract(target_params, shardings)}

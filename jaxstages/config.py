@@ -25,7 +25,10 @@ from typing import Any, TypeVar
 
 import ml_collections
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the shipped configs: inside the package where an install put them (setup.py), else the source tree's
+CONFIGS_DIR = next((d for d in (Path(__file__).resolve().parent / "configs",
+                                Path(__file__).resolve().parent.parent / "configs") if d.is_dir()),
+                   Path(__file__).resolve().parent.parent / "configs")
 
 T = TypeVar("T")
 
@@ -106,6 +109,20 @@ def from_config(cls: type[T], config: Mapping[str, Any] | ml_collections.ConfigD
   return cls(**values)
 
 
+_BOUNDS = {">=1": lambda v: v >= 1, ">0": lambda v: v > 0, ">=0": lambda v: v >= 0,
+           "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def check_bounds(obj: Any, where: str, **bounds: str) -> None:
+  """Raises `ConfigError` naming the key, its value and the bound for the first field of `obj` (a dataclass) outside
+  its bound: `check_bounds(cfg, "stage config", steps=">=1", lr=">0")`; None values are not checked (they mean a
+  default)."""
+  for key, bound in bounds.items():
+    value = getattr(obj, key)
+    if value is not None and not isinstance(value, bool) and not _BOUNDS[bound](value):
+      raise ConfigError(f"{key}={value!r} in {where}: must be {bound}")
+
+
 # keys added after runs were named by their hash: at these values they are left out of the hash, so the committed
 # runs and models made before the key existed keep their names
 HASH_NEUTRAL = {"solution_format": "expanded", "recall_drills": 0.0,
@@ -132,31 +149,71 @@ def config_hash(config: Mapping[str, Any] | ml_collections.ConfigDict) -> str:
                                    default=str).encode()).hexdigest()[:12]
 
 
+_LOADING: list[Path] = []  # the folders of the config files being loaded, innermost last
+
+
+def config_dirs() -> list[Path]:
+  """Where a config spec that is not a path from the working folder is looked for, in order: the folder of the
+  config file that asks (`train.py` loading `models.py:toy` reads its own sibling; a file in a subfolder such as
+  `recipes/`, also the folder above), the working folder's `configs/`
+  (the checkout the user runs in), then the copy beside the package (`CONFIGS_DIR`), only as a fallback."""
+  asking = _LOADING[-1] if _LOADING else None  # configs/recipes/rl.py reads train.py from configs/
+  dirs = ([asking] + ([asking.parent] if asking.name != "configs" else []) if asking else [])
+  dirs += [Path.cwd() / "configs", CONFIGS_DIR]
+  return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def find_config(path_str: str) -> Path:
+  """The config file `path_str` names (`configs/train.py`, `train.py`, `pipelines/quickstart.py`, a path)."""
+  path = Path(path_str)
+  if path.is_file():
+    return path
+  for folder in config_dirs():
+    for candidate in (folder / path_str, folder / path_str.removeprefix("configs/")):
+      if candidate.is_file():
+        return candidate
+  raise ConfigError(f"config file {path_str!r} not found (looked as given and under "
+                    f"{', '.join(str(d) for d in config_dirs())})")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/file.py[:arg]` and returns its `get_config(arg)`.
 
-  Paths are tried as given and then relative to the repository's `configs/` folder, so
-  `load_config("models.py:toy")` and `load_config("configs/models.py:toy")` are the same config.
+  A path is tried as given, then under `config_dirs()`: so `load_config("models.py:toy")` and
+  `load_config("configs/models.py:toy")` are the same config, read from the checkout the command runs in (a config
+  file's own siblings first), the package's copy only where the checkout has none.
   """
   path_str, _, arg = spec.partition(":")
-  path = Path(path_str)
-  if not path.exists():
-    candidate = CONFIGS_DIR / path_str
-    if not candidate.exists() and (CONFIGS_DIR / path_str.removeprefix("configs/")).exists():
-      candidate = CONFIGS_DIR / path_str.removeprefix("configs/")
-    path = candidate
-  if not path.exists():
-    raise ConfigError(f"config file {path_str!r} not found (looked as given and under {CONFIGS_DIR})")
+  path = find_config(path_str).resolve()
   module_spec = importlib.util.spec_from_file_location(f"jaxstages_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path} has no get_config() function")
-  return module.get_config(arg) if arg else module.get_config()
+  _LOADING.append(path.parent)
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"config file {path} has no get_config() function")
+    return module.get_config(arg) if arg else module.get_config()
+  finally:
+    _LOADING.pop()
+
+
+NAMED_GROUPS = {"model": "models.py"}  # config groups a name may replace: `--config.model=qwen2.5-0.5b`
+
+
+def named_group(path: str, name: str, old: Mapping[str, Any]) -> dict[str, Any]:
+  """The group `path` replaced by the named one (`models.py:NAME`): its keys, and the old group's other keys at
+  their defaults (`HASH_NEUTRAL`: dtype, remat, attention, ...), unless the named group sets them."""
+  name = name.strip("'\"")
+  try:
+    named = load_config(f"{NAMED_GROUPS[path]}:{name}").to_dict()
+  except KeyError as e:
+    raise ConfigError(f"{path}={name}: {e.args[0]}") from None
+  return {k: HASH_NEUTRAL[k] for k in old if k in HASH_NEUTRAL} | named
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
-  """Applies command-line overrides `a.b.c=value` (values as Python literals; bare words stay strings).
+  """Applies command-line overrides `a.b.c=value` (values as Python literals; bare words stay strings). A group
+  in `NAMED_GROUPS` takes a name: `model=qwen2.5-0.5b` is that size's whole model block.
 
   A key that is not in the config fails with the nearest valid names at its level, so `--config.optim.lrr=1e-3`
   never silently adds a key nobody reads.
@@ -174,6 +231,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       if not isinstance(node, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f"{where} is a value, not a group of keys; cannot set {path}")
     check_keys([leaf], node.keys(), where)
+    if path in NAMED_GROUPS and isinstance(node[leaf], (ml_collections.ConfigDict, dict)):
+      with node.ignore_type() if isinstance(node, ml_collections.ConfigDict) else contextlib.nullcontext():
+        node[leaf] = named_group(path, raw, node[leaf])
+      continue
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):

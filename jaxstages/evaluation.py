@@ -69,7 +69,9 @@ class EvalConfig:
   temperature: float = 0.0  # greedy when n == 1; set e.g. 1.0 for pass@k with n > 1
   top_k: int = 0
   top_p: float = 1.0
-  prompt: str = "document"  # "document": problem text + newline (a pre-trained base); "chat": the user turn
+  # "document": problem text + newline (a pre-trained base); "chat": the user turn; None (`evaluate_run`): the one
+  # the model's own stage kind calls for (`prompt_for`)
+  prompt: str | None = "document"
   think: bool | None = None  # with prompt="chat": the /think or /no_think flag, or neither
   max_new_tokens: int | None = None  # None: enough for the gold solution of the cell's op, with slack
   think_budget: int | None = None  # close the think block after this many thinking tokens (sampling.SamplingConfig)
@@ -79,7 +81,7 @@ class EvalConfig:
   seed: int = 0
 
   def __post_init__(self):
-    if self.prompt not in ("document", "chat"):
+    if self.prompt not in ("document", "chat", None):
       raise ConfigError(f"eval prompt={self.prompt!r} is not one of ['document', 'chat']")
     if any(k > self.n for k in self.ks):
       raise ConfigError(f"pass@k needs k <= n samples per problem; got ks={self.ks}, n={self.n}")
@@ -94,6 +96,19 @@ class EvalConfig:
       if values.get(key) is not None:
         values[key] = tuple(values[key])
     return cls(**values)
+
+
+BASE_KINDS = ("pretrain", "midtrain")  # stage kinds whose models read problems as documents (the others: chats)
+
+
+def prompt_for(config: dict | None) -> str:
+  """The prompt a model is evaluated with, from the training config that made it: a base (pretrain, midtrain) reads
+  the problem as a document, a chat-tuned model (SFT and after) the user turn; an RL stage that trained on
+  document prompts (RL straight from a base) keeps the document."""
+  config = config or {}
+  kind = config.get("stage", {}).get("kind", "pretrain")
+  document = kind in BASE_KINDS or config.get("data", {}).get("prompt", "chat") == "document"
+  return "document" if document else "chat"
 
 
 def eval_prompt(problem: tasks.Problem, tokenizer, cfg: EvalConfig) -> list[int]:
@@ -114,6 +129,8 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   (samples in the expected form: one answer line at the end, after a think block, empty for `/no_think`, when
   `think` is set; `rewards.format_ok`) and, when `think` is set,
   `think_followed`: samples whose think block is non-empty for `/think` and present but empty for `/no_think`."""
+  if cfg.prompt is None:
+    raise ConfigError("eval prompt=None: give 'document' or 'chat' (evaluate_run picks it from the model's stage)")
   contexts = cfg.contexts or tuple(dict.fromkeys(m.context for m in task_cfg.mixture))
   stops = stop_ids(tokenizer, chat=cfg.prompt == "chat")
   think = cfg.think if cfg.prompt == "chat" else None
@@ -263,12 +280,18 @@ def markdown_table(result: dict) -> str:
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig, step: int | None = None, out_dir: str | Path | None = None,
                  mesh=None) -> dict:
-  """Evaluates a stage's checkpoint; writes `eval.json` and `eval.md` into `out_dir` (default: `run_dir/eval`). On
-  several processes (`sharding.initialize_distributed`) each samples and verifies its share of every cell's
-  problems."""
+  """Evaluates any model folder (`model.io.open_model`: a stage's checkpoint, a params folder such as a committed
+  artifact); writes `eval.json` and `eval.md` into `out_dir` (default: `run_dir/eval`). `cfg.prompt=None` takes the
+  prompt from the model's stage kind (`prompt_for`). On several processes (`sharding.initialize_distributed`) each
+  samples and verifies its share of every cell's problems."""
   initialize_distributed()
   mesh = mesh or make_mesh()
   model, tokenizer, config = load_stage(run_dir, step, mesh)
+  if config is None:
+    raise ConfigError(f"{run_dir} records no training config (config.json or source.json): its task world, which "
+                      "the evaluation problems come from, is unknown")
+  if cfg.prompt is None:
+    cfg = dataclasses.replace(cfg, prompt=prompt_for(config))
   task_cfg = data_config(config["data"]).task
   result = evaluate(model, tokenizer, task_cfg, cfg, mesh=mesh)
   result["run"], result["step"] = str(run_dir), step

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import optax
 
-from jaxstages.config import ConfigError, from_config
+from jaxstages.config import ConfigError, check_bounds, from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,10 @@ class OptimConfig:
   mu_dtype: str | None = None
 
   def __post_init__(self):
+    # lr=0 is allowed: a stage that must not move its params (a check that a start is what it loaded)
+    check_bounds(self, "optimizer config", lr=">=0", warmup_steps=">=0", warmup_fraction="in [0, 1]", init_lr=">=0",
+                 end_lr_ratio=">=0", decay_fraction="in [0, 1]", b1="in [0, 1)", b2="in [0, 1)", eps=">0",
+                 weight_decay=">=0", clip_norm=">0")
     if self.schedule not in ("cosine", "wsd", "constant"):
       raise ConfigError(f"optimizer schedule {self.schedule!r} is not one of ['cosine', 'wsd', 'constant']")
     unknown = set(self.no_decay) - {"norm", "bias", "embed"}

@@ -15,7 +15,8 @@ extra forward passes and updates) are within half a step of its budget (`stage.f
 A stage starts from the previous stage's folder unless its overrides set `stage.init_from`; any string value
 `"stage:NAME"` in a stage's config is replaced by that stage's folder (a distillation teacher, a DPO reference).
 All stages share one tokenizer (`RUN/tokenizer`). Re-running the same command resumes: finished stages (and their
-evaluations) are skipped, an interrupted one resumes from its last checkpoint.
+evaluations) are skipped, an interrupted one resumes from its last checkpoint. A stage whose config changed since
+it ran (`stage_hashes.json`) is refused, never mixed into the report; `--force` re-runs it and the stages after it.
 
 The run folder: `config.json`, one folder per stage (the stage's own files, `eval.json`), `report.json` (per stage:
 steps, tokens, planned and spent FLOPs, wall time summed over every attempt at the stage, killed ones included, MFU
@@ -35,16 +36,17 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxstages.config import ConfigError, apply_overrides, check_keys, load_config, to_dict
+from jaxstages.config import ConfigError, apply_overrides, check_keys, config_hash, load_config, to_dict
 from jaxstages.data.pipeline import data_config
 from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
-from jaxstages.evaluation import EvalConfig, evaluate
+from jaxstages.evaluation import EvalConfig, evaluate, prompt_for
 from jaxstages.metrics import write_atomic
 from jaxstages.model.config import ModelConfig, model_config, vocab_size_for
 from jaxstages.model.io import load_model
+from jaxstages.runfolder import RunFolderError, check_name, local, locked, start_or_restore
 from jaxstages.sharding import initialize_distributed, make_mesh, sync_processes
 from jaxstages.stages import objective_block, planned_step
-from jaxstages.train import peak_flops_per_device, run_stage
+from jaxstages.train import peak_flops_per_device, plan_stage, run_stage
 
 PIPELINE_KEYS = ("name", "stages", "overrides", "eval", "compute", "price_per_chip_hour")
 STAGE_KEYS = ("name", "config", "overrides", "steps", "tokens", "flops", "eval_prompt")
@@ -58,7 +60,7 @@ def _stage_entries(config: Mapping) -> list[dict]:
     check_keys(e, STAGE_KEYS, f"pipeline stage {e.get('name', '?')!r}")
     if not e.get("name") or not e.get("config"):
       raise ConfigError(f"every pipeline stage needs a name and a config; got {e}")
-  names = [e["name"] for e in entries]
+  names = [check_name(e["name"], "pipeline stage") for e in entries]
   if len(set(names)) != len(names):
     raise ConfigError(f"pipeline stage names must be unique: {names}")
   return entries
@@ -108,7 +110,10 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
       cfg["stage"]["init_from"] = str(previous)
     cfg["stage"]["tokenizer"] = str(run_dir / "tokenizer")
     cfg = _replace_stage_refs(cfg, run_dir)
-    lengths = [k for k in ("steps", "tokens", "flops") if e.get(k)]
+    lengths = [k for k in ("steps", "tokens", "flops") if e.get(k) is not None]
+    for k in lengths:  # a length of 0 is a mistake, never "the preset's"
+      if not isinstance(e[k], (int, float)) or isinstance(e[k], bool) or e[k] < 1:
+        raise ConfigError(f"pipeline stage {e['name']!r}: {k}={e[k]!r} must be a number >= 1")
     if e["name"] in split:
       lengths.append("split")
     if len(lengths) > 1:
@@ -116,11 +121,11 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
                         f"not {lengths}")
     teacher = shapes.get(str(dict(cfg.get("distill") or {}).get("teacher")))  # a teacher trained earlier in the run
     plan = stage_plan(cfg, tokenizer_vocab, teacher)
-    if e.get("steps"):
+    if "steps" in lengths:
       steps = int(e["steps"])
-    elif e.get("tokens"):
+    elif "tokens" in lengths:
       steps = math.ceil(float(e["tokens"]) / plan["tokens_per_step"])
-    elif e.get("flops") or e["name"] in split:
+    elif "flops" in lengths or e["name"] in split:
       budget = float(e.get("flops") or compute["total_flops"] * float(split[e["name"]]))
       steps = max(1, round(budget / plan["flops_per_step"]))
       if "flops_per_step_min" in plan:  # RL: a step's FLOPs are known once sampled; run until the budget is spent
@@ -134,6 +139,12 @@ def stage_configs(config: Mapping, run_dir: str | Path, tokenizer_vocab: int | N
     previous = run_dir / e["name"]
     shapes[str(previous)] = _model_shape(cfg, tokenizer_vocab)
   return out
+
+
+def plan_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path) -> list[dict]:
+  """`train.plan_stage` of every stage of a pipeline, as the run would configure it (lengths, chained starts); nothing
+  is written and no earlier stage needs to exist."""
+  return [plan_stage(cfg) for _, cfg in stage_configs(to_dict(config), Path(run_dir))]
 
 
 def _model_shape(cfg: Mapping, tokenizer_vocab: int | None) -> ModelConfig:
@@ -150,36 +161,74 @@ def stage_plan(cfg: Mapping, tokenizer_vocab: int | None = None, teacher_model=N
                       teacher_model)
 
 
-def _eval_config(pipeline: Mapping, entry: Mapping, kind: str, data_prompt: str = "chat") -> EvalConfig:
+def _eval_config(pipeline: Mapping, entry: Mapping, config: Mapping | None = None) -> EvalConfig:
   values = dict(pipeline.get("eval") or {})
-  # a base model is prompted with the problem as a document, a chat-tuned one with the user turn; an RL stage with
-  # document prompts (RL straight from a base) keeps the document
-  default = "document" if kind in ("pretrain", "midtrain") or data_prompt == "document" else "chat"
-  values["prompt"] = entry.get("eval_prompt") or values.get("prompt") or default
+  values["prompt"] = entry.get("eval_prompt") or values.get("prompt") or prompt_for(config)
   return EvalConfig.from_config(values)
 
 
-def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path) -> dict:
+STAGE_HASHES = "stage_hashes.json"  # in a run folder: {stage: the hash of the config it was run with}
+
+
+def stage_hash(cfg: Mapping, previous: str | None, run_dir: Path) -> str:
+  """The hash of a stage's full training config and of the stage before it (so a change reaches every later stage),
+  with the run folder's own path left out (a run folder may be moved)."""
+  text = json.dumps({"config": cfg, "previous": previous}, sort_keys=True, default=str)
+  return config_hash(json.loads(text.replace(str(run_dir), "RUN")))
+
+
+def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Path, force: bool = False) -> dict:
   """Runs (or resumes) every stage of the pipeline in order, evaluates each, and writes `report.json` and
-  `report.md`. Returns the report."""
+  `report.md`. Returns the report.
+
+  Each stage's config hash (`stage_hash`) is recorded in `stage_hashes.json` when it starts; a stage that was run
+  with another config (and so every stage after it) is refused with a `RunFolderError` naming it, or, with `force`,
+  its folder is moved to `RUN/replaced/NAME-HASH` and the stage re-run. An evaluation made with another protocol
+  (`eval`) is made again. One writer at a time (`runfolder.locked`)."""
   initialize_distributed()  # several processes: each runs this same function; process 0 writes the shared files
   config = to_dict(config)
-  run_dir = Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  first = stage_configs(config, run_dir)[0][1]
-  have_tokenizer = (run_dir / "tokenizer").exists()
-  sync_processes("jaxstages: run folder looked at")  # every process decided before process 0 writes
-  if not have_tokenizer:  # one tokenizer for every stage: the first stage's start's, or trained (alike everywhere)
-    start = first["stage"].get("init_from")
-    found = next((p for p in ([Path(start) / "tokenizer", Path(start).parent / "tokenizer"] if start else [])
-                  if p.exists()), None)
-    tokenizer = load_tokenizer(found) if found else task_tokenizer(data_config(first["data"]).task)
-    if jax.process_index() == 0:
-      tokenizer.save(run_dir / "tokenizer")
-    sync_processes("jaxstages: run tokenizer saved")
-  stages = stage_configs(config, run_dir, load_tokenizer(run_dir / "tokenizer").vocab_size)
-  if jax.process_index() == 0:
+  run_dir = local(run_dir, "workdir")
+  with locked(run_dir):
+    return _run_pipeline(config, run_dir, force)
+
+
+def _run_pipeline(config: dict, run_dir: Path, force: bool) -> dict:
+  with start_or_restore(run_dir):
+    first = stage_configs(config, run_dir)[0][1]
+    have_tokenizer = (run_dir / "tokenizer").exists()
+    sync_processes("jaxstages: run folder looked at")  # every process decided before process 0 writes
+    if not have_tokenizer:  # one tokenizer for every stage: the first stage's start's, or trained (alike everywhere)
+      start = first["stage"].get("init_from")
+      found = next((p for p in ([Path(start) / "tokenizer", Path(start).parent / "tokenizer"] if start else [])
+                    if p.exists()), None)
+      tokenizer = load_tokenizer(found) if found else task_tokenizer(data_config(first["data"]).task)
+      if jax.process_index() == 0:
+        tokenizer.save(run_dir / "tokenizer")
+      sync_processes("jaxstages: run tokenizer saved")
+    stages = stage_configs(config, run_dir, load_tokenizer(run_dir / "tokenizer").vocab_size)
+    hashes_path = run_dir / STAGE_HASHES
+    hashes = json.loads(hashes_path.read_text()) if hashes_path.exists() else {}
+    previous, replace = None, []
+    for entry, cfg in stages:
+      name, stage_dir = entry["name"], run_dir / entry["name"]
+      entry["hash"] = previous = stage_hash(cfg, previous, run_dir)
+      recorded = hashes.get(name, entry["hash"])  # a stage run before hashes were recorded is taken as it is
+      if (stage_dir / "config.json").exists() and recorded != entry["hash"]:
+        if not force:
+          raise RunFolderError(
+              f"stage {name!r} in {run_dir} was run with another config (hash {recorded}, now {entry['hash']}; "
+              "its own or an earlier stage's changed); run with --force to re-run it and the stages after it (the "
+              f"old folders move to {run_dir / 'replaced'}), or use another --workdir")
+        replace.append((stage_dir, f"{name}-{recorded}"))
+  if jax.process_index() == 0:  # past the start: nothing here is undone (the replaced folders are kept)
+    for stage_dir, aside in replace:
+      (run_dir / "replaced").mkdir(exist_ok=True)
+      target = run_dir / "replaced" / aside
+      while target.exists():
+        target = target.with_name(target.name + "-again")
+      stage_dir.rename(target)
     write_atomic(run_dir / "config.json", json.dumps(config, indent=2, default=str))
+  sync_processes("jaxstages: run folder set up")
   rows = []
   for entry, cfg in stages:
     stage_dir = run_dir / entry["name"]
@@ -187,10 +236,16 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     done = (summary.get("steps") == cfg["stage"]["steps"]
             and summary.get("finished", summary["step"] == summary["steps"]))
+    eval_cfg = _eval_config(config, entry, cfg)
     eval_path = stage_dir / "eval.json"
-    evaluated = eval_path.exists()
+    # an evaluation made with another protocol (problems, samples, prompt) is made again
+    evaluated = eval_path.exists() and done and (
+        json.loads(eval_path.read_text())["config"] == json.loads(json.dumps(dataclasses.asdict(eval_cfg))))
     sync_processes(f"jaxstages: stage {entry['name']} looked at")  # the same decisions on every process
     if not done:
+      if jax.process_index() == 0:  # recorded before the stage writes anything: a killed one resumes under it
+        hashes[entry["name"]] = entry["hash"]
+        write_atomic(run_dir / STAGE_HASHES, json.dumps(hashes, indent=2))
       run_stage(cfg, stage_dir)  # records its wall time per attempt (killed ones too): the summary sums them
       summary = json.loads(summary_path.read_text())  # process 0 wrote it before every process left run_stage
     if evaluated:
@@ -198,14 +253,13 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
     else:
       mesh = make_mesh()
       model = load_model(stage_dir, mesh)
-      result = evaluate(model, load_tokenizer(run_dir / "tokenizer"), data_config(cfg["data"]).task,
-                        _eval_config(config, entry, cfg["stage"]["kind"], cfg["data"].get("prompt", "chat")),
+      result = evaluate(model, load_tokenizer(run_dir / "tokenizer"), data_config(cfg["data"]).task, eval_cfg,
                         mesh=mesh, show_progress=False)
       del model
       if jax.process_index() == 0:
         write_atomic(eval_path, json.dumps(result, indent=2))
     rows.append(_report_row(entry, cfg, summary, _wall_seconds(summary, stage_dir), result, config))
-  protocol = dataclasses.asdict(_eval_config(config, {}, kind=""))  # the sampling protocol shared by every stage
+  protocol = dataclasses.asdict(_eval_config(config, {}))  # the sampling protocol shared by every stage
   report = {"name": config.get("name", run_dir.name), "run_dir": str(run_dir), "stages": rows,
             "eval": {k: protocol[k] for k in ("problems", "n", "ks", "temperature")},
             "total_flops": sum(r["flops"] for r in rows), "total_wall_s": sum(r["wall_s"] for r in rows)}
@@ -217,7 +271,8 @@ def run_pipeline(config: Mapping | ml_collections.ConfigDict, run_dir: str | Pat
 
 
 def plot_report(report: dict, path: str | Path) -> None:
-  """Strict pass@1 of every evaluation cell after each stage against the cumulative FLOPs spent so far (matplotlib
+  """Strict pass@1 of every evaluation cell after each stage against the cumulative FLOPs spent so far: one panel per
+  context, one line per op, a linear FLOPs axis with each stage's end marked and named above the panels (matplotlib
   is imported here, only when a report is plotted: it is the one heavy dependency of this module)."""
   import matplotlib
 
@@ -228,19 +283,25 @@ def plot_report(report: dict, path: str | Path) -> None:
   for r in report["stages"]:
     total += r["flops"]
     flops.append(total)
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for ctx, op in [(c["context"], c["op"]) for c in report["stages"][0]["eval"]]:
-    ys = [next((c["pass@1"] for c in r["eval"] if (c["context"], c["op"]) == (ctx, op)), float("nan"))
-          for r in report["stages"]]
-    ax.plot(flops, ys, marker="o", label=f"{ctx} op {op}")
-  for x, r in zip(flops, report["stages"]):
-    ax.annotate(r["stage"], (x, 0), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-  ax.set_xscale("log")
-  ax.set_xlabel("cumulative FLOPs")
-  ax.set_ylabel("strict pass@1" + (" (greedy)" if report.get("eval", {}).get("n", 1) == 1 else ""))
-  ax.set_ylim(-0.02, 1.02)
-  ax.set_title(report["name"])
-  ax.legend(fontsize=8)
+  cells = [(c["context"], c["op"]) for c in report["stages"][0]["eval"]]
+  contexts = list(dict.fromkeys(ctx for ctx, _ in cells))
+  fig, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts) + 1, 4), sharey=True, squeeze=False)
+  for ax, ctx in zip(axes[0], contexts):
+    for op in [op for c, op in cells if c == ctx]:
+      ys = [next((c["pass@1"] for c in r["eval"] if (c["context"], c["op"]) == (ctx, op)), float("nan"))
+            for r in report["stages"]]
+      ax.plot(flops, ys, marker="o", label=f"op {op}")
+    for i, (x, r) in enumerate(zip(flops, report["stages"])):  # names staggered: close stages do not overlap
+      ax.axvline(x, color="0.85", lw=0.8, zorder=0)
+      ax.annotate(r["stage"], (x, 1.0), xycoords=("data", "axes fraction"), xytext=(0, 3 + 10 * (i % 2)),
+                  textcoords="offset points", ha="center", va="bottom", fontsize=7, rotation=30)
+    ax.set_xlim(0, total * 1.05 or 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("cumulative FLOPs")
+    ax.set_title(f"context {ctx}", pad=32)
+    ax.legend(fontsize=8)
+  axes[0][0].set_ylabel("strict pass@1" + (" (greedy)" if report.get("eval", {}).get("n", 1) == 1 else ""))
+  fig.suptitle(report["name"])
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -37,21 +38,22 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxstages.apply import make_apply
-from jaxstages.checkpoint import Checkpointer
-from jaxstages.config import ConfigError, check_keys, from_config, to_dict
+from jaxstages.checkpoint import Checkpointer, check_fits
+from jaxstages.config import ConfigError, check_bounds, check_keys, from_config, to_dict
 from jaxstages.data.pipeline import PACKED_KINDS, DataConfig, data_config, make_pipeline
 from jaxstages.data.tokenizer import load_tokenizer, task_tokenizer
 from jaxstages.flops import train_flops_per_token
-from jaxstages.metrics import MetricsWriter, progress, write_atomic
+from jaxstages.metrics import MetricsWriter, TrainProgress, write_atomic
 from jaxstages.model import create_model, param_count
 from jaxstages.model.config import check_positions, stage_model_config
 from jaxstages.model.io import load_model, model_config_of
 from jaxstages.optim import OptimConfig, make_optimizer
+from jaxstages.runfolder import local, locked, start_or_restore
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, check_batch_divisible,
                                 data_parallel_size, global_batch_from_process_local, initialize_distributed,
                                 make_mesh, sync_processes, use_mesh)
-from jaxstages.stages import (LOSSES, OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step,
-                              stage_model, updates_per_step)
+from jaxstages.stages import (OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step, stage_model,
+                              update_step, updates_per_step)
 from jaxstages.state import TrainState, abstract_train_state, init_train_state, state_shardings
 
 Batch = Mapping[str, jax.Array]
@@ -215,6 +217,11 @@ class StageConfig:
   max_nonfinite: int = 10
   peak_flops_per_device: float | None = None  # for MFU; default from the device kind when known
 
+  def __post_init__(self):
+    check_bounds(self, "stage config", steps=">=1", flops_budget=">0", micro_batches=">=1", log_every=">=1",
+                 checkpoint_every=">=1", keep_checkpoints=">=1", eval_every=">=0", eval_batches=">=0",
+                 max_nonfinite=">=1", peak_flops_per_device=">0")
+
   @classmethod
   def from_config(cls, config) -> "StageConfig":
     return from_config(cls, config, where="stage config")
@@ -334,24 +341,33 @@ def _parse_blocks(config, devices):
   return config, stage, mesh, mesh_cfg.rules, data_cfg
 
 
-def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path, also: Sequence[str] = ()):
+def resolve_tokenizer(stage: StageConfig, data_cfg, workdir: Path, also: Sequence[str] = (), resume: bool = False):
   """The stage's tokenizer: the configured folder, else `init_from`'s, else that of the frozen models in `also`
-  (a distillation teacher), else this workdir's, else one trained on the task world; saved in the workdir, so
-  resumes, evaluation and later stages find it there."""
+  (a distillation teacher), else, resuming, this workdir's (the one its checkpoints were trained with), else one
+  trained on the task world. A workdir's tokenizer without checkpoints is a failed start's and is never used;
+  `build_stage` saves the tokenizer in the workdir once the stage is built (`write_run_files`)."""
   candidates = [stage.tokenizer]
   for source in ([stage.init_from] if stage.init_from and not stage.init_from.startswith("hf:") else []) + list(also):
     candidates += [Path(source) / "tokenizer", Path(source).parent / "tokenizer"]
-  candidates.append(workdir / "tokenizer")
+  if resume:
+    candidates.append(workdir / "tokenizer")
   found = next((Path(f) for f in candidates if f and Path(f).exists()), None)
-  saved = (workdir / "tokenizer").exists()
-  sync_processes("jaxstages: tokenizer looked up")  # every process chose before process 0 writes one
   if found is None and stage.tokenizer:
     raise FileNotFoundError(f"stage.tokenizer {stage.tokenizer} does not exist")
-  tokenizer = load_tokenizer(found) if found else task_tokenizer(data_cfg.task)  # deterministic on every process
-  if jax.process_index() == 0 and not saved:
-    tokenizer.save(workdir / "tokenizer")  # every stage's folder is self-contained
-  sync_processes("jaxstages: tokenizer saved")
-  return tokenizer
+  return load_tokenizer(found) if found else task_tokenizer(data_cfg.task)  # deterministic on every process
+
+
+def write_run_files(workdir: Path, config: Mapping[str, Any], tokenizer, resume: bool) -> None:
+  """`config.json` and `tokenizer/` of a built stage (process 0), so resumes, evaluation and later stages find them:
+  written only once the stage is built, so a config that does not fit changes nothing. A fresh start replaces a
+  tokenizer left by a failed one."""
+  if jax.process_index() == 0:
+    if not resume or not (workdir / "tokenizer").exists():
+      if (workdir / "tokenizer").exists():
+        shutil.rmtree(workdir / "tokenizer")
+      tokenizer.save(workdir / "tokenizer")  # every stage's folder is self-contained
+    write_atomic(workdir / "config.json", json.dumps(config, indent=2, default=str))
+  sync_processes("jaxstages: run files written")
 
 
 def initial_model(stage: StageConfig, model_cfg, mesh: Mesh, rules: LogicalRules):
@@ -445,14 +461,11 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
   block = objective_block(stage.kind, config)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   frozen = [block[k] for k in ("teacher", "reference") if block.get(k) and not str(block[k]).startswith("hf:")]
-  tokenizer = resolve_tokenizer(stage, data_cfg, workdir, also=frozen)
+  tokenizer = resolve_tokenizer(stage, data_cfg, workdir, also=frozen, resume=resume)
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   check_positions(model_cfg, data_positions(data_cfg))
   optim_cfg = OptimConfig.from_config(config.get("optim"))
-  if jax.process_index() == 0:
-    write_atomic(workdir / "config.json", json.dumps(config, indent=2, default=str))
   optimizer, schedule = make_optimizer(optim_cfg, schedule_steps(stage, block, model_cfg, data_cfg)
                                        * updates_per_step(stage.kind, block))
 
@@ -463,6 +476,7 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
     abstract_model = nnx.eval_shape(lambda: stage_model(stage.kind, block, create_model(
         initial_model_config(stage, model_cfg), stage.seed), None, rules))
     graphdef, abstract_params = nnx.split(abstract_model)
+    check_fits(workdir / "checkpoints", abstract_params)  # another model shape: refused before anything is written
     state, shardings = abstract_train_state(abstract_params, optimizer, mesh, rules)
     loaded = {}
 
@@ -481,6 +495,7 @@ def build_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: 
   if data_cfg.kind not in objective.data_kinds:
     raise ConfigError(f"stage kind {stage.kind!r} trains on data kinds {list(objective.data_kinds)}, but the data "
                       f"block has kind {data_cfg.kind!r}")
+  write_run_files(workdir, config, tokenizer, resume)
   return Stage(stage, config, mesh, rules, data_cfg, tokenizer, model_cfg, graphdef, state, shardings, optimizer,
                schedule, objective)
 
@@ -500,25 +515,33 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   attempt that was killed is kept up to its last record, and the summary's `wall_s` is the sum over attempts."""
   attempt_start = time.perf_counter()
   initialize_distributed()
-  workdir = Path(workdir)
-  stage = StageConfig.from_config(to_dict(config).get("stage"))
-  checkpointer = Checkpointer(workdir / "checkpoints", stage.checkpoint_every, stage.keep_checkpoints,
-                              stage.async_checkpoints)
-  resume = checkpointer.latest_step() is not None
-  # resuming, the state is built abstract and restored into: the fresh one is never made
-  built = build_stage(config, workdir, devices, resume=resume)
-  stage, mesh, rules, data_cfg, tokenizer, model_cfg = (built.stage, built.mesh, built.rules, built.data,
-                                                        built.tokenizer, built.model_cfg)
-  graphdef, state, shardings, objective = built.graphdef, built.state, built.shardings, built.objective
-  data_iter = make_pipeline(data_cfg, tokenizer)
-  resumed_from = None
-  if resume:
-    state, data_state = checkpointer.restore(state, shardings)  # the latest good step (broken ones set aside)
-    resumed_from = int(state.step)
-    objective_state = data_state.pop("objective", None)
-    data_iter.set_state(data_state)
-    if objective.set_state is not None and objective_state is not None:
-      objective.set_state(objective_state)
+  workdir = local(workdir)
+  with locked(workdir):  # one writer at a time
+    return _run_stage(config, workdir, devices, stop_after, attempt_start)
+
+
+def _run_stage(config, workdir: Path, devices, stop_after: int | None, attempt_start: float) -> dict:
+  """`run_stage` holding the workdir's lock. A start that fails (up to the restored state) leaves the workdir as it
+  was (`runfolder.start_or_restore`)."""
+  with start_or_restore(workdir):
+    stage = StageConfig.from_config(to_dict(config).get("stage"))
+    checkpointer = Checkpointer(workdir / "checkpoints", stage.checkpoint_every, stage.keep_checkpoints,
+                                stage.async_checkpoints)
+    resume = checkpointer.latest_step() is not None
+    # resuming, the state is built abstract and restored into: the fresh one is never made
+    built = build_stage(config, workdir, devices, resume=resume)
+    stage, mesh, rules, data_cfg, tokenizer, model_cfg = (built.stage, built.mesh, built.rules, built.data,
+                                                          built.tokenizer, built.model_cfg)
+    graphdef, state, shardings, objective = built.graphdef, built.state, built.shardings, built.objective
+    data_iter = make_pipeline(data_cfg, tokenizer)
+    resumed_from = None
+    if resume:
+      state, data_state = checkpointer.restore(state, shardings)  # the latest good step (broken ones set aside)
+      resumed_from = int(state.step)
+      objective_state = data_state.pop("objective", None)
+      data_iter.set_state(data_state)
+      if objective.set_state is not None and objective_state is not None:
+        objective.set_state(objective_state)
   step_fn = built.train_step()
   eval_fn = make_apply(graphdef, objective.eval_loss or objective.loss, mesh, shardings.params, rules)
   eval_cfg = dataclasses.replace(data_cfg, split="eval") if data_cfg.kind in EVAL_KINDS else None
@@ -541,7 +564,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
     return global_batch_from_process_local(next_batch_or_explain(data_iter, data_cfg, f"stage {stage.name!r}"),
                                            mesh, rules)
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, resumed_from=resumed_from)
   tokens_per_step = objective.tokens_per_step or data_cfg.batch_size * data_cfg.seq_len
   flops_per_step = objective.flops_per_step or train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens_per_step
   peak = peak_flops_per_device(stage.peak_flops_per_device)
@@ -586,7 +609,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
     streak["checked"] = len(pending)
 
   record_attempt(start)
-  bar = progress(stage.steps, f"{stage.name}", initial=start)
+  bar = TrainProgress(stage.steps, f"{stage.name}", initial=start)
   pending, last_time, last_step, start_time = [], time.perf_counter(), start, time.perf_counter()
   last_flops = flops_spent(start)
   end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
@@ -618,8 +641,7 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
         if peak:
           row["mfu"] = (spent - last_flops) / (now - last_time) / (peak * mesh.size)
         writer.write(done, row)
-        bar.update(done - last_step)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.log(done, row)
         pending, last_time, last_step, last_flops = [], now, done, spent
         streak["checked"] = 0
         record_attempt(done)
@@ -668,44 +690,75 @@ def run_stage(config: Mapping[str, Any] | ml_collections.ConfigDict, workdir: st
   return summary
 
 
-def _abstract_batch(data_cfg) -> dict:
-  """Shapes of a global batch of a packed (pretrain / midtrain / sft) pipeline."""
-  b, t = data_cfg.batch_size, data_cfg.seq_len
-  ints = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-  return {**ints, "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32), "source": jax.ShapeDtypeStruct((b,),
-                                                                                                           jnp.int32)}
+def _abstract_batch(data_cfg, tokenizer) -> dict:
+  """Shapes of one global batch of a stage's pipeline (one process-local batch made, its rows times the processes)."""
+  local = next_batch_or_explain(make_pipeline(data_cfg, tokenizer), data_cfg, "plan")
+  return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype)
+          for k, v in local.items()}
+
+
+CPU_MEMORY_NOTE = ("compiled for CPU: XLA:CPU keeps temporaries an accelerator's compiler would fuse away, so these "
+                   "figures overstate an accelerator's; run plan where the stage will run for its own")
 
 
 def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None) -> dict:
-  """Sizes a stage without training: parameters, FLOPs per step, and the AOT-compiled step's memory per device."""
+  """Sizes a stage of any kind without training or loading anything: parameters, FLOPs per step, and the
+  AOT-compiled update step's memory per device, on the batch shapes the stage's update trains on
+  (`stages.update_step`: a pipeline batch, plus what its `prepare` adds, or RL's rollout rows).
+
+  XLA counts a scanned body once, so its FLOPs come from the step compiled without micro-batches on one
+  minibatch's rows, times the updates per step; the memory from the step as configured. `memory_note` says when
+  the compile was for CPU (its temporaries are no guide to an accelerator's)."""
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
-  if stage.kind not in LOSSES:
-    raise ConfigError(f"plan sizes the packed-data stages ({', '.join(LOSSES)}), not {stage.kind!r}")
-  tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else task_tokenizer(data_cfg.task, n_samples=200)
+  block = objective_block(stage.kind, config)
+  # the configured tokenizer where it exists (a pipeline's run tokenizer is made when the run starts)
+  tokenizer = (load_tokenizer(stage.tokenizer) if stage.tokenizer and Path(stage.tokenizer).exists() else
+               task_tokenizer(data_cfg.task, n_samples=200))
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   check_positions(model_cfg, data_positions(data_cfg))
-  optimizer, schedule = make_optimizer(OptimConfig.from_config(config.get("optim")), stage.steps)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, stage.seed)))
+  loss, batch, minibatches, epochs = update_step(stage.kind, block, model_cfg, data_cfg,
+                                                 _abstract_batch(data_cfg, tokenizer))
+  teacher = block.get("teacher")
+  teacher_cfg = model_config_of(teacher) if teacher and (teacher.startswith("hf:") or Path(teacher).exists()) else None
+  planned = planned_step(stage.kind, block, model_cfg, data_cfg, teacher_cfg or model_cfg)
+  optimizer, schedule = make_optimizer(OptimConfig.from_config(config.get("optim")),
+                                       stage.steps * minibatches * epochs)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: stage_model(stage.kind, block, create_model(
+      initial_model_config(stage, model_cfg), stage.seed), None, rules)))
   abstract = TrainState(params, jax.eval_shape(optimizer.init, params), jax.ShapeDtypeStruct((), jnp.int32),
                         jax.eval_shape(lambda: jax.random.key(0)))
   shardings = state_shardings(abstract, optimizer, mesh, rules)
-  step = make_train_step(graphdef, optimizer, LOSSES[stage.kind], mesh, shardings, schedule, stage.micro_batches,
-                         rules)
+
+  def compiled_step(micro_batches: int, minibatches: int, epochs: int, rows_batch: dict):
+    step = make_train_step(graphdef, optimizer, loss, mesh, shardings, schedule, micro_batches, rules, minibatches,
+                           epochs)
+    return step.lower(abstract, rows_batch).compile()
+
   start = time.perf_counter()
-  compiled = step.lower(abstract, _abstract_batch(data_cfg)).compile()
+  compiled = compiled_step(stage.micro_batches, minibatches, epochs, batch)
   compile_s = time.perf_counter() - start
+  updates = minibatches * epochs
+  if stage.micro_batches > 1 or updates > 1:  # one unscanned update on one minibatch's rows, counted `updates` times
+    rows = next(iter(batch.values())).shape[0] // minibatches
+    one = {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+    flop_cost = compiled_step(1, 1, 1, one).cost_analysis()
+  else:
+    flop_cost = compiled.cost_analysis()
+  flop_cost = flop_cost[0] if isinstance(flop_cost, list) else flop_cost
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  tokens = data_cfg.batch_size * data_cfg.seq_len
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")
   mem = {f.removesuffix("_size_in_bytes"): int(getattr(memory, f, 0) or 0) for f in fields}
   # donated state aliases its output, so arguments + outputs - aliased + temporaries is what is live at the peak
   mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  platform = mesh.devices.flat[0].platform
   return {"stage": stage.name, "kind": stage.kind, "mesh": dict(mesh.shape), "params": param_count(model_cfg),
-          "tokens_per_step": tokens, "steps": stage.steps,
-          "flops_per_step": train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens,
-          "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)), "memory_per_device_bytes": mem,
+          "tokens_per_step": planned["tokens_per_step"], "steps": stage.steps,
+          "flops_per_step": planned["flops_per_step"],
+          "xla_flops_per_step_per_device": float(flop_cost.get("flops", 0.0)) * updates,
+          "memory_per_device_bytes": mem, "platform": platform,
+          "memory_note": CPU_MEMORY_NOTE if platform == "cpu" else None,
+          "flops_note": None if teacher_cfg or not teacher else (
+              f"teacher {teacher} not found: its forwards counted at the student's shape"),
           "compile_s": compile_s}

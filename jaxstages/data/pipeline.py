@@ -62,7 +62,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxstages.config import ConfigError, check_keys, from_config, load_config, to_dict
+from jaxstages.config import ConfigError, check_bounds, check_keys, from_config, load_config, to_dict
 from jaxstages.data import tasks
 
 KINDS = ("pretrain", "midtrain", "sft", "preference", "rl", "eval")
@@ -162,6 +162,8 @@ class DataConfig:
                          ("schedule_interp", INTERP), ("rejected", REJECTED), ("prompt", PROMPTS)):
       if getattr(self, key) not in allowed:
         raise ConfigError(f"data {key}={getattr(self, key)!r} is not one of {list(allowed)}")
+    check_bounds(self, "data config", seq_len=">=1", batch_size=">=1", prompt_len=">=1", num_examples=">=1",
+                 epochs=">=1", step_offset=">=0")
     task = self.task
     if not isinstance(task, tasks.TaskConfig):
       task = from_config(tasks.TaskConfig, _plain(task or {}), where="data task config")

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxstages.checkpoint import check_shapes, restore_params
+from etils import epath
+
+from jaxstages.checkpoint import BrokenCheckpointError, check_shapes, check_step, restore_params, write_manifest
 from jaxstages.config import config_hash
 from jaxstages.data.tokenizer import load_tokenizer
 from jaxstages.model.config import ModelConfig, model_config, stage_model_config
@@ -38,6 +41,7 @@ def save_params(model: Transformer, folder: str | Path) -> Path:
     checkpointer.save(folder / "params", nnx.state(model).to_pure_dict(), force=True)
   if jax.process_index() == 0:
     (folder / "model_config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
+    write_manifest(epath.Path(folder))
   return folder
 
 
@@ -49,6 +53,8 @@ def load_params(folder: str | Path, mesh: Mesh | None = None, rules: LogicalRule
   cfg_path = folder / "model_config.json"
   if not cfg_path.exists():
     raise FileNotFoundError(f"{cfg_path} not found: not a jaxstages params folder")
+  if problem := check_step(epath.Path(folder)):  # the manifest `save_params` wrote: sizes and CRC-32 of each file
+    raise BrokenCheckpointError(f"params folder {folder} is damaged: {problem}")
   cfg = model_config(json.loads(cfg_path.read_text()), **config_overrides)
   saved_layout = bool(json.loads(cfg_path.read_text()).get("scan_layers", False))
   if cfg.scan_layers != saved_layout:  # read in the layout it was saved in, then convert
@@ -66,7 +72,11 @@ def load_params(folder: str | Path, mesh: Mesh | None = None, rules: LogicalRule
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(folder / "params")
     check_shapes(metadata, target, folder)
-    restored = checkpointer.restore(folder / "params", target)
+    try:
+      restored = checkpointer.restore(folder / "params", target)
+    except Exception as e:  # noqa: BLE001 - a folder without a manifest (older) that fails to read
+      first = (str(e).splitlines() or [""])[0][:300]
+      raise BrokenCheckpointError(f"params folder {folder} cannot be read: {type(e).__name__}: {first}") from e
   abstract.replace_by_pure_dict(restored)
   return nnx.merge(graphdef, abstract)
 
@@ -116,13 +126,53 @@ def load_model(source: str | Path, mesh: Mesh, rules: LogicalRules = DEFAULT_RUL
   return convert_layers(nnx.merge(graphdef, params), model_cfg.scan_layers, mesh, rules)
 
 
+@dataclasses.dataclass
+class OpenedModel:
+  """A model opened from any folder (`open_model`): the model, its tokenizer, the training config that made it
+  (None for `hf:`) and that config's stage kind (`pretrain`, `sft`, ...; what tells chat from document prompts)."""
+
+  model: Transformer
+  tokenizer: Any
+  config: dict | None
+  kind: str | None
+
+
+def training_config_of(source: str | Path) -> dict | None:
+  """The training config that made a model folder: a stage folder's `config.json`, a params folder's
+  `source.json` (`export_stage`); None for `hf:` or a params folder that does not record one."""
+  source = str(source)
+  if source.startswith("hf:"):
+    return None
+  path = Path(source)
+  path = path.parent if path.name == "checkpoints" else path
+  for name, key in (("config.json", None), ("source.json", "config")):
+    if (path / name).exists():
+      config = json.loads((path / name).read_text())
+      return config.get(key) if key else config
+  return None
+
+
+def open_model(source: str | Path, step: int | None = None, mesh: Mesh | None = None,
+               rules: LogicalRules = DEFAULT_RULES) -> OpenedModel:
+  """Any model folder `load_model` reads (a stage folder: its latest good or `step` checkpoint; a params folder, such
+  as the committed `experiments/artifacts/*`; `hf:FOLDER`) with its tokenizer and the config that trained it, placed
+  on `mesh` (default: every device, data-parallel). Every read is checked against the folder's manifests."""
+  source = str(source)
+  base = Path(source[3:] if source.startswith("hf:") else source)
+  base = base.parent if base.name == "checkpoints" else base
+  model = load_model(source, mesh or make_mesh(), rules, step=step)
+  tok_dir = base if source.startswith("hf:") else base / "tokenizer"
+  if not tok_dir.exists():
+    raise FileNotFoundError(f"{source}: no tokenizer at {tok_dir}")
+  config = training_config_of(source)
+  kind = (config or {}).get("stage", {}).get("kind")
+  return OpenedModel(model, load_tokenizer(tok_dir), config, kind)
+
+
 def load_stage(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None):
-  """(model, tokenizer, config) of a stage's workdir, params from its latest (or `step`) checkpoint, placed on
-  `mesh` (default: every device, data-parallel)."""
-  run_dir = Path(run_dir)
-  config = json.loads((run_dir / "config.json").read_text())
-  model = load_model(run_dir, mesh or make_mesh(), step=step)
-  return model, load_tokenizer(run_dir / "tokenizer"), config
+  """(model, tokenizer, config) of any model folder (`open_model`): a stage's workdir, a params folder, `hf:`."""
+  opened = open_model(run_dir, step, mesh)
+  return opened.model, opened.tokenizer, opened.config
 
 
 def export_stage(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dtype: str | None = None) -> Path:
@@ -142,4 +192,5 @@ def export_stage(run_dir: str | Path, out_dir: str | Path, step: int | None = No
   (out / "source.json").write_text(json.dumps(
       {"run": run.name, "step": step or (summary or {}).get("step"), "config_hash": config_hash(config),
        "param_dtype": dtype or "as trained", "summary": summary, "config": config}, indent=2))
+  write_manifest(epath.Path(out.absolute()))  # now over the tokenizer and source.json too
   return out

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -22,16 +24,19 @@ from jaxstages.data.pipeline import PACKED_KINDS
 from jaxstages.flops import forward_flops_per_token, train_flops_per_token
 from jaxstages.model.config import ModelConfig
 from jaxstages.model.io import model_config_of
-from jaxstages.stages.distill import DistillConfig, distill_objective, planned_distill_flops
-from jaxstages.stages.dpo import dpo_objective
+from jaxstages.model.transformer import create_model
+from jaxstages.stages.distill import (DistillConfig, distill_loss_fn, distill_objective, planned_distill_flops,
+                                     teacher_outputs)
+from jaxstages.stages.dpo import DPOConfig, dpo_loss_fn, dpo_objective
+from jaxstages.stages.grpo import grpo_loss_fn
 from jaxstages.stages.lm import lm_loss
 from jaxstages.stages.objective import Batch, LossFn, Objective, StageContext
-from jaxstages.stages.ppo import actor_critic
-from jaxstages.stages.rl import planned_rl_flops, rl_config, rl_objective
+from jaxstages.stages.ppo import actor_critic, ppo_loss_fn
+from jaxstages.stages.rl import ROW_KEYS, planned_rl_flops, rl_config, rl_objective, update_keys
 from jaxstages.stages.sft import sft_per_sequence_loss
 
 __all__ = ["Batch", "LOSSES", "LossFn", "OBJECTIVES", "OPTION_BLOCKS", "Objective", "PACKED", "StageContext",
-           "objective_block", "planned_step", "stage_model", "updates_per_step"]
+           "objective_block", "planned_step", "stage_model", "update_step", "updates_per_step"]
 
 # the objectives whose batches come straight from a packed pipeline (no prepare); `plan` sizes these
 LOSSES: dict[str, LossFn] = {"pretrain": lm_loss, "midtrain": lm_loss, "sft": lm_loss,
@@ -94,3 +99,36 @@ def planned_step(kind: str, block: Mapping[str, Any], model: ModelConfig, data, 
     return {"tokens_per_step": tokens, "flops_per_step": (train_flops_per_token(model, data.seq_len)
                                                           + forward_flops_per_token(model, data.seq_len)) * tokens}
   raise ConfigError(f"stage kind {kind!r} has no FLOPs plan from its config; give the stage a length in steps")
+
+
+def update_step(kind: str, block: Mapping[str, Any], model: ModelConfig, data, batch: Mapping[str, Any]
+                ) -> tuple[LossFn, dict, int, int]:
+  """What one update of a stage trains on, from its config alone (nothing loaded, nothing sampled), for planning:
+  `(loss, abstract batch, minibatches, epochs)`. `batch` is one batch of the stage's pipeline (shapes suffice); the
+  objective's `prepare` adds to it (DPO's reference log-probs, a teacher's outputs) or replaces it (RL's rollout
+  rows, distillation's samples), at the shapes it adds them in."""
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  b = data.batch_size
+  if kind in LOSSES:
+    return LOSSES[kind], dict(batch), 1, 1
+  if kind == "dpo":
+    cfg = from_config(DPOConfig, block, where="dpo config")
+    reference = {"ref_chosen": f32(b), "ref_rejected": f32(b)} if cfg.loss != "simpo" else {}
+    return dpo_loss_fn(cfg), {**batch, **reference}, 1, 1
+  if kind == "distill":
+    cfg = from_config(DistillConfig, block, where="distill config")
+    if cfg.samples:  # rows of prompt + completion (`completion_rows`)
+      t = data.prompt_len + cfg.max_new_tokens - 1
+      batch = {**{k: i32(b, t) for k in ROW_KEYS}, "loss_mask": f32(b, t), "on_policy": f32(b)}
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(model, 0)))  # the teacher shares the vocab
+    teacher = jax.eval_shape(lambda st, x: teacher_outputs(cfg)(nnx.merge(graphdef, st), x), state, batch)
+    return distill_loss_fn(cfg), {**batch, **teacher}, 1, 1
+  if kind in ("grpo", "ppo"):
+    cfg = rl_config(block, kind)
+    rows, t = b * cfg.group_size, data.prompt_len + cfg.max_new_tokens - 1
+    batch = {**{k: i32(rows, t) for k in ROW_KEYS},
+             **{k: f32(rows, cfg.max_new_tokens) for k in update_keys(cfg, kind)}}
+    loss = ppo_loss_fn(cfg) if kind == "ppo" else grpo_loss_fn(cfg.policy_loss_config())
+    return loss, batch, cfg.minibatches, cfg.epochs
+  raise ConfigError(f"stage kind {kind!r} has no update step to plan")

@@ -306,6 +306,13 @@ def policy_logprobs_fn(width: int, temperature: float) -> Callable:
 ROW_KEYS = ("tokens", "positions", "segment_ids", "targets")  # a rollout's rows of prompt + completion
 
 
+def update_keys(cfg: RLConfig, kind: str) -> list[str]:
+  """The `[rows, max_new_tokens]` float32 entries the rollout's post-processing adds to `ROW_KEYS` for the update."""
+  keys = ["mask", "old_logprobs", "advantages"] + (["sampler_logprobs"] if cfg.tis != "none" else [])
+  keys += ["ref_logprobs"] if cfg.kl_coef > 0 and cfg.kl_placement == "loss" else []
+  return keys + (["returns", "old_values"] if kind == "ppo" else [])
+
+
 @jax.jit
 def _round_params(params, like):
   return jax.tree.map(lambda x: x.astype(like.dtype).astype(x.dtype), params)
@@ -381,9 +388,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
              "truncated": np.asarray(truncated, np.float32), "valid": np.repeat(host["valid"].astype(np.float32), g)}
     return global_batch_from_process_local(local, ctx.mesh, ctx.rules)
 
-  batch_out_keys = ["mask", "old_logprobs", "advantages"] + (["sampler_logprobs"] if cfg.tis != "none" else [])
-  batch_out_keys += ["ref_logprobs"] if reference is not None and cfg.kl_placement == "loss" else []
-  batch_out_keys += ["returns", "old_values"] if kind == "ppo" else []
+  batch_out_keys = update_keys(cfg, kind)
 
   def postprocess(ro, old_lp, ref_lp, values, kl_coef):
     """One jitted pass over the chosen rollout (global arrays): the trained-token mask, old / reference log-probs,
