@@ -36,7 +36,7 @@ from jax._src import distributed as _jax_distributed  # the preemption service's
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxstages.apply import make_apply
+from jaxstages.apply import make_apply, split_micro_batches
 from jaxstages.checkpoint import Checkpointer
 from jaxstages.config import ConfigError, check_keys, from_config, to_dict
 from jaxstages.data.pipeline import PACKED_KINDS, DataConfig, data_config, make_pipeline
@@ -56,17 +56,6 @@ from jaxstages.state import TrainState, abstract_train_state, init_train_state, 
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
-
-
-def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
-  """`[batch, ...]` -> `[micro_batches, batch / micro_batches, ...]`, micro-batch `j` taking rows `j, j+m, j+2m, ...`
-  so that every micro-batch is spread over all data-parallel devices rather than living on a few of them."""
-  def split(x):
-    rows = x.shape[0]
-    if rows % micro_batches:
-      raise ValueError(f"batch of {rows} rows does not split into {micro_batches} micro-batches")
-    return x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
-  return {k: split(v) for k, v in batch.items()}
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_fn: LossFn,

@@ -62,7 +62,7 @@ def stage_model(kind: str, block: Mapping[str, Any], model: nnx.Module, mesh: Me
   """The module a stage trains, built around the loaded policy: PPO adds its critic (the policy stays its own
   subtree, `policy`, so any later stage loads it as a plain model); every other kind trains the model itself."""
   if kind == "ppo":
-    return actor_critic(model, rl_config(block, kind), mesh, rules)
+    return actor_critic(model, rl_config(block, kind).ppo, mesh, rules)
   return model
 
 
