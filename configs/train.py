@@ -153,9 +153,23 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
     cfg.stage.name = name
     cfg.data.seq_len, cfg.data.batch_size = 4096, 8
     return cfg
+  if name.startswith("grpo-qwen2.5-"):
+    # GRPO at a Qwen2.5 shape (its 151,936-token vocabulary) on the interplay RL prompts (1,024 tokens): 8 prompts x
+    # 8 samples of up to 1,024 new tokens, one update per rollout in 8 micro-batches, KL to the reference in the loss,
+    # log-probs in chunks of 256 positions.
+    # What `jaxstages plan` sizes for the RL step's memory (benchmarks/RESULTS.md); set stage.init_from to a model
+    # of that shape (e.g. hf:FOLDER) to train it
+    cfg = get_config("grpo-interplay")
+    cfg.model = get_config(f"pretrain-{name.removeprefix('grpo-')}").model
+    cfg.model.logits_chunk = 256  # a quarter of the completion's logits at a time
+    cfg.stage.name, cfg.stage.micro_batches, cfg.stage.init_from = name, 8, None
+    cfg.data.batch_size = 8
+    cfg.grpo.rollout.group_size, cfg.grpo.rollout.max_new_tokens, cfg.grpo.minibatches = 8, 1024, 1
+    return cfg
   import difflib
   names = ["pretrain-toy", "midtrain-toy", "sft-toy", "dpo-toy", "distill-toy", "grpo-toy", "ppo-toy",
            "pretrain-interplay", "midtrain-interplay", "grpo-interplay", "pretrain-qwen2.5-0.5b",
-           "pretrain-qwen2.5-1.5b", "pretrain-qwen2.5-7b"]
+           "pretrain-qwen2.5-1.5b", "pretrain-qwen2.5-7b", "grpo-qwen2.5-0.5b", "grpo-qwen2.5-1.5b",
+           "grpo-qwen2.5-7b"]
   raise KeyError(f"unknown training config {name!r}; did you mean {difflib.get_close_matches(name, names)}? "
                  f"Known: {names}")

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -51,7 +52,7 @@ from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_s
                                 data_parallel_size, global_batch_from_process_local, initialize_distributed,
                                 make_mesh, sync_processes, use_mesh)
 from jaxstages.stages import (LOSSES, OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step,
-                              stage_model, updates_per_step)
+                              rl_plan_programs, stage_model, updates_per_step)
 from jaxstages.state import TrainState, abstract_train_state, init_train_state, state_shardings
 
 Batch = Mapping[str, jax.Array]
@@ -669,8 +670,8 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
                devices: Sequence[jax.Device] | None = None) -> dict:
   """Sizes a stage without training: parameters, FLOPs per step, and the AOT-compiled step's memory per device."""
   config, stage, mesh, rules, data_cfg = _parse_blocks(config, devices)
-  if stage.kind not in LOSSES:
-    raise ConfigError(f"plan sizes the packed-data stages ({', '.join(LOSSES)}), not {stage.kind!r}")
+  if stage.kind not in LOSSES and stage.kind != "grpo":
+    raise ConfigError(f"plan sizes the packed-data stages ({', '.join(LOSSES)}) and grpo, not {stage.kind!r}")
   tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else task_tokenizer(data_cfg.task, n_samples=200)
   model_cfg = stage_model_config(config["model"], tokenizer.vocab_size)
   check_positions(model_cfg, data_positions(data_cfg))
@@ -679,22 +680,47 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
   abstract = TrainState(params, jax.eval_shape(optimizer.init, params), jax.ShapeDtypeStruct((), jnp.int32),
                         jax.eval_shape(lambda: jax.random.key(0)))
   shardings = state_shardings(abstract, optimizer, mesh, rules)
-  step = make_train_step(graphdef, optimizer, LOSSES[stage.kind], mesh, shardings, schedule, stage.micro_batches,
-                         rules)
+  extra = {}
+  if stage.kind == "grpo":  # the update over one rollout, and the log-prob pass (rollout post-processing) apart
+    block = objective_block(stage.kind, config)
+    loss, batch, lower_logprobs, updates = rl_plan_programs(block, stage.kind, data_cfg, graphdef, params, mesh,
+                                                            rules, stage.micro_batches)
+    planned = planned_step(stage.kind, block, model_cfg, data_cfg)
+    tokens, flops = planned["tokens_per_step"], planned["update_flops"]
+    logprobs = lower_logprobs().compile()
+    extra["logprobs_memory_per_device_bytes"] = _memory(logprobs)
+    extra["logprobs_vocab_buffers"] = _vocab_buffers(logprobs, model_cfg.vocab_size)
+  else:
+    loss, batch, updates = LOSSES[stage.kind], _abstract_batch(data_cfg), (1, 1)
+    tokens = data_cfg.batch_size * data_cfg.seq_len
+    flops = train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens
+  step = make_train_step(graphdef, optimizer, loss, mesh, shardings, schedule, stage.micro_batches, rules, *updates)
   start = time.perf_counter()
-  compiled = step.lower(abstract, _abstract_batch(data_cfg)).compile()
+  compiled = step.lower(abstract, batch).compile()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  tokens = data_cfg.batch_size * data_cfg.seq_len
+  if stage.kind == "grpo":
+    extra["update_vocab_buffers"] = _vocab_buffers(compiled, model_cfg.vocab_size)
+  return {"stage": stage.name, "kind": stage.kind, "mesh": dict(mesh.shape), "params": param_count(model_cfg),
+          "tokens_per_step": tokens, "steps": stage.steps, "flops_per_step": flops,
+          "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)),
+          "memory_per_device_bytes": _memory(compiled), "compile_s": compile_s, **extra}
+
+
+def _vocab_buffers(compiled, vocab: int) -> list[str]:
+  """The shapes of the float32 `[..., vocab]` buffers of a compiled program (per device), e.g. `f32[1,256,151936]`:
+  where the logits live and how many positions at a time."""
+  found = set(re.findall(rf"f32\[[\d,]*,{vocab}\]", compiled.as_text()))
+  return sorted(found, key=lambda s: [int(x) for x in s[4:-1].split(",")])
+
+
+def _memory(compiled) -> dict:
+  """A compiled program's memory per device; donated state aliases its output, so arguments + outputs - aliased +
+  temporaries is what is live at the peak."""
+  memory = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")
   mem = {f.removesuffix("_size_in_bytes"): int(getattr(memory, f, 0) or 0) for f in fields}
-  # donated state aliases its output, so arguments + outputs - aliased + temporaries is what is live at the peak
   mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-  return {"stage": stage.name, "kind": stage.kind, "mesh": dict(mesh.shape), "params": param_count(model_cfg),
-          "tokens_per_step": tokens, "steps": stage.steps,
-          "flops_per_step": train_flops_per_token(model_cfg, data_cfg.seq_len) * tokens,
-          "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)), "memory_per_device_bytes": mem,
-          "compile_s": compile_s}
+  return mem

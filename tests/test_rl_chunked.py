@@ -126,3 +126,23 @@ def test_compiled_rl_programs_hold_no_full_logits(tiny_cfg):
   assert not _full_logits_shapes(compiled.as_text(), vocab)
   out, metrics = jax.jit(post)(state, state, rollout, 0.0)
   assert out["tokens"].shape == (ROWS, SEQ) and out["ref_logprobs"].shape == (ROWS, T)
+
+
+def test_plan_sizes_a_grpo_stage_without_full_logits():
+  """`jaxstages plan` on a GRPO stage compiles the update and the log-prob pass (here with a reference in the loss
+  and recomputed old log-probs) on a simulated fsdp mesh: both have memory figures and their float32 vocabulary-wide
+  buffers are chunks of positions, never a whole sequence or completion."""
+  from jaxstages.config import apply_overrides, load_config
+  from jaxstages.train import plan_stage
+
+  cfg = apply_overrides(load_config("configs/train.py:grpo-toy"), [
+      "data.batch_size=8", "grpo.rollout.group_size=2", "grpo.rollout.max_new_tokens=16", "grpo.kl.coef=0.01",
+      "grpo.policy_loss.recompute_old_logprobs=True", "model.logits_chunk=8", "mesh.data=1", "mesh.fsdp=8",
+      "stage.micro_batches=2"])
+  plan = plan_stage(cfg)
+  assert plan["memory_per_device_bytes"]["peak_estimate"] > 0
+  assert plan["logprobs_memory_per_device_bytes"]["peak_estimate"] > 0
+  seq = cfg.data.prompt_len + 16 - 1
+  for key in ("update_vocab_buffers", "logprobs_vocab_buffers"):
+    lengths = {int(s[4:-1].split(",")[1]) for s in plan[key] if s.count(",") == 2}
+    assert lengths and lengths <= {8}, (key, plan[key], seq)

@@ -27,11 +27,11 @@ from jaxstages.stages.dpo import dpo_objective
 from jaxstages.stages.lm import lm_loss
 from jaxstages.stages.objective import Batch, LossFn, Objective, StageContext
 from jaxstages.stages.ppo import actor_critic
-from jaxstages.stages.rl import planned_rl_flops, rl_config, rl_objective
+from jaxstages.stages.rl import planned_rl_flops, rl_config, rl_objective, rl_plan_programs
 from jaxstages.stages.sft import sft_per_sequence_loss
 
 __all__ = ["Batch", "LOSSES", "LossFn", "OBJECTIVES", "OPTION_BLOCKS", "Objective", "PACKED", "StageContext",
-           "objective_block", "planned_step", "stage_model", "updates_per_step"]
+           "objective_block", "planned_step", "rl_plan_programs", "stage_model", "updates_per_step"]
 
 # the objectives whose batches come straight from a packed pipeline (no prepare); `plan` sizes these
 LOSSES: dict[str, LossFn] = {"pretrain": lm_loss, "midtrain": lm_loss, "sft": lm_loss,

@@ -5,30 +5,33 @@ Per step, on the host side of the shared train loop (`Objective.prepare`), top t
 1. **prompts**: B prompts of the stage's `rl` pipeline (its op range is the difficulty the RL runs on; a finite
    prompt set is revisited over epochs, or the stream is endless: `data.num_examples`, `data.epochs`);
 2. **rollout**: G samples of each from the current params through the one jitted sampler (`sampling.sample`,
-   one prefill per prompt), optionally with params rounded to a lower precision (`rollout_dtype`);
-3. **rewards** from the task verifier (`rewards.verify`): outcome, process score, the interplay study's mix or
-   strict correctness, plus a format reward and DAPO's soft overlong penalty; a right answer reached through a wrong
-   step counts as a *hack*;
+   one prefill per prompt), by default with the params resharded once per rollout to the sampler's own layout
+   (`rollout.layout`), optionally rounded to a lower precision (`rollout.dtype`);
+3. **verify** (the host's only work besides reading metrics): decode each completion and score it with the task
+   verifier (`rewards.verify`): outcome, process score, the interplay study's mix or strict correctness, plus a
+   format reward and DAPO's soft overlong penalty; a right answer reached through a wrong step counts as a *hack*;
 4. **dynamic sampling** (DAPO): groups whose rewards are all equal carry no signal and are dropped; more prompts are
-   drawn from the same checkpointed data iterator until B groups are kept or `max_sampling_rounds` is hit (then
-   the batch is filled with dropped groups, masked out);
-5. **log-probs**: the sampler's own (or recomputed by the trainer: required with top-k / top-p, whose sampler
-   log-probs are of the truncated distribution), the reference model's only when β > 0, the critic's values for
-   PPO (jitted forwards, `apply.make_apply`);
-6. **advantages**: a GRPO-family estimator of the group rewards (`grpo.ADVANTAGES`, with its own std-scaling
-   default, `SCALE_REWARDS`), or PPO's one jitted post-processing (`ppo.ppo_postprocess`: terminal rewards, GAE
-   over the critic's values, whitening); KL to the reference either in the reward (fixed or adaptive β) or in the
-   loss;
-7. then the loop's jitted train step (`train.make_train_step`, which calls this module; nothing here calls the
+   drawn from the same checkpointed data iterator until B groups are kept or `rollout.max_sampling_rounds` is hit
+   (then the batch is filled with dropped groups, masked out);
+5. **one jitted post-processing** (`training_batch_fn`) from (sampled tokens, rewards) to the training batch: the
+   rows of prompt + completion; the old log-probs (the sampler's, or a trainer forward's: required with top-k /
+   top-p, whose sampler log-probs are of the truncated distribution), the reference's only when β > 0, the
+   critic's values for PPO, each forward micro-batched like the update and its log-probs taken from the hidden
+   states in chunks (never `[rows, seq, vocab]` logits); KL to the reference in the reward (fixed or adaptive β) or
+   handed to the loss; advantages (`grpo.ADVANTAGES`, or PPO's GAE with whitening, `ppo.ppo_postprocess`); metrics;
+6. then the loop's jitted train step (`train.make_train_step`, which calls this module; nothing here calls the
    loop) runs `epochs x minibatches` clipped-surrogate updates over the rollout, with the loss of `grpo.py` /
-   `ppo.py`.
+   `ppo.py` (log-probs and entropy in chunks, the path the LM loss takes).
+
+The config (`RLConfig`) is in blocks that read like a recipe: `rollout`, `reward`, `advantage`, `policy_loss`, `kl`,
+`ppo`; what the objective carries from step to step is one small `RolloutState`.
 
 On several processes, steps 2-3 are each process's own: it samples, decodes and verifies its rows of the global
 batch of prompts and contributes them (rewards included) as global arrays
 (`jax.make_array_from_process_local_data`); what every process must agree on (which groups are informative, the
-longest sample for the FLOPs) is read from small replicated arrays, and steps 4-6 run on the global arrays (one
-jitted post-processing), so no completion crosses to another host. A row's sampling key is its global row index:
-one process and several draw the same samples.
+longest sample for the FLOPs) is read from small replicated arrays, and steps 4-5 run on the global arrays, so no
+completion crosses to another host. A row's sampling key is its global row index: one process and several draw the
+same samples.
 
 Everything random is keyed by (seed, step, round), so a resumed run repeats the same rollouts; the adaptive KL
 coefficient and the FLOPs spent so far (measured: sampling as executed) are saved with every checkpoint.
@@ -57,8 +60,8 @@ from jaxstages.model.config import check_positions
 from jaxstages.model.io import load_model
 from jaxstages.rewards import Verdict, format_ok, mixed_reward, verify
 from jaxstages.sampling import SamplingConfig, sample, stop_ids, strip_stop, unpad_prompts, without_fsdp
-from jaxstages.sharding import (batch_sharding, global_batch_from_process_local, local_rows, replicate_to_host,
-                                shard_batch, use_mesh)
+from jaxstages.sharding import (batch_sharding, global_batch_from_process_local, local_rows, param_shardings,
+                                replicate_to_host, shard_batch, use_mesh)
 from jaxstages.stages.grpo import (ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, Clip, PolicyLossConfig,
                                    completion_log_probs, grpo_loss_fn)
 from jaxstages.stages.objective import Objective
@@ -522,6 +525,33 @@ def jit_training_batch(postprocess: Callable, mesh, rules, params_sharding, ref_
 
   call.lower = lower
   return call
+
+
+def rl_plan_programs(block: Mapping, kind: str, data, graphdef: nnx.GraphDef, params, mesh, rules,
+                     micro_batches: int) -> tuple[Callable, dict, Callable, tuple[int, int]]:
+  """What `jaxstages plan` compiles for a GRPO stage without sampling: `(loss, abstract training batch, log-prob pass,
+  (minibatches, epochs))` where the log-prob pass is `() -> lowered` post-processing of an abstract rollout (rows,
+  old / reference log-probs as configured, micro-batched like the update). `params`: abstract, as trained."""
+  if kind != "grpo":
+    raise ConfigError(f"plan sizes GRPO stages among the RL kinds, not {kind!r}")
+  cfg = rl_config(block, kind)
+  rows, n_new, width = data.batch_size * cfg.rollout.group_size, cfg.rollout.max_new_tokens, data.prompt_len
+  seq = width + n_new - 1
+  shape = lambda n, dtype: jax.ShapeDtypeStruct((rows, n) if n else (rows,), dtype)
+  batch = {**{k: shape(seq, jnp.int32) for k in ROW_KEYS},
+           **{k: shape(n_new, jnp.float32) for k in training_batch_keys(cfg, kind)}}
+  rollout = {"prompt_tokens": shape(width, jnp.int32), "prompt_mask": shape(width, jnp.int32),
+             "tokens": shape(n_new, jnp.int32), "lengths": shape(0, jnp.int32),
+             **{k: shape(n_new, jnp.float32) for k in ("logprobs", "sample_mask", "forced")},
+             **{k: shape(0, jnp.float32) for k in ("reward", "strict", "outcome", "truncated", "valid")}}
+  params_sharding = param_shardings(params, mesh, rules)
+  with_ref = cfg.kl.coef > 0
+  post = jit_training_batch(
+      training_batch_fn(cfg, kind, graphdef, graphdef if with_ref else None, cfg.rollout.group_size, 0,
+                        cfg.minibatches * micro_batches),
+      mesh, rules, params_sharding, params_sharding if with_ref else None)
+  lower = lambda: post.lower(params, params if with_ref else None, rollout)
+  return grpo_loss_fn(cfg.policy_loss_config()), batch, lower, (cfg.minibatches, cfg.epochs)
 
 
 # -- the objective ---------------------------------------------------------------------------------------------------
