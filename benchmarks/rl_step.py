@@ -15,6 +15,8 @@ apart; the others are averaged. Prints Markdown for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import collections
+import logging
 import platform
 import tempfile
 import time
@@ -36,6 +38,19 @@ SETUPS = {
 }
 
 
+class CompileCounter(logging.Handler):
+  """Counts XLA compilations by function name (JAX logs one line per compilation with `jax_log_compiles`)."""
+
+  def __init__(self):
+    super().__init__()
+    self.counts = collections.Counter()
+
+  def emit(self, record):
+    message = record.getMessage()
+    if message.startswith("Compiling "):
+      self.counts[message.split()[1]] += 1
+
+
 def bench(kind: str, setup: str, steps: int, extra: list[str]) -> dict:
   overrides = [o.format(kind=kind) for o in SETUPS[setup]] + [f"{kind}.eval_problems=0", *extra]
   cfg = apply_overrides(load_config(f"configs/train.py:{kind}-toy"), overrides)
@@ -45,6 +60,9 @@ def bench(kind: str, setup: str, steps: int, extra: list[str]) -> dict:
     next_batch = lambda: global_batch_from_process_local(next(it), built.mesh, built.rules)
     step_fn, state = built.train_step(), built.state
     rows = []
+    compiles = CompileCounter()
+    logging.getLogger("jax").addHandler(compiles)
+    jax.config.update("jax_log_compiles", True)
     for step in range(steps + 1):
       start = time.perf_counter()
       batch = built.objective.prepare(state, next_batch(), step, next_batch)
@@ -57,13 +75,17 @@ def bench(kind: str, setup: str, steps: int, extra: list[str]) -> dict:
       # (decoding text, verifying, assembling global arrays, reading metrics, dispatch)
       device = host["time_sampler_s"] + host["time_logprobs_s"] + (end - t_update)
       rows.append(dict(sampling=host["time_sampling_s"], logprobs=host["time_logprobs_s"], update=end - t_update,
-                       total=end - start, sampler=host["time_sampler_s"], host=end - start - device, flops_sampling=host["flops_sampling"],
+                       total=end - start, sampler=host["time_sampler_s"], host=end - start - device,
+                       flops_sampling=host["flops_sampling"],
                        flops_logprobs=host["flops_logprobs"], flops_update=host["flops_update"],
                        length=host["response_length"]))
+    jax.config.update("jax_log_compiles", False)
+    logging.getLogger("jax").removeHandler(compiles)
   first, warm = rows[0], rows[1:]
   mean = {k: float(np.mean([r[k] for r in warm])) for k in warm[0]}
   return dict(kind=kind, setup=setup, params=built.model_cfg, first=first, mean=mean,
-              rows=built.data.batch_size, group=cfg[kind].rollout.group_size, new=cfg[kind].rollout.max_new_tokens)
+              postprocess_compiles=compiles.counts["postprocess"], rows=built.data.batch_size,
+              group=cfg[kind].rollout.group_size, new=cfg[kind].rollout.max_new_tokens)
 
 
 def main() -> None:
@@ -81,8 +103,9 @@ def main() -> None:
         f"float32 matmul peak {peak / 1e9:,.1f} GFLOP/s; {args.steps} timed steps after the first\n")
   print("| stage | model | params | prompts x G, new | first step s | step s | sampling s (sampler s) | "
         "post-processing s | updates s | host s | host share | sampling share | sampling GFLOP/s | update GFLOP/s | "
-        "mean length |")
-  print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        "mean length | post-processing (with GAE) compiles |")
+  print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |")
   for setup in args.configs.split(","):
     for kind in args.kinds.split(","):
       r = bench(kind, setup, args.steps, args.override)
@@ -91,7 +114,7 @@ def main() -> None:
             f"{r['first']['total']:.1f} | {m['total']:.2f} | {m['sampling']:.2f} ({m['sampler']:.2f}) | "
             f"{m['logprobs']:.3f} | {m['update']:.2f} | {m['host']:.3f} | {m['host'] / m['total']:.1%} | "
             f"{m['sampling'] / m['total']:.0%} | {m['flops_sampling'] / m['sampling'] / 1e9:.1f} | "
-            f"{m['flops_update'] / m['update'] / 1e9:.1f} | {m['length']:.1f} |")
+            f"{m['flops_update'] / m['update'] / 1e9:.1f} | {m['length']:.1f} | {r['postprocess_compiles']} |")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ MIXTURE = ("data.sources=[{'name': 'p', 'format': 'pretrain', 'weight': 0.5}, "
 PRETRAIN = SMALL + ["data.seq_len=64", "data.streams=2", MIXTURE, "stage.steps=4", "stage.log_every=1",
                     "stage.checkpoint_every=2", "stage.eval_every=0", "stage.async_checkpoints=False"]
 # GRPO from the committed SFT model: 8 prompts x 4 samples, a held-out greedy evaluation at the end
-GRPO = ["data.batch_size=8", "data.streams=2", "grpo.rollout.group_size=4", "grpo.rollout.max_new_tokens=16", "grpo.eval_problems=4",
+GRPO = ["data.batch_size=8", "data.streams=2", "grpo.rollout.group_size=4", "grpo.rollout.max_new_tokens=16",
+        "grpo.eval_problems=4",
         "stage.steps=3", "stage.log_every=1", "stage.checkpoint_every=2", "stage.eval_every=0"]
 
 
@@ -252,7 +253,8 @@ OTHER_KINDS = {
     # GRPO's other paths across processes: dynamic sampling (groups chosen from several rounds, moved on device to
     # the process that holds their rows), an adaptive KL coefficient in the reward, recomputed old log-probs
     "grpo-dapo": ("grpo-toy", ["grpo.rollout.group_size=4", "grpo.rollout.max_new_tokens=16", "grpo.eval_problems=0",
-                               "grpo.rollout.dynamic_sampling=True", "grpo.rollout.max_sampling_rounds=3", "grpo.kl.coef=0.01",
+                               "grpo.rollout.dynamic_sampling=True", "grpo.rollout.max_sampling_rounds=3",
+                               "grpo.kl.coef=0.01",
                                "grpo.kl.placement='reward'", "grpo.kl.target=0.01",
                                "grpo.policy_loss.recompute_old_logprobs=True", "grpo.drift_prompts=2"]),
 }

@@ -58,8 +58,9 @@ def _value_and_grad(loss_fn, model, batch):
 def test_rl_log_probs_entropy_and_kl_in_chunks_equal_full_logits(tiny_cfg, chunk):
   """GRPO's loss (clipped surrogate + β·KL with k3's value and k2's gradient − entropy bonus, tempered) from hidden
   states in chunks of 3 / 4 / 64 positions equals the full-logits loss: value, every aux metric (entropy, KL to the
-  reference and to the old policy) and the gradient of every parameter, float32 (measured at chunk 3: loss equal, aux metrics within 2e-6, gradients within 2e-8 absolute, 5e-7
-  relative to each tensor's norm)."""
+  reference and to the old policy) and the gradient of every parameter, float32
+  (measured at chunk 3: loss equal, aux metrics within 2e-6, gradients within 2e-8 absolute, 5e-7 relative to each
+  tensor's norm)."""
   batch = {k: jnp.asarray(v) for k, v in _rl_batch(tiny_cfg.vocab_size).items()}
   model = create_model(tiny_cfg.replace(logits_chunk=chunk), seed=3)
   (loss, aux), grads = _value_and_grad(grpo_loss_fn(LOSS), model, batch)

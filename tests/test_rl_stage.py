@@ -102,7 +102,8 @@ def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch(tmp_path, g
   """With the same first round as the plain rollout (same seed, same params), dynamic sampling drops exactly the
   groups whose rewards are all equal, samples more prompts, and fills the batch with informative groups only."""
   _, _, plain = grpo
-  built = _build(tmp_path, "grpo", "grpo.minibatches=2", "grpo.rollout.dynamic_sampling=True", "grpo.rollout.max_sampling_rounds=6")
+  built = _build(tmp_path, "grpo", "grpo.minibatches=2", "grpo.rollout.dynamic_sampling=True",
+                 "grpo.rollout.max_sampling_rounds=6")
   batch, metrics = _prepared(built)
   b, g = built.data.batch_size, 4
   assert plain["zero_variance_groups"] > 0  # the first round has all-equal groups to drop
@@ -286,7 +287,8 @@ def test_old_flat_rl_keys_name_their_new_place():
   from jaxstages.stages.rl import MOVED_KEYS, rl_config
 
   for old, new in (("kl_coef", "kl.coef"), ("group_size", "rollout.group_size"), ("reward", "reward.score"),
-                   ("advantage", "advantage.estimator"), ("critic", "ppo.critic"), ("loss_agg", "policy_loss.loss_agg")):
+                   ("advantage", "advantage.estimator"), ("critic", "ppo.critic"),
+                   ("loss_agg", "policy_loss.loss_agg")):
     assert MOVED_KEYS[old] == new
     with pytest.raises(ConfigError, match=f"^grpo.{old} is now grpo.{new}$"):
       rl_config({old: 1}, "grpo")

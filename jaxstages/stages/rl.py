@@ -206,13 +206,13 @@ class RLConfig:
 
   def __post_init__(self):
     ro, loss, kl = self.rollout, self.policy_loss, self.kl
-    for where, value, allowed in (("reward.score", self.reward.score, SCORES),
-                                  ("kl.placement", kl.placement, KL_PLACEMENTS), ("policy_loss.tis", loss.tis, TIS_LEVELS),
-                                  ("ppo.critic", self.ppo.critic, CRITICS), ("policy_loss.kind", loss.kind, POLICY_LOSSES),
-                                  ("policy_loss.loss_agg", loss.loss_agg, AGGREGATIONS),
-                                  ("kl.estimator", kl.estimator, KL_ESTIMATORS),
-                                  ("advantage.estimator", self.advantage.estimator, ("", *ADVANTAGES, "gae")),
-                                  ("rollout.layout", ro.layout, SAMPLER_LAYOUTS)):
+    for where, value, allowed in (
+        ("reward.score", self.reward.score, SCORES), ("kl.placement", kl.placement, KL_PLACEMENTS),
+        ("policy_loss.tis", loss.tis, TIS_LEVELS), ("ppo.critic", self.ppo.critic, CRITICS),
+        ("policy_loss.kind", loss.kind, POLICY_LOSSES), ("policy_loss.loss_agg", loss.loss_agg, AGGREGATIONS),
+        ("kl.estimator", kl.estimator, KL_ESTIMATORS),
+        ("advantage.estimator", self.advantage.estimator, ("", *ADVANTAGES, "gae")),
+        ("rollout.layout", ro.layout, SAMPLER_LAYOUTS)):
       check_keys([value], allowed, f"rl {where}")
     if ro.group_size < 1 or ro.max_new_tokens < 1 or self.epochs < 1 or self.minibatches < 1:
       raise ConfigError("rollout.group_size, rollout.max_new_tokens, epochs and minibatches must be >= 1")
