@@ -279,7 +279,7 @@ def rl_shape(scale: Scale) -> dict:
   """The RL stages' prompts a step (`batch`), samples a prompt (`group`) and logging interval (`log_every`), from the
   scale's RL config with its overrides."""
   cfg = block_config(scale, scale.rl)
-  return {"batch": cfg.data.batch_size, "group": cfg.grpo.group_size, "log_every": cfg.stage.log_every}
+  return {"batch": cfg.data.batch_size, "group": cfg.grpo.rollout.group_size, "log_every": cfg.stage.log_every}
 
 
 def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int]) -> dict:
