@@ -47,8 +47,8 @@ class CompileCounter(logging.Handler):
 
   def emit(self, record):
     message = record.getMessage()
-    if message.startswith("Compiling "):
-      self.counts[message.split()[1]] += 1
+    if message.startswith("Compiling "):  # "Compiling jit(name) with global shapes ..."
+      self.counts[message.split()[1].removeprefix("jit(").removesuffix(")")] += 1
 
 
 def bench(kind: str, setup: str, steps: int, extra: list[str]) -> dict:
@@ -60,8 +60,9 @@ def bench(kind: str, setup: str, steps: int, extra: list[str]) -> dict:
     next_batch = lambda: global_batch_from_process_local(next(it), built.mesh, built.rules)
     step_fn, state = built.train_step(), built.state
     rows = []
-    compiles = CompileCounter()
-    logging.getLogger("jax").addHandler(compiles)
+    compiles, logger = CompileCounter(), logging.getLogger("jax")
+    logger.addHandler(compiles)
+    logger.propagate = False  # counted, not printed
     jax.config.update("jax_log_compiles", True)
     for step in range(steps + 1):
       start = time.perf_counter()
@@ -80,7 +81,8 @@ def bench(kind: str, setup: str, steps: int, extra: list[str]) -> dict:
                        flops_logprobs=host["flops_logprobs"], flops_update=host["flops_update"],
                        length=host["response_length"]))
     jax.config.update("jax_log_compiles", False)
-    logging.getLogger("jax").removeHandler(compiles)
+    logger.removeHandler(compiles)
+    logger.propagate = True
   first, warm = rows[0], rows[1:]
   mean = {k: float(np.mean([r[k] for r in warm])) for k in warm[0]}
   return dict(kind=kind, setup=setup, params=built.model_cfg, first=first, mean=mean,
