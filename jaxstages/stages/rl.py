@@ -559,11 +559,11 @@ def rl_plan_programs(block: Mapping, kind: str, data, graphdef: nnx.GraphDef, pa
 
 @dataclasses.dataclass
 class RolloutState:
-  """What the RL objective carries from step to step: the KL coefficient (adaptive with `kl.target`), the FLOPs spent
-  so far (both saved with every checkpoint), the reference forwards run, when the last rollout ended, and the last
-  step's host metrics."""
+  """What the RL objective carries from step to step: the KL coefficient's controller (adaptive with `kl.target`),
+  the FLOPs spent so far (both saved with every checkpoint), the reference forwards run, when the last rollout
+  ended, and the last step's host metrics."""
 
-  kl_coef: float
+  kl: AdaptiveKL
   flops_spent: float = 0.0
   reference_forwards: int = 0
   rollout_end: float | None = None
@@ -596,8 +596,7 @@ def rl_objective(ctx, block: Mapping, kind: str):
   training_batch = jit_training_batch(
       training_batch_fn(cfg, kind, ctx.graphdef, ref_graphdef, g, tok.pad_id, passes_split),
       ctx.mesh, ctx.rules, ctx.params_sharding, ref_sharding)
-  kl_control = AdaptiveKL(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
-  state = RolloutState(kl_coef=cfg.kl.coef)
+  state = RolloutState(kl=AdaptiveKL(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon))
 
   def problems_of(host: Mapping[str, np.ndarray]) -> list[tasks.Problem]:
     """The verifier's problems of a batch: (source, index) -> the problem the pipeline generated."""
@@ -685,14 +684,14 @@ def rl_objective(ctx, block: Mapping, kind: str):
 
     # 2. one jitted call: rows, old / reference log-probs, values, KL, advantages, metrics
     t1 = time.perf_counter()
-    kl_coef = kl_control.coef
+    kl_coef = state.kl.coef
     batch_out, rollout_metrics = training_batch(train_state.params, ref_params, rollout, kl_coef)
     jax.block_until_ready(batch_out)
     state.reference_forwards += int(ref_params is not None)
     host = {k: float(v) for k, v in rollout_metrics.items()}  # replicated: every process reads the same values
     if ref_params is not None and cfg.kl.placement == "reward":
       host["kl_coef"] = kl_coef
-      kl_control.update(host["kl_ref_sequence"], rows_per_step)
+      state.kl.update(host["kl_ref_sequence"], rows_per_step)
     state.rollout_end = time.perf_counter()
     t_logprobs = state.rollout_end - t1
 
@@ -708,10 +707,10 @@ def rl_objective(ctx, block: Mapping, kind: str):
     return batch_out
 
   def get_state() -> dict:
-    return {"kl_coef": kl_control.coef, "flops_spent": state.flops_spent}
+    return {"kl_coef": state.kl.coef, "flops_spent": state.flops_spent}
 
   def set_state(saved: Mapping) -> None:
-    kl_control.coef = float(saved["kl_coef"])
+    state.kl.coef = float(saved["kl_coef"])
     state.flops_spent = float(saved.get("flops_spent", 0.0))
 
   kl_drift = None
