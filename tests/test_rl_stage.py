@@ -322,3 +322,15 @@ def test_gspo_has_its_own_clip_range_and_refuses_a_token_level_one():
   assert loss(kind="gspo", clip_high=1e-3) == Clip(3e-4, 1e-3)
   with pytest.raises(ConfigError, match="gspo.*clip_low=0.2 / clip_high=0.2"):
     loss(kind="gspo", clip_low=0.2, clip_high=0.2)
+
+
+def test_sampling_in_the_samplers_layout_draws_the_same_rollout(tmp_path):
+  """On an fsdp mesh the rollout samples with the params resharded once to the sampler's own layout (weights whole
+  over fsdp, `rollout.layout="sampler"`, the default) or as trained (`"trainer"`): the same completions, rewards and
+  training batch either way."""
+  mesh = ["mesh.data=2", "mesh.fsdp=4"]
+  batches = [_prepared(_build(tmp_path / layout, "grpo", *mesh, f"grpo.rollout.layout='{layout}'"))[0]
+             for layout in ("sampler", "trainer")]
+  np.testing.assert_array_equal(np.asarray(batches[0]["tokens"]), np.asarray(batches[1]["tokens"]))
+  for k in ("mask", "advantages", "old_logprobs"):
+    np.testing.assert_allclose(np.asarray(batches[0][k]), np.asarray(batches[1][k]), atol=1e-5, err_msg=k)
