@@ -155,6 +155,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+# keys that moved: old dotted path -> new one (e.g. "grpo.kl_coef" -> "grpo.kl.coef"), registered by the modules whose
+# blocks changed shape (`jaxstages.stages.rl`), so an override of an old path fails naming the new one
+MOVED_KEYS: dict[str, str] = {}
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
   """Applies command-line overrides `a.b.c=value` (values as Python literals; bare words stay strings).
 
@@ -173,6 +178,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       node, where = node[part], f"{where}.{part}"
       if not isinstance(node, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f"{where} is a value, not a group of keys; cannot set {path}")
+    if path in MOVED_KEYS and (leaf not in node or isinstance(node[leaf], (ml_collections.ConfigDict, dict))):
+      raise ConfigError(f"{path} is now {MOVED_KEYS[path]}")
     check_keys([leaf], node.keys(), where)
     try:
       value = ast.literal_eval(raw)

@@ -292,6 +292,8 @@ def test_old_flat_rl_keys_name_their_new_place():
     assert MOVED_KEYS[old] == new
     with pytest.raises(ConfigError, match=f"^grpo.{old} is now grpo.{new}$"):
       rl_config({old: 1}, "grpo")
+    with pytest.raises(ConfigError, match=f"^ppo.{old} is now ppo.{new}$"):  # on the command line too
+      apply_overrides(load_config("configs/train.py:ppo-toy"), [f"ppo.{old}=1"])
 
 
 def test_truncated_sampling_needs_old_log_probs_from_the_trainer():

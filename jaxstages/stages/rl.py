@@ -51,6 +51,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxstages.apply import map_micro_batches
+from jaxstages import config as config_lib
 from jaxstages.config import ConfigError, check_keys, from_config, to_dict
 from jaxstages.data import tasks
 from jaxstages.evaluation import EvalConfig, evaluate as run_eval, kl_drift_fn
@@ -182,6 +183,10 @@ MOVED_KEYS = {
     **{f"kl_{k}": f"kl.{k}" for k in ("coef", "placement", "estimator", "target", "horizon")},
     "reference": "kl.reference",
     **{k: f"ppo.{k}" for k in ("gamma", "lam", "value_coef", "value_clip", "whiten_advantages", "critic")}}
+
+
+config_lib.MOVED_KEYS.update({f"{kind}.{old}": f"{kind}.{new}" for kind in ("grpo", "ppo")
+                              for old, new in MOVED_KEYS.items()})  # command-line overrides of the old keys
 
 
 @dataclasses.dataclass(frozen=True)
