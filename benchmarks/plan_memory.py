@@ -59,8 +59,8 @@ def _config(name: str, shapes: bool, devices: int):
     cfg.model, cfg.mesh, cfg.optim = rl.model, rl.mesh, rl.optim
     cfg.stage.micro_batches = rl.stage.micro_batches
     cfg.stage.name = name
-    cfg.data.batch_size = rl.data.batch_size * rl.grpo.group_size // rl.grpo.minibatches
-    cfg.data.seq_len = rl.data.prompt_len + rl.grpo.max_new_tokens
+    cfg.data.batch_size = rl.data.batch_size * rl.grpo.rollout.group_size // rl.grpo.minibatches
+    cfg.data.seq_len = rl.data.prompt_len + rl.grpo.rollout.max_new_tokens
   else:
     cfg = load_config(f"configs/train.py:{name}")
   if shapes:

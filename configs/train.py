@@ -19,7 +19,7 @@ from jaxstages.optim import OptimConfig
 from jaxstages.sharding import MeshConfig
 from jaxstages.stages.distill import DistillConfig
 from jaxstages.stages.dpo import DPOConfig
-from jaxstages.stages.rl import RLConfig
+from jaxstages.stages.rl import AdvantageConfig, KLConfig, PolicyLossBlock, RewardConfig, RLConfig, RolloutConfig
 from jaxstages.train import StageConfig
 
 
@@ -103,8 +103,10 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
     cfg = _config(dict(name=kind, kind=kind, steps=60, log_every=5, checkpoint_every=20, eval_every=20,
                        init_from="experiments/artifacts/toy-sft"),
                   "toy", "rl-toy", dict(lr=3e-4, schedule="constant", warmup_fraction=0.0, weight_decay=0.0),
-                  **{kind: RLConfig(group_size=8, max_new_tokens=40, reward="strict", eval_problems=64,
-                                    advantage="gae" if kind == "ppo" else "grpo")})
+                  **{kind: RLConfig(rollout=RolloutConfig(group_size=8, max_new_tokens=40),
+                                    reward=RewardConfig(score="strict"),
+                                    advantage=AdvantageConfig(estimator="gae" if kind == "ppo" else "grpo"),
+                                    eval_problems=64)})
     return cfg
   if name in ("pretrain-interplay", "midtrain-interplay"):
     # the interplay study's pre-training (~10B tokens, op 2-10) and CPT (80% op 11-14): the ~100M Qwen2-shape model,
@@ -130,9 +132,11 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
                   "interplay-100m", "rl-interplay", dict(lr=1e-6, schedule="constant", warmup_fraction=0.0,
                                                          weight_decay=0.1, clip_norm=1.0),
                   mesh=ACCELERATOR_MESH, model_overrides=ACCELERATOR_MODEL,
-                  grpo=RLConfig(group_size=6, max_new_tokens=1024, temperature=1.0, minibatches=4, epochs=1,
-                                loss_agg="token-mean", clip_low=0.2, clip_high=0.2, dual_clip=3.0, kl_coef=1e-3,
-                                kl_placement="loss", kl_estimator="k3", eval_problems=128))
+                  grpo=RLConfig(rollout=RolloutConfig(group_size=6, max_new_tokens=1024, temperature=1.0),
+                                policy_loss=PolicyLossBlock(loss_agg="token-mean", clip_low=0.2, clip_high=0.2,
+                                                            dual_clip=3.0),
+                                kl=KLConfig(coef=1e-3, placement="loss", estimator="k3"),
+                                minibatches=4, epochs=1, eval_problems=128))
     return cfg
   if name.startswith("pretrain-qwen2.5-"):
     # a Qwen2.5 shape pre-trained from scratch on the story task world at 4,096-token rows, one row per device of
@@ -149,9 +153,23 @@ def get_config(name: str = "pretrain-toy") -> ml_collections.ConfigDict:
     cfg.stage.name = name
     cfg.data.seq_len, cfg.data.batch_size = 4096, 8
     return cfg
+  if name.startswith("grpo-qwen2.5-"):
+    # GRPO at a Qwen2.5 shape (its 151,936-token vocabulary) on the interplay RL prompts (1,024 tokens): 8 prompts x
+    # 8 samples of up to 1,024 new tokens, one update per rollout in 8 micro-batches, KL to the reference in the loss,
+    # log-probs in chunks of 256 positions.
+    # What `jaxstages plan` sizes for the RL step's memory (benchmarks/RESULTS.md); set stage.init_from to a model
+    # of that shape (e.g. hf:FOLDER) to train it
+    cfg = get_config("grpo-interplay")
+    cfg.model = get_config(f"pretrain-{name.removeprefix('grpo-')}").model
+    cfg.model.logits_chunk = 256  # a quarter of the completion's logits at a time
+    cfg.stage.name, cfg.stage.micro_batches, cfg.stage.init_from = name, 8, None
+    cfg.data.batch_size = 8
+    cfg.grpo.rollout.group_size, cfg.grpo.rollout.max_new_tokens, cfg.grpo.minibatches = 8, 1024, 1
+    return cfg
   import difflib
   names = ["pretrain-toy", "midtrain-toy", "sft-toy", "dpo-toy", "distill-toy", "grpo-toy", "ppo-toy",
            "pretrain-interplay", "midtrain-interplay", "grpo-interplay", "pretrain-qwen2.5-0.5b",
-           "pretrain-qwen2.5-1.5b", "pretrain-qwen2.5-7b"]
+           "pretrain-qwen2.5-1.5b", "pretrain-qwen2.5-7b", "grpo-qwen2.5-0.5b", "grpo-qwen2.5-1.5b",
+           "grpo-qwen2.5-7b"]
   raise KeyError(f"unknown training config {name!r}; did you mean {difflib.get_close_matches(name, names)}? "
                  f"Known: {names}")

@@ -59,7 +59,7 @@ SEEDED_Q = (("p", 0.99), ("q", 0.01, (1, 1)))
 
 # Settings measured on the toy world (experiments/README.md): RL with the strict reward on document prompts straight
 # from the base, 32 prompts x 8 samples a step, lr 1.5e-4 constant (the quickstart's RL lr), no KL term.
-_CPU_RL = {"data.prompt": "document", "data.batch_size": 32, "optim.lr": 1.5e-4, "grpo.reward": "strict",
+_CPU_RL = {"data.prompt": "document", "data.batch_size": 32, "optim.lr": 1.5e-4, "grpo.reward.score": "strict",
            "grpo.eval_problems": 0, "stage.eval_every": 0, "stage.checkpoint_every": 20, "stage.log_every": 5}
 
 # online_vs_offline's shared start: chat SFT of the base on context p, ops 1-3, plain answers (no think flag)
@@ -121,8 +121,9 @@ SCALES: dict[str, Scale] = {
                                  "data.task.reach": "near", "data.task.contexts": SEEDED_Q,
                                  "data.task.op_range": (1, 2)}),
         rl=dict(config="train.py:grpo-toy",
-                overrides=dict(_CPU_RL, **{"data.task.reach": "near", "data.batch_size": 8, "grpo.group_size": 2,
-                                           "grpo.max_new_tokens": 24, "stage.log_every": 1,
+                overrides=dict(_CPU_RL, **{"data.task.reach": "near",
+                                           "data.batch_size": 8, "grpo.rollout.group_size": 2,
+                                           "grpo.rollout.max_new_tokens": 24, "stage.log_every": 1,
                                            "stage.checkpoint_every": 100, "stage.async_checkpoints": False})),
         rl_steps=1,
         ranges={"too-easy": (1, 1), "in-distribution": (1, 1), "edge": (2, 2), "too-hard": (2, 2)},
@@ -149,7 +150,7 @@ SCALES: dict[str, Scale] = {
                    rope_theta=1_000_000.0, max_position_embeddings=2048),
         base=dict(config="train.py:pretrain-interplay", overrides={}),
         midtrain=dict(config="train.py:midtrain-interplay", overrides={}),
-        rl=dict(config="train.py:grpo-interplay", overrides={"data.prompt": "document", "grpo.reward": "strict"}),
+        rl=dict(config="train.py:grpo-interplay", overrides={"data.prompt": "document", "grpo.reward.score": "strict"}),
         rl_steps=200,
         ranges={"too-easy": (2, 6), "in-distribution": (7, 10), "edge": (11, 14), "too-hard": (17, 20)},
         eval_ops=(5, 8, 10, 12, 14, 16, 18, 20),
@@ -255,7 +256,7 @@ def pipeline(scale: Scale, name: str, stages: list[dict], seed: int, eval_ops: S
 
 def rl_max_new_tokens(scale: Scale, hi: int) -> int:
   """Room for the gold solution of an op-`hi` problem with slack (as the evaluation's default)."""
-  return max(scale.rl["overrides"].get("grpo.max_new_tokens", 0), 16 * hi + 16)
+  return max(scale.rl["overrides"].get("grpo.rollout.max_new_tokens", 0), 16 * hi + 16)
 
 
 def block_config(scale: Scale, block: Mapping, model: Mapping | None = None, **overrides: Any):
@@ -278,7 +279,7 @@ def rl_shape(scale: Scale) -> dict:
   """The RL stages' prompts a step (`batch`), samples a prompt (`group`) and logging interval (`log_every`), from the
   scale's RL config with its overrides."""
   cfg = block_config(scale, scale.rl)
-  return {"batch": cfg.data.batch_size, "group": cfg.grpo.group_size, "log_every": cfg.stage.log_every}
+  return {"batch": cfg.data.batch_size, "group": cfg.grpo.rollout.group_size, "log_every": cfg.stage.log_every}
 
 
 def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int]) -> dict:
@@ -303,7 +304,7 @@ def rl_pipeline(scale: Scale, name: str, start: str | Path, op_range: tuple[int,
   than the scale's (the start's)."""
   rl = stage(scale.rl, "rl", start=start, steps=steps or scale.rl_steps, **{
       "data.task.op_range": tuple(op_range), "data.seed": 100 + seed,
-      "grpo.max_new_tokens": rl_max_new_tokens(scale, op_range[1]), **rl_prompt_len(scale, start, op_range),
+      "grpo.rollout.max_new_tokens": rl_max_new_tokens(scale, op_range[1]), **rl_prompt_len(scale, start, op_range),
       **overrides})
   return pipeline(scale, name, [rl], seed, eval_ops=eval_ops, contexts=eval_contexts, problems=eval_problems,
                   model=model)

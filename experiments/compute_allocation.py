@@ -40,7 +40,7 @@ def arm_pipeline(scale, share: float, base, seed: int, eval_ops) -> dict:
         "data.seed": 200 + seed}))
   if share < 1:
     stages.append(stage(scale.rl, "rl", start=None if stages else base, flops=(1 - share) * scale.budget_flops, **{
-        "data.task.op_range": (lo, hi), "data.seed": 100 + seed, "grpo.max_new_tokens": rl_max_new_tokens(scale, hi),
+        "data.task.op_range": (lo, hi), "data.seed": 100 + seed, "grpo.rollout.max_new_tokens": rl_max_new_tokens(scale, hi),
         **rl_prompt_len(scale, base, (lo, hi))}))
   return pipeline(scale, f"compute_allocation-{round(100 * share)}-{seed}", stages, seed, eval_ops=eval_ops,
                   problems=eval_problems(scale))

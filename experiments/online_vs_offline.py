@@ -38,7 +38,7 @@ def arm_pipeline(scale, arm: str, start, seed: int) -> dict:
   shared = {"data.task.op_range": (lo, hi), "data.seed": 100 + seed, "data.prompt_len": CHAT_PROMPT_LEN[scale.name]}
   if arm == "grpo":
     s = stage(scale.rl, "grpo", start=start, steps=scale.rl_steps, **{
-        **shared, "data.prompt": "chat", "grpo.max_new_tokens": n_new,
+        **shared, "data.prompt": "chat", "grpo.rollout.max_new_tokens": n_new,
         "grpo.drift_prompts": scale.dpo["overrides"]["dpo.drift_prompts"],
         "stage.eval_every": scale.dpo["overrides"]["stage.eval_every"], "stage.eval_batches": 1})
   else:

@@ -19,7 +19,8 @@ from experiments.base import ensure_base
 from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, per_op_summary, \
     recorded_path, rl_pipeline, run, stage_metrics, summary, write_results
 
-REWARDS = {"outcome": {"grpo.reward": "outcome"}, "mixed": {"grpo.reward": "mixed", "grpo.process_alpha": 0.5},
+REWARDS = {"outcome": {"grpo.reward.score": "outcome"}, "mixed": {"grpo.reward.score": "mixed",
+                                                                  "grpo.reward.process_alpha": 0.5},
            "strict": {}}  # strict: the scale's RL reward
 
 

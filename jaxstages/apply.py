@@ -45,3 +45,26 @@ def make_apply(graphdef: nnx.GraphDef, fn: Callable[[nnx.Module, Batch], Any], m
       return compiled[key](params, batch)
 
   return call
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+  """`[batch, ...]` -> `[micro_batches, batch / micro_batches, ...]`, micro-batch `j` taking rows `j, j+m, j+2m, ...`
+  (so a batch sharded over its rows stays sharded over every device within each micro-batch)."""
+
+  def split(x):
+    rows = x.shape[0]
+    if rows % micro_batches:
+      raise ValueError(f"batch of {rows} rows does not split into {micro_batches} micro-batches")
+    return x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def map_micro_batches(fn: Callable[[Batch], Any], batch: Batch, micro_batches: int = 1):
+  """`fn(batch)` (a tree of `[rows, ...]` arrays) computed `micro_batches` slices of the rows at a time (`lax.map`:
+  one slice's activations live at a time), its outputs put back in row order. For the forward passes a stage runs
+  outside its train step (old / reference log-probs, a critic's values), micro-batched like the update."""
+  if micro_batches == 1:
+    return fn(batch)
+  out = jax.lax.map(fn, split_micro_batches(batch, micro_batches))
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), out)

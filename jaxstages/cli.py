@@ -112,6 +112,12 @@ def _print_plan(plan: dict) -> None:
   print(f"  total FLOPs       {plan['flops_per_step'] * plan['steps']:.3e}")
   print(f"  memory per device arguments {mib(mem['argument'])}, outputs {mib(mem['output'])} "
         f"(aliased {mib(mem['alias'])}), temporaries {mib(mem['temp'])}; peak ~{mib(mem['peak_estimate'])}")
+  if "logprobs_memory_per_device_bytes" in plan:  # RL: the update above, the rollout's log-prob pass apart
+    lp = plan["logprobs_memory_per_device_bytes"]
+    print(f"  log-prob pass     arguments {mib(lp['argument'])}, outputs {mib(lp['output'])}, temporaries "
+          f"{mib(lp['temp'])}; peak ~{mib(lp['peak_estimate'])}")
+    print(f"  float32 [.., vocab] buffers: update {', '.join(plan['update_vocab_buffers']) or 'none'}; log-prob "
+          f"pass {', '.join(plan['logprobs_vocab_buffers']) or 'none'}")
   print(f"  compiled in       {plan['compile_s']:.1f} s")
   for note in (plan["memory_note"], plan["flops_note"]):
     if note:

@@ -211,6 +211,11 @@ def named_group(path: str, name: str, old: Mapping[str, Any]) -> dict[str, Any]:
   return {k: HASH_NEUTRAL[k] for k in old if k in HASH_NEUTRAL} | named
 
 
+# keys that moved: old dotted path -> new one (e.g. "grpo.kl_coef" -> "grpo.kl.coef"), registered by the modules whose
+# blocks changed shape (`jaxstages.stages.rl`), so an override of an old path fails naming the new one
+MOVED_KEYS: dict[str, str] = {}
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
   """Applies command-line overrides `a.b.c=value` (values as Python literals; bare words stay strings). A group
   in `NAMED_GROUPS` takes a name: `model=qwen2.5-0.5b` is that size's whole model block.
@@ -230,6 +235,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       node, where = node[part], f"{where}.{part}"
       if not isinstance(node, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f"{where} is a value, not a group of keys; cannot set {path}")
+    if path in MOVED_KEYS and (leaf not in node or isinstance(node[leaf], (ml_collections.ConfigDict, dict))):
+      raise ConfigError(f"{path} is now {MOVED_KEYS[path]}")
     check_keys([leaf], node.keys(), where)
     if path in NAMED_GROUPS and isinstance(node[leaf], (ml_collections.ConfigDict, dict)):
       with node.ignore_type() if isinstance(node, ml_collections.ConfigDict) else contextlib.nullcontext():

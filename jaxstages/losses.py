@@ -100,12 +100,32 @@ def chunked_logits_map(fn: Callable[..., object], hidden: jax.Array, head: jax.A
   return jax.tree.map(merge, out)
 
 
+def entropy(logits: jax.Array) -> jax.Array:
+  """Per-position entropy of softmax(logits), float32. `[batch, seq, vocab]` -> `[batch, seq]`."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def token_log_probs_and_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log p(target), entropy) per position, float32, from one log-sum-exp over the vocabulary.
+  logits `[batch, seq, vocab]`, targets `[batch, seq]` -> two `[batch, seq]`."""
+  chex.assert_equal_shape_prefix([logits, targets], 2)
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  probs = jnp.exp(logits - lse[..., None])
+  return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
+
+
 def hidden_token_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array, chunk: int = 0,
-                           temperature: float = 1.0) -> jax.Array:
+                           temperature: float = 1.0, with_entropy: bool = False):
   """log p(target) per position under softmax(logits / temperature), float32, in chunks (`chunked_logits_map`).
-  hidden `[batch, seq, embed]`, head `[embed, vocab]`, targets `[batch, seq]` -> `[batch, seq]`."""
+  hidden `[batch, seq, embed]`, head `[embed, vocab]`, targets `[batch, seq]` -> `[batch, seq]`; with
+  `with_entropy`, `(log-probs, entropy)`, both `[batch, seq]`, from the same chunk of logits (the RL losses: the
+  entropy of the tempered policy, only when it is used or logged)."""
   scale = lambda logits: logits if temperature == 1.0 else logits / temperature
-  return chunked_logits_map(lambda logits, y: token_log_probs(scale(logits), y), hidden, head, targets, chunk=chunk)
+  per_chunk = token_log_probs_and_entropy if with_entropy else token_log_probs
+  return chunked_logits_map(lambda logits, y: per_chunk(scale(logits), y), hidden, head, targets, chunk=chunk)
 
 
 def model_token_log_probs(model: nnx.Module, tokens: jax.Array, targets: jax.Array, positions: jax.Array | None = None,

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -37,7 +38,7 @@ from jax._src import distributed as _jax_distributed  # the preemption service's
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxstages.apply import make_apply
+from jaxstages.apply import make_apply, split_micro_batches
 from jaxstages.checkpoint import Checkpointer, check_fits
 from jaxstages.config import ConfigError, check_bounds, check_keys, from_config, to_dict
 from jaxstages.data.pipeline import PACKED_KINDS, DataConfig, data_config, make_pipeline
@@ -52,23 +53,12 @@ from jaxstages.runfolder import local, locked, start_or_restore
 from jaxstages.sharding import (DEFAULT_RULES, LogicalRules, MeshConfig, batch_sharding, check_batch_divisible,
                                 data_parallel_size, global_batch_from_process_local, initialize_distributed,
                                 make_mesh, sync_processes, use_mesh)
-from jaxstages.stages import (OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step, stage_model,
-                              update_step, updates_per_step)
+from jaxstages.stages import (OBJECTIVES, OPTION_BLOCKS, StageContext, objective_block, planned_step,
+                              rl_plan_programs, stage_model, update_step, updates_per_step)
 from jaxstages.state import TrainState, abstract_train_state, init_train_state, state_shardings
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
-
-
-def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
-  """`[batch, ...]` -> `[micro_batches, batch / micro_batches, ...]`, micro-batch `j` taking rows `j, j+m, j+2m, ...`
-  so that every micro-batch is spread over all data-parallel devices rather than living on a few of them."""
-  def split(x):
-    rows = x.shape[0]
-    if rows % micro_batches:
-      raise ValueError(f"batch of {rows} rows does not split into {micro_batches} micro-batches")
-    return x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
-  return {k: split(v) for k, v in batch.items()}
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_fn: LossFn,
@@ -746,12 +736,14 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
   else:
     flop_cost = compiled.cost_analysis()
   flop_cost = flop_cost[0] if isinstance(flop_cost, list) else flop_cost
-  memory = compiled.memory_analysis()
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-            "generated_code_size_in_bytes")
-  mem = {f.removesuffix("_size_in_bytes"): int(getattr(memory, f, 0) or 0) for f in fields}
-  # donated state aliases its output, so arguments + outputs - aliased + temporaries is what is live at the peak
-  mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  extra = {}
+  if stage.kind == "grpo":  # the rollout's log-prob pass (its post-processing) apart, and where logits live
+    logprobs = rl_plan_programs(block, stage.kind, data_cfg, graphdef, params, mesh, rules, stage.micro_batches)[2]
+    logprobs = logprobs().compile()
+    extra = {"logprobs_memory_per_device_bytes": _memory(logprobs),
+             "logprobs_vocab_buffers": _vocab_buffers(logprobs, model_cfg.vocab_size),
+             "update_vocab_buffers": _vocab_buffers(compiled, model_cfg.vocab_size)}
+  mem = _memory(compiled)
   platform = mesh.devices.flat[0].platform
   return {"stage": stage.name, "kind": stage.kind, "mesh": dict(mesh.shape), "params": param_count(model_cfg),
           "tokens_per_step": planned["tokens_per_step"], "steps": stage.steps,
@@ -761,4 +753,22 @@ def plan_stage(config: Mapping[str, Any] | ml_collections.ConfigDict,
           "memory_note": CPU_MEMORY_NOTE if platform == "cpu" else None,
           "flops_note": None if teacher_cfg or not teacher else (
               f"teacher {teacher} not found: its forwards counted at the student's shape"),
-          "compile_s": compile_s}
+          "compile_s": compile_s, **extra}
+
+
+def _vocab_buffers(compiled, vocab: int) -> list[str]:
+  """The shapes of the float32 `[..., vocab]` buffers of a compiled program (per device), e.g. `f32[1,256,151936]`:
+  where the logits live and how many positions at a time."""
+  found = set(re.findall(rf"f32\[[\d,]*,{vocab}\]", compiled.as_text()))
+  return sorted(found, key=lambda s: [int(x) for x in s[4:-1].split(",")])
+
+
+def _memory(compiled) -> dict:
+  """A compiled program's memory per device; donated state aliases its output, so arguments + outputs - aliased +
+  temporaries is what is live at the peak."""
+  memory = compiled.memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes")
+  mem = {f.removesuffix("_size_in_bytes"): int(getattr(memory, f, 0) or 0) for f in fields}
+  mem["peak_estimate"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+  return mem

@@ -146,8 +146,8 @@ def test_eval_command_on_a_ppo_checkpoint_with_a_separate_critic(tmp_path):
   workdir = tmp_path / "ppo"
   _run("jaxstages", "train", "--config", "configs/train.py:ppo-toy", "--workdir", str(workdir),
        *[f"--config.{o}" for o in ["stage.steps=1", "stage.checkpoint_every=1", "stage.eval_every=0",
-                                   "data.batch_size=8", "ppo.group_size=2", "ppo.max_new_tokens=16",
-                                   "ppo.eval_problems=0", "ppo.critic='separate'", "optim.lr=0.01"]])
+                                   "data.batch_size=8", "ppo.rollout.group_size=2", "ppo.rollout.max_new_tokens=16",
+                                   "ppo.eval_problems=0", "ppo.ppo.critic='separate'", "optim.lr=0.01"]])
   _run("jaxstages", "eval", str(workdir), "--ops", "1", "--contexts", "p", "--problems", "16", "--prompt", "chat")
   table = json.loads((workdir / "eval" / "eval.json").read_text())["cells"]
 

@@ -28,7 +28,8 @@ MIXTURE = ("data.sources=[{'name': 'p', 'format': 'pretrain', 'weight': 0.5}, "
 PRETRAIN = SMALL + ["data.seq_len=64", "data.streams=2", MIXTURE, "stage.steps=4", "stage.log_every=1",
                     "stage.checkpoint_every=2", "stage.eval_every=0", "stage.async_checkpoints=False"]
 # GRPO from the committed SFT model: 8 prompts x 4 samples, a held-out greedy evaluation at the end
-GRPO = ["data.batch_size=8", "data.streams=2", "grpo.group_size=4", "grpo.max_new_tokens=16", "grpo.eval_problems=4",
+GRPO = ["data.batch_size=8", "data.streams=2", "grpo.rollout.group_size=4", "grpo.rollout.max_new_tokens=16",
+        "grpo.eval_problems=4",
         "stage.steps=3", "stage.log_every=1", "stage.checkpoint_every=2", "stage.eval_every=0"]
 
 
@@ -179,7 +180,7 @@ def test_a_resumed_stage_is_built_abstract_and_loads_starting_params_only_when_r
   real = jaxstages.train.initial_model
   monkeypatch.setattr(jaxstages.train, "initial_model", lambda *a: loads.append(a) or real(*a))
   for config, overrides, expected in (("pretrain-toy", SMALL + ["data.seq_len=64"], 0),
-                                      ("grpo-toy", ["grpo.kl_coef=0.01", "grpo.eval_problems=0"], 1)):
+                                      ("grpo-toy", ["grpo.kl.coef=0.01", "grpo.eval_problems=0"], 1)):
     loads.clear()
     built = jaxstages.train.build_stage(apply_overrides(load_config(f"configs/train.py:{config}"), overrides),
                                         tmp_path / config, resume=True)
@@ -198,7 +199,7 @@ def _pipeline() -> dict:
                   **tiny, "stage.init_from": "experiments/artifacts/toy-sft", "data.seq_len": 64,
                   "stage.eval_batches": 1, "optim.lr": 1e-4}),
               dict(name="rl", config="train.py:grpo-toy", steps=2, overrides={
-                  **tiny, "grpo.group_size": 4, "grpo.max_new_tokens": 16, "grpo.eval_problems": 0})],
+                  **tiny, "grpo.rollout.group_size": 4, "grpo.rollout.max_new_tokens": 16, "grpo.eval_problems": 0})],
       eval=dict(ops=(1,), contexts=("p",), problems=4, max_new_tokens=16))
 
 
@@ -248,13 +249,14 @@ OTHER_KINDS = {
     # on-policy (GKD, λ = 1): the student's completions of each process's own prompts, the teacher's log-probs
     "distill": ("distill-toy", ["distill.teacher='experiments/artifacts/toy-sft'", "distill.on_policy_fraction=1.0",
                                 "distill.max_new_tokens=16", "data.kind='rl'", "data.prompt_len=96"]),
-    "ppo": ("ppo-toy", ["ppo.group_size=4", "ppo.max_new_tokens=16", "ppo.eval_problems=4"]),
+    "ppo": ("ppo-toy", ["ppo.rollout.group_size=4", "ppo.rollout.max_new_tokens=16", "ppo.eval_problems=4"]),
     # GRPO's other paths across processes: dynamic sampling (groups chosen from several rounds, moved on device to
     # the process that holds their rows), an adaptive KL coefficient in the reward, recomputed old log-probs
-    "grpo-dapo": ("grpo-toy", ["grpo.group_size=4", "grpo.max_new_tokens=16", "grpo.eval_problems=0",
-                               "grpo.dynamic_sampling=True", "grpo.max_sampling_rounds=3", "grpo.kl_coef=0.01",
-                               "grpo.kl_placement='reward'", "grpo.kl_target=0.01",
-                               "grpo.recompute_old_logprobs=True", "grpo.drift_prompts=2"]),
+    "grpo-dapo": ("grpo-toy", ["grpo.rollout.group_size=4", "grpo.rollout.max_new_tokens=16", "grpo.eval_problems=0",
+                               "grpo.rollout.dynamic_sampling=True", "grpo.rollout.max_sampling_rounds=3",
+                               "grpo.kl.coef=0.01",
+                               "grpo.kl.placement='reward'", "grpo.kl.target=0.01",
+                               "grpo.policy_loss.recompute_old_logprobs=True", "grpo.drift_prompts=2"]),
 }
 
 

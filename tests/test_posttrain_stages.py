@@ -167,9 +167,10 @@ RESUMED = {
                     "distill.on_policy_fraction=0.5", "distill.off_policy='teacher'", "distill.max_new_tokens=24"],
     # GRPO from the committed toy SFT model (real rewards), KL in the reward with an adaptive coefficient (restored
     # from the checkpoint) and dynamic sampling (refills drawn from the checkpointed data iterator)
-    "grpo-toy": ["data.batch_size=8", "grpo.group_size=4", "grpo.max_new_tokens=24", "grpo.eval_problems=0",
-                 "grpo.kl_coef=0.05", "grpo.kl_placement='reward'", "grpo.kl_estimator='k1'", "grpo.kl_target=0.01",
-                 "grpo.kl_horizon=64", "grpo.dynamic_sampling=True", "grpo.max_sampling_rounds=2"],
+    "grpo-toy": ["data.batch_size=8", "grpo.rollout.group_size=4", "grpo.rollout.max_new_tokens=24",
+                 "grpo.eval_problems=0",
+                 "grpo.kl.coef=0.05", "grpo.kl.placement='reward'", "grpo.kl.estimator='k1'", "grpo.kl.target=0.01",
+                 "grpo.kl.horizon=64", "grpo.rollout.dynamic_sampling=True", "grpo.rollout.max_sampling_rounds=2"],
 }
 
 

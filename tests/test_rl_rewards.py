@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxstages.rewards import Verdict
 from jaxstages.stages import rl
-from jaxstages.stages.rl import AdaptiveKL, RLConfig, completion_reward
+from jaxstages.stages.rl import AdaptiveKL, RewardConfig, completion_reward
 
 # a verdict of each kind: right and every step right; right answer through a wrong step (process 0.5); wrong answer
 # with most steps right (process 0.75); nothing right
@@ -23,8 +23,8 @@ GOOD_FORMAT = "x = 1 + 2 = 1 + 2 = 3\nanswer: 3"  # one answer line, at the end
 BAD_FORMAT = "answer: 3\nmore text"
 
 
-def _reward(verdict, text=GOOD_FORMAT, length=10, truncated=False, **cfg):
-  return completion_reward(verdict, text, length, truncated, RLConfig(max_new_tokens=40, **cfg))
+def _reward(verdict, text=GOOD_FORMAT, length=10, truncated=False, reward="outcome", **cfg):
+  return completion_reward(verdict, text, length, truncated, RewardConfig(score=reward, **cfg), 40)
 
 
 @pytest.mark.parametrize("reward,expected", [
@@ -118,8 +118,8 @@ def recorded(monkeypatch):
   """Every `completion_reward` call of the rollout: (args, returned reward), in row order."""
   calls = []
 
-  def record(verdict, text, length, truncated, cfg):
-    value = completion_reward(verdict, text, length, truncated, cfg)
+  def record(verdict, text, length, truncated, cfg, max_new_tokens):
+    value = completion_reward(verdict, text, length, truncated, cfg, max_new_tokens)
     calls.append(dict(verdict=verdict, text=text, length=length, truncated=truncated, reward=value))
     return value
 
@@ -147,9 +147,9 @@ def test_kl_in_the_reward_and_the_adaptive_coefficient_through_a_rollout(tmp_pat
   at the limit (no stop token, max_new_tokens tokens) has no trained token, and every other keeps all of its own
 (one that stops with its 17th token, the limit, included)."""
   from tests.test_rl_stage import _build, _prepared
-  built = _build(tmp_path, "grpo", "grpo.max_new_tokens=17", "grpo.kl_coef=0.05", "grpo.kl_placement='reward'",
-                 "grpo.kl_estimator='k1'", "grpo.kl_target=0.01", "grpo.kl_horizon=100",
-                 f"grpo.reference='{REFERENCE}'", "grpo.mask_truncated=True")
+  built = _build(tmp_path, "grpo", "grpo.rollout.max_new_tokens=17", "grpo.kl.coef=0.05", "grpo.kl.placement='reward'",
+                 "grpo.kl.estimator='k1'", "grpo.kl.target=0.01", "grpo.kl.horizon=100",
+                 f"grpo.kl.reference='{REFERENCE}'", "grpo.reward.mask_truncated=True")
   batch, metrics = _prepared(built)
   b, g, width = 8, 4, 17
   mask, old = np.asarray(batch["mask"]), np.asarray(batch["old_logprobs"], np.float64)
@@ -183,9 +183,9 @@ def test_kl_in_the_reward_per_token_for_ppo(tmp_path, recorded):
   last one also gets the verifier's reward; with γ = λ = 1 and the zero-initialised value head the returns are the
   sums of the rewards from each token on (computed here)."""
   from tests.test_rl_stage import _build, _prepared
-  built = _build(tmp_path, "ppo", "ppo.critic='shared'", "ppo.lam=1.0", "ppo.gamma=1.0", "ppo.kl_coef=0.05",
-                 "ppo.kl_placement='reward'", "ppo.kl_estimator='k1'", f"ppo.reference='{REFERENCE}'",
-                 "ppo.max_new_tokens=17")
+  built = _build(tmp_path, "ppo", "ppo.ppo.critic='shared'", "ppo.ppo.lam=1.0", "ppo.ppo.gamma=1.0", "ppo.kl.coef=0.05",
+                 "ppo.kl.placement='reward'", "ppo.kl.estimator='k1'", f"ppo.kl.reference='{REFERENCE}'",
+                 "ppo.rollout.max_new_tokens=17")
   batch, metrics = _prepared(built)
   width = 17
   mask, old = np.asarray(batch["mask"]), np.asarray(batch["old_logprobs"], np.float64)

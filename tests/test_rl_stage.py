@@ -21,7 +21,7 @@ from jaxstages.state import init_train_state
 from jaxstages.train import build_stage, make_train_step
 
 # 8 prompts x 4 samples of op-1 problems from the committed SFT model; no held-out evaluation
-SMALL_RL = ["data.batch_size=8", "grpo.group_size=4", "grpo.max_new_tokens=32", "grpo.eval_problems=0"]
+SMALL_RL = ["data.batch_size=8", "grpo.rollout.group_size=4", "grpo.rollout.max_new_tokens=32", "grpo.eval_problems=0"]
 
 
 def _build(tmp_path, kind="grpo", *overrides):
@@ -91,7 +91,7 @@ def test_sampler_log_probs_equal_the_trainers_and_the_gradient_is_reinforce(grpo
 def test_reference_model_only_when_kl_is_on(tmp_path, grpo):
   """β = 0 (the fixture): no reference forward ran and none is in the batch; β > 0: one reference forward per step,
   its log-probs equal the starting policy's (the reference is a copy of the start)."""
-  built = _build(tmp_path, "grpo", "grpo.kl_coef=0.01")
+  built = _build(tmp_path, "grpo", "grpo.kl.coef=0.01")
   batch, metrics = _prepared(built)
   assert metrics["reference_forwards"] == 1
   np.testing.assert_allclose(np.asarray(batch["ref_logprobs"]) * np.asarray(batch["mask"]),
@@ -102,7 +102,8 @@ def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch(tmp_path, g
   """With the same first round as the plain rollout (same seed, same params), dynamic sampling drops exactly the
   groups whose rewards are all equal, samples more prompts, and fills the batch with informative groups only."""
   _, _, plain = grpo
-  built = _build(tmp_path, "grpo", "grpo.minibatches=2", "grpo.dynamic_sampling=True", "grpo.max_sampling_rounds=6")
+  built = _build(tmp_path, "grpo", "grpo.minibatches=2", "grpo.rollout.dynamic_sampling=True",
+                 "grpo.rollout.max_sampling_rounds=6")
   batch, metrics = _prepared(built)
   b, g = built.data.batch_size, 4
   assert plain["zero_variance_groups"] > 0  # the first round has all-equal groups to drop
@@ -116,7 +117,7 @@ def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch(tmp_path, g
 @pytest.fixture(scope="module")
 def ppo(tmp_path_factory):
   """A PPO stage (shared critic, λ = 1) and its first rollout."""
-  built = _build(tmp_path_factory.mktemp("ppo"), "ppo", "ppo.critic='shared'", "ppo.lam=1.0")
+  built = _build(tmp_path_factory.mktemp("ppo"), "ppo", "ppo.ppo.critic='shared'", "ppo.ppo.lam=1.0")
   batch, metrics = _prepared(built)
   return built, batch, metrics
 
@@ -169,9 +170,9 @@ def test_rloo_is_unscaled_by_default_in_the_rl_stage(tmp_path, monkeypatch):
     return estimator
 
   monkeypatch.setattr(rl, "ADVANTAGES", {name: spy(name) for name in ADVANTAGES})
-  for overrides in (["grpo.advantage='rloo'"], ["grpo.advantage='grpo'"],
-                    ["grpo.advantage='rloo'", "grpo.scale_rewards=True"]):
-    _prepared(_build(tmp_path / str(len(calls)), "grpo", "grpo.group_size=2", *overrides))
+  for overrides in (["grpo.advantage.estimator='rloo'"], ["grpo.advantage.estimator='grpo'"],
+                    ["grpo.advantage.estimator='rloo'", "grpo.advantage.scale_rewards=True"]):
+    _prepared(_build(tmp_path / str(len(calls)), "grpo", "grpo.rollout.group_size=2", *overrides))
   assert calls == [("rloo", False), ("grpo", True), ("rloo", True)]
 
 
@@ -198,8 +199,8 @@ def test_low_precision_rollouts_log_the_mismatch_and_recompute_old_log_probs(tmp
   """Rollouts from bfloat16-rounded params with old log-probs recomputed by the trainer: the old log-probs are the
   trainer's (ratio exactly 1 at the first update), the sampler's are kept for truncated importance sampling, and
   their mismatch is logged (and is what bfloat16 rounding makes it: small but not zero)."""
-  built = _build(tmp_path, "grpo", "grpo.rollout_dtype='bfloat16'", "grpo.recompute_old_logprobs=True",
-                 "grpo.tis='token'", "grpo.tis_cap=2.0")
+  built = _build(tmp_path, "grpo", "grpo.rollout.dtype='bfloat16'", "grpo.policy_loss.recompute_old_logprobs=True",
+                 "grpo.policy_loss.tis='token'", "grpo.policy_loss.tis_cap=2.0")
   batch, metrics = _prepared(built)
   mask = np.asarray(batch["mask"])
   width = mask.shape[1]
@@ -268,15 +269,31 @@ def test_rl_loss_is_identical_across_micro_batches_and_meshes(tiny_cfg, devices)
 
 def test_rl_config_errors(tmp_path):
   from jaxstages.config import ConfigError
-  from jaxstages.stages.rl import RLConfig, rl_config
+  from jaxstages.stages.rl import rl_config
 
   with pytest.raises(ConfigError, match="'tokn-mean'.*'token-mean'"):
-    RLConfig(loss_agg="tokn-mean")
+    rl_config({"policy_loss": {"loss_agg": "tokn-mean"}}, "grpo")
   with pytest.raises(ConfigError, match="recompute_old_logprobs"):
-    RLConfig(tis="token")
+    rl_config({"policy_loss": {"tis": "token"}}, "grpo")
   with pytest.raises(ConfigError, match="GAE"):
-    rl_config({"advantage": "gae"}, "grpo")
-  assert rl_config({}, "ppo").advantage == "gae" and dataclasses.asdict(rl_config({}, "grpo"))["advantage"] == "grpo"
+    rl_config({"advantage": {"estimator": "gae"}}, "grpo")
+  assert rl_config({}, "ppo").advantage.estimator == "gae"
+  assert dataclasses.asdict(rl_config({}, "grpo"))["advantage"]["estimator"] == "grpo"
+
+
+def test_old_flat_rl_keys_name_their_new_place():
+  """The RL block's keys from before its sub-blocks fail in one line that names the key's new place."""
+  from jaxstages.config import ConfigError
+  from jaxstages.stages.rl import MOVED_KEYS, rl_config
+
+  for old, new in (("kl_coef", "kl.coef"), ("group_size", "rollout.group_size"), ("reward", "reward.score"),
+                   ("advantage", "advantage.estimator"), ("critic", "ppo.critic"),
+                   ("loss_agg", "policy_loss.loss_agg")):
+    assert MOVED_KEYS[old] == new
+    with pytest.raises(ConfigError, match=f"^grpo.{old} is now grpo.{new}$"):
+      rl_config({old: 1}, "grpo")
+    with pytest.raises(ConfigError, match=f"^ppo.{old} is now ppo.{new}$"):  # on the command line too
+      apply_overrides(load_config("configs/train.py:ppo-toy"), [f"ppo.{old}=1"])
 
 
 def test_truncated_sampling_needs_old_log_probs_from_the_trainer():
@@ -284,13 +301,13 @@ def test_truncated_sampling_needs_old_log_probs_from_the_trainer():
   trainer computes, so they would bias the importance ratio as old log-probs. The combination is refused; with
   recomputed old log-probs it is allowed."""
   from jaxstages.config import ConfigError
-  from jaxstages.stages.rl import RLConfig
+  from jaxstages.stages.rl import rl_config
 
   for truncation in (dict(top_k=5), dict(top_p=0.9)):
     with pytest.raises(ConfigError, match="recompute_old_logprobs=True"):
-      RLConfig(**truncation)
-    RLConfig(**truncation, recompute_old_logprobs=True)
-  RLConfig(temperature=0.7)  # tempered but untruncated: the trainer divides its logits by the same temperature
+      rl_config({"rollout": truncation}, "grpo")
+    rl_config({"rollout": truncation, "policy_loss": {"recompute_old_logprobs": True}}, "grpo")
+  rl_config({"rollout": {"temperature": 0.7}}, "grpo")  # untruncated: the trainer divides by the same temperature
 
 
 def test_gspo_has_its_own_clip_range_and_refuses_a_token_level_one():
@@ -298,11 +315,24 @@ def test_gspo_has_its_own_clip_range_and_refuses_a_token_level_one():
   (3e-4 / 4e-4) unless set; a token-level range like 0.2 would never clip and is refused. PPO-clip keeps 0.2 / 0.2,
   and an explicit range is used as given."""
   from jaxstages.config import ConfigError
-  from jaxstages.stages.rl import RLConfig
+  from jaxstages.stages.rl import rl_config
 
-  assert RLConfig(policy_loss="gspo").policy_loss_config().clip == Clip(3e-4, 4e-4)
-  assert RLConfig().policy_loss_config().clip == Clip(0.2, 0.2)
-  assert RLConfig(clip_high=0.28, dual_clip=3.0).policy_loss_config().clip == Clip(0.2, 0.28, 3.0)
-  assert RLConfig(policy_loss="gspo", clip_high=1e-3).policy_loss_config().clip == Clip(3e-4, 1e-3)
+  loss = lambda **block: rl_config({"policy_loss": block}, "grpo").policy_loss_config().clip
+  assert loss(kind="gspo") == Clip(3e-4, 4e-4)
+  assert loss() == Clip(0.2, 0.2)
+  assert loss(clip_high=0.28, dual_clip=3.0) == Clip(0.2, 0.28, 3.0)
+  assert loss(kind="gspo", clip_high=1e-3) == Clip(3e-4, 1e-3)
   with pytest.raises(ConfigError, match="gspo.*clip_low=0.2 / clip_high=0.2"):
-    RLConfig(policy_loss="gspo", clip_low=0.2, clip_high=0.2)
+    loss(kind="gspo", clip_low=0.2, clip_high=0.2)
+
+
+def test_sampling_in_the_samplers_layout_draws_the_same_rollout(tmp_path):
+  """On an fsdp mesh the rollout samples with the params resharded once to the sampler's own layout (weights whole
+  over fsdp, `rollout.layout="sampler"`, the default) or as trained (`"trainer"`): the same completions, rewards and
+  training batch either way."""
+  mesh = ["mesh.data=2", "mesh.fsdp=4"]
+  batches = [_prepared(_build(tmp_path / layout, "grpo", *mesh, f"grpo.rollout.layout='{layout}'"))[0]
+             for layout in ("sampler", "trainer")]
+  np.testing.assert_array_equal(np.asarray(batches[0]["tokens"]), np.asarray(batches[1]["tokens"]))
+  for k in ("mask", "advantages", "old_logprobs"):
+    np.testing.assert_allclose(np.asarray(batches[0][k]), np.asarray(batches[1][k]), atol=1e-5, err_msg=k)

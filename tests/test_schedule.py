@@ -25,7 +25,7 @@ TINY = {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "m
 
 
 # a tiny GRPO stage: 8 prompts x 2 samples of at most 16 tokens
-TINY_RL = {**TINY, "grpo.group_size": 2, "grpo.max_new_tokens": 16, "grpo.eval_problems": 0}
+TINY_RL = {**TINY, "grpo.rollout.group_size": 2, "grpo.rollout.max_new_tokens": 16, "grpo.eval_problems": 0}
 
 
 def _pipeline(total_flops: float):
@@ -192,7 +192,7 @@ def test_flop_budget_split_gives_each_stage_its_share(tmp_path):
   sampling and log-prob passes counted), and within 5% of the budget in total."""
   pipeline = dict(name="split", stages=[
       dict(name="pre", config="train.py:pretrain-toy", overrides=dict(TINY)),
-      dict(name="rl", config="train.py:grpo-toy", overrides={"grpo.kl_coef": 0.001})],
+      dict(name="rl", config="train.py:grpo-toy", overrides={"grpo.kl.coef": 0.001})],
       compute=dict(total_flops=4e13, split={"pre": 0.5, "rl": 0.5}))
   (pre, _), (rl, rl_cfg) = stage_configs(pipeline, tmp_path)
   assert rl_cfg["stage"]["init_from"] == str(tmp_path / "pre")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from jaxstages.data.tasks import THINK_CLOSE, THINK_OPEN, TaskConfig, generate
 from jaxstages.rewards import extract_answer, format_ok, parse_steps, think_block, verify
-from jaxstages.stages.rl import RLConfig, completion_reward
+from jaxstages.stages.rl import RewardConfig, completion_reward
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORLDS = [TaskConfig(surface="symbolic", contexts="pqr-uniform", op_range=(1, 6), distractors=(0, 2)),
@@ -73,8 +73,8 @@ def _judge(p, text):
   for think in (None, True, False):
     format_ok(text, think)
   for reward in ("outcome", "process", "strict", "mixed"):
-    cfg = RLConfig(reward=reward, format_weight=0.1, overlong_buffer=8, max_new_tokens=64)
-    assert math.isfinite(completion_reward(v, text, len(text) % 80, len(text) % 7 == 0, cfg))
+    cfg = RewardConfig(score=reward, format_weight=0.1, overlong_buffer=8)
+    assert math.isfinite(completion_reward(v, text, len(text) % 80, len(text) % 7 == 0, cfg, 64))
 
 
 @SETTINGS

@@ -32,11 +32,12 @@ from jaxstages.stages.grpo import grpo_loss_fn
 from jaxstages.stages.lm import lm_loss
 from jaxstages.stages.objective import Batch, LossFn, Objective, StageContext
 from jaxstages.stages.ppo import actor_critic, ppo_loss_fn
-from jaxstages.stages.rl import ROW_KEYS, planned_rl_flops, rl_config, rl_objective, update_keys
+from jaxstages.stages.rl import (ROW_KEYS, planned_rl_flops, rl_config, rl_objective, rl_plan_programs,
+                                 training_batch_keys)
 from jaxstages.stages.sft import sft_per_sequence_loss
 
 __all__ = ["Batch", "LOSSES", "LossFn", "OBJECTIVES", "OPTION_BLOCKS", "Objective", "PACKED", "StageContext",
-           "objective_block", "planned_step", "stage_model", "update_step", "updates_per_step"]
+           "objective_block", "planned_step", "rl_plan_programs", "stage_model", "update_step", "updates_per_step"]
 
 # the objectives whose batches come straight from a packed pipeline (no prepare); `plan` sizes these
 LOSSES: dict[str, LossFn] = {"pretrain": lm_loss, "midtrain": lm_loss, "sft": lm_loss,
@@ -67,7 +68,7 @@ def stage_model(kind: str, block: Mapping[str, Any], model: nnx.Module, mesh: Me
   """The module a stage trains, built around the loaded policy: PPO adds its critic (the policy stays its own
   subtree, `policy`, so any later stage loads it as a plain model); every other kind trains the model itself."""
   if kind == "ppo":
-    return actor_critic(model, rl_config(block, kind), mesh, rules)
+    return actor_critic(model, rl_config(block, kind).ppo, mesh, rules)
   return model
 
 
@@ -126,9 +127,9 @@ def update_step(kind: str, block: Mapping[str, Any], model: ModelConfig, data, b
     return distill_loss_fn(cfg), {**batch, **teacher}, 1, 1
   if kind in ("grpo", "ppo"):
     cfg = rl_config(block, kind)
-    rows, t = b * cfg.group_size, data.prompt_len + cfg.max_new_tokens - 1
+    rows, t = b * cfg.rollout.group_size, data.prompt_len + cfg.rollout.max_new_tokens - 1
     batch = {**{k: i32(rows, t) for k in ROW_KEYS},
-             **{k: f32(rows, cfg.max_new_tokens) for k in update_keys(cfg, kind)}}
+             **{k: f32(rows, cfg.rollout.max_new_tokens) for k in training_batch_keys(cfg, kind)}}
     loss = ppo_loss_fn(cfg) if kind == "ppo" else grpo_loss_fn(cfg.policy_loss_config())
     return loss, batch, cfg.minibatches, cfg.epochs
   raise ConfigError(f"stage kind {kind!r} has no update step to plan")

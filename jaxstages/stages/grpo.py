@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxstages.losses import KL_ESTIMATORS, kl_k3, token_log_probs
+from jaxstages.losses import KL_ESTIMATORS, entropy, hidden_token_log_probs, kl_k3, token_log_probs
 
 # -- advantages ------------------------------------------------------------------------------------------------------
 
@@ -201,6 +201,11 @@ class PolicyLossConfig:
   entropy_coef: float = 0.0
   tis: str = "none"  # none | token | sequence
   tis_cap: float = 2.0
+  log_entropy: bool = True  # the policy's entropy as a metric (computed anyway when entropy_coef is set)
+
+  @property
+  def uses_entropy(self) -> bool:
+    return bool(self.entropy_coef) or self.log_entropy
 
 
 def completion_logits(logits: jax.Array, width: int) -> jax.Array:
@@ -208,25 +213,38 @@ def completion_logits(logits: jax.Array, width: int) -> jax.Array:
   return logits[:, logits.shape[1] - width:]
 
 
-def entropy(logits: jax.Array) -> jax.Array:
-  """Per-position entropy of softmax(logits) `[rows, T]`, float32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+def completion_log_probs(policy: nnx.Module, hidden: jax.Array, targets: jax.Array, width: int, temperature: float,
+                         with_entropy: bool = False):
+  """The policy's float32 log-probs `[rows, width]` of the completion tokens (the last `width` of `targets
+  [rows, seq]`) under softmax(logits / temperature), from its final hidden states `[rows, seq, embed]`: only the
+  completion's positions, in chunks of the model's `logits_chunk` through the loss path every stage shares
+  (`losses.hidden_token_log_probs`), so at most `[rows, chunk, vocab]` logits exist at a time. With `with_entropy`,
+  `(log-probs, entropy)`."""
+  hidden = hidden[:, hidden.shape[1] - width:]
+  return hidden_token_log_probs(hidden, policy.head(), targets[:, targets.shape[1] - width:], policy.cfg.logits_chunk,
+                                temperature, with_entropy)
 
 
 def policy_terms(logits: jax.Array, batch: Mapping[str, jax.Array], cfg: PolicyLossConfig
                  ) -> tuple[jax.Array, jax.Array, dict]:
-  """The policy part of an RL loss from the model's `logits [rows, seq, vocab]` over prompt + completion.
+  """`policy_loss_terms` from the full `logits [rows, seq, vocab]` over prompt + completion: the reference the
+  chunked path of the losses (`completion_log_probs`) is tested against (`tests/test_rl_losses.py`)."""
+  t = batch["mask"].shape[1]
+  logits = completion_logits(logits, t).astype(jnp.float32) / cfg.temperature
+  return policy_loss_terms(token_log_probs(logits, batch["targets"][:, -t:]), entropy(logits), batch, cfg)
 
-  batch: `targets [rows, seq]`; `mask`, `old_logprobs`, `advantages` `[rows, T]` (T = completion width; mask 1 on
-  trained tokens); `ref_logprobs [rows, T]` when `kl_coef > 0`; `sampler_logprobs [rows, T]` when `tis` is on.
+
+def policy_loss_terms(logp: jax.Array, ent: jax.Array | None, batch: Mapping[str, jax.Array], cfg: PolicyLossConfig
+                      ) -> tuple[jax.Array, jax.Array, dict]:
+  """The policy part of an RL loss from the policy's log-probs of the completion tokens `logp [rows, T]` (T =
+  completion width) and their entropy `ent [rows, T]` (None when neither used nor logged, `cfg.uses_entropy`).
+
+  batch: `mask`, `old_logprobs`, `advantages` `[rows, T]` (mask 1 on trained tokens); `ref_logprobs [rows, T]` when
+  `kl_coef > 0`; `sampler_logprobs [rows, T]` when `tis` is on.
   Returns (sum, count, aux): the aggregated clipped surrogate (+ β·KL, − entropy bonus), and aux metrics as
   `(sum, count)` pairs of token means (the train step divides them after adding over micro-batches).
   """
   mask = batch["mask"].astype(jnp.float32)
-  t = mask.shape[1]
-  logits = completion_logits(logits, t).astype(jnp.float32) / cfg.temperature
-  logp = token_log_probs(logits, batch["targets"][:, -t:])
   chex.assert_equal_shape([logp, mask, batch["old_logprobs"], batch["advantages"]])
   old = batch["old_logprobs"]
   per_token, clipped, ratio = POLICY_LOSSES[cfg.policy_loss](logp, old, batch["advantages"], mask, cfg.clip)
@@ -240,20 +258,24 @@ def policy_terms(logits: jax.Array, batch: Mapping[str, jax.Array], cfg: PolicyL
     kl = KL_ESTIMATORS[cfg.kl_estimator](logp, batch["ref_logprobs"])
     per_token = per_token + cfg.kl_coef * kl
     aux["kl_ref"] = mean(kl_k3(logp, batch["ref_logprobs"]))
-  ent = entropy(logits)
-  aux["entropy"] = mean(ent)
-  if cfg.entropy_coef:
-    per_token = per_token - cfg.entropy_coef * ent
+  if ent is not None:
+    aux["entropy"] = mean(ent)
+    if cfg.entropy_coef:
+      per_token = per_token - cfg.entropy_coef * ent
   total, count = AGGREGATIONS[cfg.loss_agg](per_token, mask, cfg.norm_length)
   return total, count, aux
 
 
 def grpo_loss_fn(cfg: PolicyLossConfig):
   """The GRPO-family loss `(model, batch) -> (sum, count, aux)` over a rollout minibatch: `tokens`, `positions`,
-  `segment_ids`, `targets` `[rows, seq]` (prompt + completion) and the `[rows, T]` arrays of `policy_terms`."""
+  `segment_ids`, `targets` `[rows, seq]` (prompt + completion) and the `[rows, T]` arrays of `policy_loss_terms`;
+  log-probs and entropy from the hidden states in chunks (`completion_log_probs`), never the full logits."""
 
   def loss(model: nnx.Module, batch):
-    logits, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return policy_terms(logits, batch, cfg)
+    hidden, _ = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+    stats = completion_log_probs(model, hidden, batch["targets"], batch["mask"].shape[1], cfg.temperature,
+                                 cfg.uses_entropy)
+    logp, ent = stats if cfg.uses_entropy else (stats, None)
+    return policy_loss_terms(logp, ent, batch, cfg)
 
   return loss

@@ -1,5 +1,5 @@
 """PPO with a learned critic: the value model, GAE and the clipped value loss. The rollout is `rl.py`'s; the policy
-loss is `grpo.policy_terms` (the same clipped surrogate) with GAE advantages.
+loss is `grpo.policy_loss_terms` (the same clipped surrogate) with GAE advantages.
 
 The stage trains one module, `ActorCritic`: the policy (the loaded model, unchanged) and either a separate critic
 (its own trunk, started from the policy's starting params, plus a value head) or only a value head on the policy's
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxstages.sharding import param_shardings
-from jaxstages.stages.grpo import AGGREGATIONS, policy_terms
+from jaxstages.stages.grpo import AGGREGATIONS, completion_log_probs, policy_loss_terms
 
 
 class ValueHead(nnx.Module):
@@ -43,13 +43,20 @@ class ActorCritic(nnx.Module):
     self.critic_trunk = critic_trunk
     self.value_head = head
 
-  def logits_and_values(self, tokens, positions, segment_ids) -> tuple[jax.Array, jax.Array]:
-    """Policy logits `[batch, seq, vocab]` and values `[batch, seq]` (the value of the state after each token)."""
+  def hidden_and_values(self, tokens, positions, segment_ids) -> tuple[jax.Array, jax.Array]:
+    """The policy's final hidden states `[batch, seq, embed]` (its log-probs come from them in chunks,
+    `grpo.completion_log_probs`) and values `[batch, seq]` (the value of the state after each token)."""
     hidden, _ = self.policy.hidden_states(tokens, positions, segment_ids)
-    logits = self.policy.logits(hidden)
+    critic_hidden = hidden
     if self.critic_trunk is not None:
-      hidden, _ = self.critic_trunk.hidden_states(tokens, positions, segment_ids)
-    return logits, self.value_head(hidden)
+      critic_hidden, _ = self.critic_trunk.hidden_states(tokens, positions, segment_ids)
+    return hidden, self.value_head(critic_hidden)
+
+  def values(self, tokens, positions, segment_ids) -> jax.Array:
+    """Values `[batch, seq]` alone (a separate critic runs only its own trunk)."""
+    trunk = self.critic_trunk if self.critic_trunk is not None else self.policy
+    hidden, _ = trunk.hidden_states(tokens, positions, segment_ids)
+    return self.value_head(hidden)
 
 
 def actor_critic(policy: nnx.Module, cfg, mesh, rules) -> ActorCritic:
@@ -74,7 +81,7 @@ def values_fn(width: int):
   value of the state before completion token t."""
 
   def fn(model: ActorCritic, batch):
-    _, values = model.logits_and_values(batch["tokens"], batch["positions"], batch["segment_ids"])
+    values = model.values(batch["tokens"], batch["positions"], batch["segment_ids"])
     return values[:, values.shape[1] - width:]
 
   return fn
@@ -146,22 +153,27 @@ def clipped_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Ar
 
 
 def ppo_loss_fn(cfg):
-  """PPO's loss `(ActorCritic, batch) -> (sum, count, aux)`: the clipped surrogate of `grpo.policy_terms` plus
+  """PPO's loss `(ActorCritic, batch) -> (sum, count, aux)` (`cfg`: `rl.RLConfig`): the clipped surrogate of
+  `grpo.policy_loss_terms` (log-probs in chunks from the policy's hidden states) plus
   `value_coef` times the clipped value loss, aggregated the same way. batch adds `returns` and `old_values`
   `[rows, T]` to the GRPO rollout arrays."""
-  policy_cfg = cfg.policy_loss_config()
+  policy_cfg, ppo = cfg.policy_loss_config(), cfg.ppo
 
   def loss(model: ActorCritic, batch):
-    logits, values = model.logits_and_values(batch["tokens"], batch["positions"], batch["segment_ids"])
+    hidden, values = model.hidden_and_values(batch["tokens"], batch["positions"], batch["segment_ids"])
     mask = batch["mask"].astype(jnp.float32)
-    values = values[:, values.shape[1] - mask.shape[1]:]
-    v_loss = clipped_value_loss(values, batch["old_values"], batch["returns"], cfg.value_clip)
-    total, count, aux = policy_terms(logits, batch, policy_cfg)
-    v_total, _ = AGGREGATIONS[cfg.loss_agg](cfg.value_coef * v_loss, mask, float(cfg.max_new_tokens))
+    width = mask.shape[1]
+    values = values[:, values.shape[1] - width:]
+    v_loss = clipped_value_loss(values, batch["old_values"], batch["returns"], ppo.value_clip)
+    stats = completion_log_probs(model.policy, hidden, batch["targets"], width, policy_cfg.temperature,
+                                 policy_cfg.uses_entropy)
+    logp, ent = stats if policy_cfg.uses_entropy else (stats, None)
+    total, count, aux = policy_loss_terms(logp, ent, batch, policy_cfg)
+    v_total, _ = AGGREGATIONS[policy_cfg.loss_agg](ppo.value_coef * v_loss, mask, policy_cfg.norm_length)
     tokens = jnp.sum(mask)
     aux["value_loss"] = (jnp.sum(jax.lax.stop_gradient(v_loss) * mask), tokens)
-    if cfg.value_clip:
-      aux["value_clip_fraction"] = (jnp.sum((jnp.abs(values - batch["old_values"]) > cfg.value_clip) * mask), tokens)
+    if ppo.value_clip:
+      aux["value_clip_fraction"] = (jnp.sum((jnp.abs(values - batch["old_values"]) > ppo.value_clip) * mask), tokens)
     return total + v_total, count, aux
 
   return loss
