@@ -295,7 +295,7 @@ def test_plan_of_a_pipeline_sizes_each_stage_and_says_its_memory_is_a_cpu_compil
 
 
 @pytest.mark.parametrize("name, extra", [("dpo-toy", ["data.seq_len=128"]), ("distill-toy", ["data.seq_len=128"]),
-                                         ("ppo-toy", ["ppo.max_new_tokens=16", "ppo.group_size=2"])])
+                                         ("ppo-toy", ["ppo.rollout.max_new_tokens=16", "ppo.rollout.group_size=2"])])
 def test_plan_sizes_the_other_stage_kinds_on_their_update_batches(name, extra):
   """DPO (pairs and reference log-probs), distillation (the teacher's outputs; the teacher not yet trained) and PPO
   (rollout rows, the critic): the update step compiles on the shapes the stage trains on; model and XLA FLOPs
