@@ -37,6 +37,21 @@ def tensorboard_tag(name: str) -> str:
   return "train/" + name
 
 
+def _summary_writer_class():
+  """tensorboardX's `SummaryWriter`, imported without PyTorch: where torch is installed, tensorboardX loads it at
+  import only to accept torch tensors as values (about 3 s of every process's start-up); this writer logs Python
+  numbers, so torch stays out unless something else has already loaded it."""
+  keep_out = "torch" not in sys.modules
+  if keep_out:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if keep_out:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to `dir/metrics.jsonl` (every row, a resumed run's again-computed
   steps included: the record of what ran) and writes the same scalars to TensorBoard, grouped by
@@ -59,12 +74,10 @@ class MetricsWriter:
             f.truncate(text.rfind(b"\n") + 1)
       self._file = open(path, "a")
       if tensorboard:
-        from tensorboardX import SummaryWriter
-
         purge = None if resumed_from is None else resumed_from + 1
         # a file of its own per attempt: tensorboardX names files by the second, and a second attempt within it
         # would write over the first's
-        self._tb = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge,
+        self._tb = _summary_writer_class()(str(self.directory / "tensorboard"), purge_step=purge,
                                  filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:

@@ -372,6 +372,19 @@ def test_tensorboard_tags_are_grouped_constants_written_once_and_a_resume_purges
   assert sorted(points["train/lr"]) == [1, 3]  # once per attempt: the resumed writer's first value
 
 
+def test_the_tensorboard_writer_starts_without_loading_torch_and_leaves_it_importable(tmp_path):
+  """tensorboardX imports PyTorch when it is installed (3 s of every run's start-up); the metrics writer keeps it
+  out, writes its events all the same, and a later `import torch` still works."""
+  code = ("import sys; from jaxstages.metrics import MetricsWriter; w = MetricsWriter(sys.argv[1]); "
+          "w.write(1, {'loss': 2.5}); w.close(); print('torch' in sys.modules); import torch; print(torch.ones(1).sum().item())")
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == ["False", "1.0"]
+  assert [(v.tag, v.simple_value) for e in _events(tmp_path / "tensorboard") for v in e.summary.value] == [
+      ("train/loss", 2.5)]
+
+
 def test_overrides_take_absls_space_separated_form_too(tmp_path):
   from jaxstages.cli import main
 
