@@ -148,6 +148,7 @@ def test_two_processes_killed_and_resumed_equal_the_uninterrupted_run(pretrain_r
   assert summary["resumed_from"] is not None and summary["attempts"] == 2
 
 
+@pytest.mark.slow  # the default suite runs GRPO as 2 processes through `jaxstages run` (below)
 def test_grpo_as_two_processes_logs_the_losses_and_rewards_of_one(tmp_path):
   """Each process samples, decodes and verifies its own prompts; the rewards are the same, and so are the losses.
   A GRPO loss is a near-cancelling sum of advantage-weighted ratios (advantages are centred, ratios near 1): it is

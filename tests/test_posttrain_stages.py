@@ -157,7 +157,7 @@ def tiny_sft(tmp_path_factory):
   return workdir
 
 
-RESUME = ["stage.steps=16", "stage.log_every=1", "stage.checkpoint_every=6", "stage.eval_every=0"]
+RESUME = ["stage.steps=10", "stage.log_every=1", "stage.checkpoint_every=4", "stage.eval_every=0"]
 
 
 RESUMED = {
@@ -180,18 +180,18 @@ def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path):
   and for GRPO the same rewards and adaptive KL coefficient. The three stages run side by side."""
   cmds = {name: train_cmd(name, tmp_path / name, *RESUME, *(o.format(sft=tiny_sft) for o in overrides))
           for name, overrides in RESUMED.items()}
-  killed = dict(zip(cmds, kill_all_at([(cmd, tmp_path / name, 9) for name, cmd in cmds.items()])))
+  killed = dict(zip(cmds, kill_all_at([(cmd, tmp_path / name, 6) for name, cmd in cmds.items()])))
   for proc in [spawn(cmd) for cmd in cmds.values()]:
     finish(proc)
   for name, killed_at in killed.items():
     workdir = tmp_path / name
-    assert 9 <= killed_at < 16, name
+    assert 6 <= killed_at < 10, name
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["step"] == 16 and summary["resumed_from"] in (6, 12) and summary["resumed_from"] < killed_at
+    assert summary["step"] == 10 and summary["resumed_from"] in (4, 8) and summary["resumed_from"] < killed_at
     first, again = {}, {}
     for step, loss in loss_rows(workdir):
       (again if step in first else first)[step] = loss
-    assert sorted(first) == list(range(1, 17)), name
+    assert sorted(first) == list(range(1, 11)), name
     assert sorted(again) == list(range(summary["resumed_from"] + 1, killed_at + 1)), name
     for step, loss in again.items():
       assert loss == first[step], (name, step, loss, first[step])
@@ -203,7 +203,7 @@ def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path):
     if r["step"] in seen:
       assert seen[r["step"]] == tuple(r[k] for k in keys), r["step"]
     seen[r["step"]] = tuple(r[k] for k in keys)
-  assert len(rows) > 16 and len({v[1] for v in seen.values()}) > 1  # resumed steps were compared; β moved
+  assert len(rows) > 10 and len({v[1] for v in seen.values()}) > 1  # resumed steps were compared; β moved
 
 
 def test_sampled_pairs_replace_sides_with_verified_samples(model, pairs, tok, devices, monkeypatch):
