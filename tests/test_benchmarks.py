@@ -4,9 +4,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pytest  # noqa: E402
 import roofline  # noqa: E402
 
 
+@pytest.mark.slow  # a train step and a decode compiled and timed: ~25 s of CPU
 def test_roofline_benchmark_runs_at_tiny_shapes(capsys):
   roofline.main(["--tiny", "--models", "interplay-100m", "--repeats", "1"])
   out = capsys.readouterr().out
