@@ -4,7 +4,12 @@ silent skips: a skipped test or module fails the run unless it is marked `gpu` o
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU's backend optimisation off: the suite's programs are tiny, so compiling them is most of its time (measured
+# on 2 cores: test_sampling.py + test_train_step.py 128 -> 84 s of CPU). Every process the tests start inherits these
+# flags (tests/stage_runs.ENV), so runs compared with each other compile alike; users' runs keep XLA's defaults.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+                           + TEST_XLA_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # one XLA compilation cache for the session, shared with the stage processes the resume tests start: a re-run
 # process loads the executables the killed one (or this process) compiled instead of compiling them again

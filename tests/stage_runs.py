@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 # the tiny shape every quick stage test trains
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
          "model.intermediate_size=128", "data.batch_size=8", "stage.eval_batches=2"]
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+# the suite's XLA flags (tests/conftest.py: 8 devices, its compile settings) for every process a test starts
+ENV = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=8"),
+           JAX_PLATFORMS="cpu")
 
 
 def train_cmd(config: str, workdir, *overrides) -> list[str]:

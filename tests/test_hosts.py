@@ -42,7 +42,8 @@ def _free_port() -> int:
 def _env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k.startswith("JAX_COMPILATION_CACHE")
          or k.startswith("JAX_PERSISTENT_CACHE")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")  # the suite's other flags
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {flags}".strip(), JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra)
   return env
 
