@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -125,7 +126,8 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
              show_progress: bool = True) -> dict:
   """Samples, verifies and scores every (op, context) cell. Returns `{"cells": [...], "config": ...}`; each cell has
   `op`, `context`, `problems`, `samples`, `pass@k` for each k, `maj@n`, `answer@1`, `mean_length` (tokens),
-  `answered` (samples with an answer line), `correct` (the strictly correct samples of each problem) and `format`
+  `answered` (samples with an answer line), `correct` (the strictly correct samples of each problem), `problem_ids`
+  (`problem_id` of each problem, in the same order: what pairs two evaluations problem by problem) and `format`
   (samples in the expected form: one answer line at the end, after a think block, empty for `/no_think`, when
   `think` is set; `rewards.format_ok`) and, when `think` is set,
   `think_followed`: samples whose think block is non-empty for `/think` and present but empty for `/no_think`."""
@@ -166,7 +168,8 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
       samples = len(problems) * cfg.n
       correct = [int(c) for c in stats["correct"]]
       cell = {"op": op, "context": context, "problems": len(problems), "samples": cfg.n,
-              "correct": correct}  # strictly correct samples of each problem
+              "correct": correct,  # strictly correct samples of each problem
+              "problem_ids": [problem_id(p) for p in problems]}
       for k in cfg.ks:
         cell[f"pass@{k}"] = float(np.mean([pass_at_k(cfg.n, c, k) for c in correct]))
       cell[f"maj@{cfg.n}"] = float(np.mean(stats["majority"]))
@@ -180,6 +183,11 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   if bar is not None:
     bar.close()
   return {"config": dataclasses.asdict(cfg), "cells": cells}
+
+
+def problem_id(problem: tasks.Problem) -> str:
+  """A problem's identity across evaluations: 12 hex digits of the SHA-1 of its text (what the model reads)."""
+  return hashlib.sha1(problem.text().encode()).hexdigest()[:12]
 
 
 # what each problem's samples add to its cell (counts over its n samples; `majority` 0/1), the only per-problem
