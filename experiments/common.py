@@ -301,14 +301,15 @@ def rl_shape(scale: Scale) -> dict:
   return {"batch": cfg.data.batch_size, "group": cfg.grpo.rollout.group_size, "log_every": cfg.stage.log_every}
 
 
-def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int]) -> dict:
+def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int], chat: bool = False) -> dict:
   """`{"data.prompt_len": n}` when the RL config's prompt length is too short for the problems of `op_range` (the
-  longest of 256 train problems at its top op, in the start's tokenizer, rounded up to 32), else nothing."""
-
+  longest of 256 train problems at its top op, as documents or chat turns (`chat`), in the start's tokenizer,
+  rounded up to 32), else nothing."""
   data = rl_data(scale)
   tokenizer = load_tokenizer(Path(start) / "tokenizer")
-  longest = max(len(tokenizer.encode(tasks.generate(data.task, 0, "train", i, op=op_range[1]).text() + "\n"))
-                for i in range(256))
+  problems = [tasks.generate(data.task, 0, "train", i, op=op_range[1]) for i in range(256)]
+  longest = max(len(tokenizer.encode_chat(tasks.rl_prompt(p)["messages"], add_generation_prompt=True)[0] if chat
+                    else tokenizer.encode(p.text() + "\n")) for p in problems)
   return {} if longest <= data.prompt_len else {"data.prompt_len": -(-(longest + 8) // 32) * 32}
 
 
