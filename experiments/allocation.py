@@ -107,6 +107,7 @@ def plot(results: dict, ops: list[int], ks: list[int], path) -> None:
     ax.set_xlabel(f"split of the budget (%): {' / '.join(results['stages'])}")
     ax.set_ylabel(f"strict pass@{k} (95% bootstrap interval)")
     ax.set_title("dotted: the base", fontsize=9)
+    ax.set_ylim(0, 1)
   axes[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
