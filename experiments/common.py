@@ -507,6 +507,11 @@ class Evidence:
     self.evals: dict[str, dict[int, dict]] = {}  # label -> seed -> {"source", "cells": {(context, op): cell}}
     self.runs: dict[str, dict] = {}  # config hash -> what made it
     self.starts: dict[str, dict] = {}  # folder -> its config hash
+    self.base: dict | None = None  # the shared base: folder and config hash
+
+  def note_base(self, folder: str | Path) -> None:
+    """Records the shared base every arm starts from (`start` does for the label "base")."""
+    self.base = {"folder": recorded_path(folder, self.args.workdir), "config_hash": folder_hash(Path(folder))}
 
   def run(self, config: Mapping, label: str, seed: int) -> tuple[dict, Path]:
     """`run` (the shared pipeline machinery), recording the run and its final stage's evaluation as `label`, `seed`."""
@@ -514,10 +519,9 @@ class Evidence:
     folder = recorded_path(run_dir, self.args.workdir)
     last = report["stages"][-1]["stage"]
     protocol = json.loads((run_dir / last / "eval.json").read_text())["config"]
-    self.runs[run_dir.name] = {"name": config["name"], "folder": folder, "stages": [r["stage"] for r in
-                                                                                  report["stages"]],
-                               "command": self.args.command, "labels": sorted({*self.runs.get(run_dir.name, {}).get(
-                                   "labels", []), f"{label}#{seed}"})}
+    entry = self.runs.setdefault(run_dir.name, {"name": config["name"], "folder": folder, "command": self.args.command,
+                                                "stages": [r["stage"] for r in report["stages"]], "labels": []})
+    entry["labels"].append(f"{label}#{seed}")  # a run two labels share (e.g. rl_scaling's τ = 1 and its size)
     self._add(label, seed, {"run": folder, "stage": last, "eval": protocol}, report["stages"][-1]["eval"])
     return report, run_dir
 
@@ -526,6 +530,8 @@ class Evidence:
     result = evaluate_start(self.scale, folder, self.args.workdir, **protocol)
     where = recorded_path(folder, self.args.workdir)
     self.starts[where] = {"config_hash": folder_hash(Path(folder))}
+    if label == "base":
+      self.note_base(folder)
     self._add(label, 0, {"start": where, "protocol": protocol}, result["cells"])
     return result
 
@@ -560,7 +566,7 @@ class Evidence:
     ops = [op for op in wanted if op in self.ops_of(claim.a, claim.context) and op in
            self.ops_of(claim.b, claim.context)]
     if not ops:
-      return {**out, "verdict": "not evaluated", "note": f"neither arm evaluated at ops {list(wanted)}"}
+      return {**out, "verdict": "not evaluated", "note": f"the two share no evaluated op among {list(wanted)}"}
     interval = stats.bootstrap(self.stats_cells(claim.a, claim.context, ops),
                                self.stats_cells(claim.b, claim.context, ops), claim.metric)
     return {**out, "ops": ops, **interval, "verdict": stats.verdict(interval, claim.sign, claim.margin)}
@@ -618,7 +624,8 @@ def folder_hash(folder: Path) -> str:
 
 def provenance(evidence: Evidence | None) -> dict:
   """Where the numbers come from: the git commit (and whether tracked files differed from it), the package versions,
-  every run (config hash -> name, folder, stages, the command that makes it) and every start model's config hash."""
+  the shared base (folder and config hash), every run (config hash -> name, folder, stages, the command that makes
+  it) and every start model's config hash."""
   def git(*cmd):
     return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
   versions = {}
@@ -630,7 +637,8 @@ def provenance(evidence: Evidence | None) -> dict:
   return {"git_commit": git("rev-parse", "HEAD") or None,
           "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
           "packages": versions, "python": sys.version.split()[0],
-          "starts": evidence.starts if evidence else {}, "runs": evidence.runs if evidence else {}}
+          "base": evidence.base if evidence else None, "starts": evidence.starts if evidence else {},
+          "runs": evidence.runs if evidence else {}}
 
 
 def interval_text(c: Mapping) -> str:

@@ -94,6 +94,7 @@ def main(argv=None) -> None:
     return check_results(args, "online_vs_offline")
   scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
   base = ensure_base(scale, args.workdir)
+  evidence.note_base(base)
   start = ensure_stage(scale, args.workdir, "sft", scale.sft, base)
   ops, ks = list(scale.eval_ops), list(scale.light_eval["ks"])
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]

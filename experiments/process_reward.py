@@ -47,14 +47,15 @@ def plot(results: dict, ops: list[int], path) -> None:
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("evaluated op")
     ax.set_ylabel("share of samples")
+    ax.set_ylim(bottom=0)
   axes[0].legend(fontsize=7)
   for arm, curves in results["curves"].items():
     steps = [r["step"] for r in curves[0]]
     axes[2].plot(steps, [sum(c[i]["hack_rate"] for c in curves) / len(curves) for i in range(len(steps))], label=arm,
                  color=color[arm])
-  axes[2].set_title("RL samples: right answer, wrong steps (seed mean)", fontsize=9)
+  axes[2].set_title("RL samples (seed mean)", fontsize=9)
   axes[2].set_xlabel("RL step")
-  axes[2].set_ylabel("share of the step's samples")
+  axes[2].set_ylabel("right answer, wrong steps")
   axes[2].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

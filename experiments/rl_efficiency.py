@@ -96,7 +96,7 @@ def plot(results: dict, path) -> None:
     axes[0].annotate(b, (x, results["buckets"][b]["rl"]["gain_per_1k"]["mean"]), fontsize=7)
   axes[0].axhline(0, color="k", lw=0.5)
   axes[0].set_xlabel("base pass rate on the bucket")
-  axes[0].set_ylabel("strict pass@1 gain per 1k (points, 95% interval)")
+  axes[0].set_ylabel("pass@1 gain per 1k (points, 95% int.)")
   axes[0].legend(fontsize=7)
   xs = [i / 100 for i in range(101)]
   axes[1].plot(xs, [entropy_bits(x) for x in xs], color="0.6", label="H(p) of one reward")

@@ -107,7 +107,8 @@ def main(argv=None) -> None:
   if args.check:
     return check_results(args, "rl_scaling")
   scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
-  bands = competence_bands(scale, evidence.start("base", ensure_base(scale, args.workdir)))
+  shared = ensure_base(scale, args.workdir)  # the shared base: the bands, the data reuse runs
+  bands = competence_bands(scale, evidence.start("base", shared))
   lo, hi = bands["ranges"]["in-distribution"]
   ops = list(range(lo, hi + 1))
   ks = list(scale.eval["ks"])
@@ -136,8 +137,7 @@ def main(argv=None) -> None:
         "fit_rollouts": power_law([p["rollouts"] for p in curve], [p["error"] for p in curve])}
 
   # data reuse: the shared base (the scale's own size), the same steps over fewer prompts
-  base = ensure_base(scale, args.workdir)
-  base_cells = cells(evidence.evals["base"][0]["cells"])
+  base_cells = evidence.evals["base"][0]["cells"]  # (context, op) -> cell
   results["reuse_base"] = {str(op): base_cells[("p", op)]["pass@1"] for op in ops}
   prompts = scale.rl_steps * rl["batch"]
   for tau in REUSE if not args.arms else ():  # --arms picks sizes; the reuse runs only in a full run
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
       # τ > 1: evaluated on the RL ops only (each op's problems and samples are the same with or without the others)
       extra = {} if tau == 1 else {"data.num_examples": max(1, prompts // tau), "eval_ops": ops}
       name = f"edge_of_competence-in-distribution-{seed}" if tau == 1 else f"rl_scaling-reuse{tau}-{seed}"
-      report, _ = evidence.run(rl_pipeline(scale, name, base, (lo, hi), seed, **extra), f"τ = {tau}", seed)
+      report, _ = evidence.run(rl_pipeline(scale, name, shared, (lo, hi), seed, **extra), f"τ = {tau}", seed)
       per_seed.append(cells(report["stages"][-1]["eval"]))
     results["reuse"][tau] = {"prompts": max(1, prompts // tau),
                              "eval": per_op_summary(per_seed, ops, [f"pass@{k}" for k in ks])}

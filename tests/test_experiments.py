@@ -45,6 +45,8 @@ def run_experiment(module, workdir, *extra) -> dict:
     assert run["command"] == results["command"]
   for folder, start in prov["starts"].items():
     assert len(start["config_hash"]) == 12
+  assert prov["base"]["folder"] == str(base.ensure_base(MINIMAL, workdir).relative_to(workdir))
+  assert prov["base"]["config_hash"] == config_hash(base.base_config(MINIMAL))
   for claim in results.get("claims", []):
     assert claim["verdict"] in ("supported", "contradicted", "inconclusive", "not run", "not evaluated")
     if "low" in claim:
