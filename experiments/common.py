@@ -8,6 +8,13 @@ interrupted one, and experiments that need the same run share it. Results go to 
 `results.json` (every number, per seed, with the command), `results.md` (the tables: mean ± spread over seeds, spread
 = the sample standard deviation) and `<experiment>.png`.
 
+Each experiment records what its numbers come from in an `Evidence`: every evaluation per problem and every run. From
+it `write_results` adds the provenance (git commit, package versions, the base's and every run's config hash and
+command), the experiment's claims (`Claim`: arm A − arm B on some ops, the expected sign) with their 95% paired
+bootstrap intervals and verdicts (`experiments/stats.py`), and per-cell intervals for the plots' error bars; `check`
+(`--check`) re-evaluates one recorded model and compares. The op ranges come from the shared base's measured
+competence (`competence_bands`) where the scale allows, else from the scale's fixed `ranges`.
+
 Scales: `cpu` is the toy world measured here (a 2-layer 0.49M-parameter model on a 2-core CPU), `minimal` the same
 code at a size that runs in seconds (for the tests; its numbers mean nothing), `accelerator` the interplay study's
 own sizes (a ~100M model on the story surface; shared REFERENCES) for a TPU or GPU.

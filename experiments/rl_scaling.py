@@ -95,7 +95,7 @@ def plot(results: dict, path) -> None:
     axes[2].axhline(results["reuse_base"][str(op)], ls=":", lw=0.8, color=f"C{i}")
   axes[2].set_xticks([j + 0.175 for j in range(len(taus))], [f"τ = {t}" for t in taus])
   axes[2].set_xlabel("epochs over the RL prompts")
-  axes[2].set_ylabel("strict pass@1 after RL (95% interval; dotted: base)")
+  axes[2].set_ylabel("pass@1 after RL (95% int.; dotted: base)")
   axes[2].set_ylim(0, 1)
   axes[2].legend(fontsize=7)
   fig.tight_layout()

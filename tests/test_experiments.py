@@ -62,11 +62,11 @@ def run_experiment(module, workdir, *extra) -> dict:
 
 
 def probabilities(tree) -> list[float]:
-  """Every mean of a `summary` in a results tree."""
+  """Every mean of a `summary` in a results tree, but FLOPs and gains (differences of probabilities)."""
   if isinstance(tree, dict):
     if "mean" in tree and "values" in tree:
       return [tree["mean"], *tree["values"]]
-    return [v for x in tree.values() for v in probabilities(x)]
+    return [v for k, x in tree.items() if not str(k).startswith(("flops", "gain")) for v in probabilities(x)]
   return []
 
 
