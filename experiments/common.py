@@ -602,7 +602,7 @@ class Evidence:
           digest = config_hash({"ids": ids})
           id_lists[digest] = ids
           out[f"{ctx}/{op}"] = {"n": cell["samples"], "ids": digest, "correct": cell["correct"],
-                                **{m: v for m, v in cell.items() if m.startswith(("pass@", "maj@", "answer@"))}}
+                                **{m: v for m, v in cell.items() if m.startswith(RECORDED)}}
         evals.setdefault(label, {})[str(seed)] = {"source": entry["source"], "cells": out}
     return {"evals": evals, "problem_ids": id_lists}
 
@@ -614,6 +614,12 @@ class Evidence:
         return {"label": label, "seed": seed}
     label = next(iter(self.evals))
     return {"label": label, "seed": min(self.evals[label])}
+
+
+# a cell's numbers results.json records (and --check compares): the metrics, and what the samples look like (their
+# mean length, the share with an answer line, in the expected form), which differ with any change of the samples even
+# where nothing is solved
+RECORDED = ("pass@", "maj@", "answer@", "mean_length", "answered", "format")
 
 
 def problem_ids(cell: Mapping) -> list[str]:
@@ -701,7 +707,7 @@ def check(args: argparse.Namespace, experiment: str) -> str:
     if got is None:
       raise SystemExit(f"--check failed: {what} has no {key} cell on re-evaluation")
     for metric, value in want.items():
-      if metric.startswith(("pass@", "maj@", "answer@")) and not math.isclose(got[metric], value, abs_tol=1e-9):
+      if metric.startswith(RECORDED) and not math.isclose(got[metric], value, abs_tol=1e-9):
         raise SystemExit(f"--check failed: {what} {key} {metric} re-evaluated {got[metric]:.6f}, results.json says "
                          f"{value:.6f}")
     if got["correct"] != want["correct"]:
