@@ -602,6 +602,7 @@ class Evidence:
           digest = config_hash({"ids": ids})
           id_lists[digest] = ids
           out[f"{ctx}/{op}"] = {"n": cell["samples"], "ids": digest, "correct": cell["correct"],
+                                "sample_hashes": cell.get("sample_hashes"),
                                 **{m: v for m, v in cell.items() if m.startswith(RECORDED)}}
         evals.setdefault(label, {})[str(seed)] = {"source": entry["source"], "cells": out}
     return {"evals": evals, "problem_ids": id_lists}
@@ -675,8 +676,8 @@ def claims_markdown(claims: Sequence[Mapping]) -> str:
 
 def check(args: argparse.Namespace, experiment: str) -> str:
   """`--check`: re-evaluates the model `results.json` names in `check` (a run's final stage in `--workdir`, or a
-  start model) with the recorded protocol and compares every problem's count and metric with the recorded ones;
-  raises SystemExit with one line on the first difference. Returns what it checked."""
+  start model) with the recorded protocol and compares every problem's samples (their hashes), counts and metrics
+  with the recorded ones; raises SystemExit with one line on the first difference. Returns what it checked."""
   path = out_dir(args, experiment) / "results.json"
   if not path.exists():
     raise SystemExit(f"--check: no {path}; run the experiment first (the same --scale, --out and --workdir)")
@@ -712,7 +713,9 @@ def check(args: argparse.Namespace, experiment: str) -> str:
                          f"{value:.6f}")
     if got["correct"] != want["correct"]:
       raise SystemExit(f"--check failed: {what} {key}: the per-problem counts differ from results.json")
-  message = f"--check passed: {what}, {len(entry['cells'])} cell(s), every problem's count and metric equal"
+    if want["sample_hashes"] is not None and got["sample_hashes"] != want["sample_hashes"]:
+      raise SystemExit(f"--check failed: {what} {key}: other samples than results.json records (sample hashes differ)")
+  message = f"--check passed: {what}, {len(entry['cells'])} cell(s), the same samples, counts and metrics"
   print(message, flush=True)
   return message
 

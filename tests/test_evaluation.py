@@ -81,6 +81,8 @@ def test_evaluate_scores_each_cell_from_its_samples(tokenizer, monkeypatch):
     names = [evaluation.problem_id(p) for p in tasks.eval_set(TASK, op=cell["op"], context=cell["context"],
                                                                n=cfg.problems)]
     assert cell["problem_ids"] == names and len(set(names)) == cfg.problems
+    # each problem's samples hashed: the scripted ones differ from problem to problem
+    assert len(set(cell["sample_hashes"])) == cfg.problems and all(0 <= h < 2 ** 20 for h in cell["sample_hashes"])
   ids = [c["problem_ids"] for c in result["cells"]]
   assert len({i for cell_ids in ids for i in cell_ids}) == sum(map(len, ids))  # no problem named twice
   table = markdown_table(result)
