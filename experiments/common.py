@@ -470,6 +470,10 @@ def competence_bands(scale: Scale, base_eval: Mapping, context: str = "p") -> di
   elif not all(found.values()):
     reason = (f"no op of the base's evaluation (ops {', '.join(per_op)}) is in band(s) "
               f"{', '.join(b for b in BANDS if not found[b])}; the scale's fixed ranges instead")
+  elif mixed := [b for b, ops in found.items() if any(per_op[str(op)]["band"] != b for op in
+                                                      range(min(ops), max(ops) + 1) if str(op) in per_op)]:
+    reason = (f"the ops of band(s) {', '.join(mixed)} are not contiguous (another band lies between them); the "
+              "scale's fixed ranges instead")
   else:
     reason = None
   ranges = ({b: (min(ops), max(ops)) for b, ops in found.items()} if reason is None

@@ -152,6 +152,10 @@ def test_bands_follow_the_base_measured_competence():
   bands = competence_bands(cpu, evaluation)  # the cpu base is trained to op 4
   assert bands["source"] == "measured" and bands["trained_depth"] == 4
   assert bands["ranges"] == {"too-easy": (1, 1), "in-distribution": (2, 3), "edge": (5, 6), "too-hard": (7, 7)}
+  # too hard within the trained depth and beyond the edge: no one range for it
+  evaluation["cells"].append({"context": "p", "op": 4, "pass@1": 0.0, "pass@64": 0.0})
+  assert "too-hard are not contiguous" in competence_bands(cpu, evaluation)["reason"]
+  evaluation["cells"].pop()
   # no op beyond the trained depth at the edge: the scale's fixed ranges, and why
   del measured[5], measured[6]
   evaluation["cells"] = [c for c in evaluation["cells"] if c["op"] in measured]
