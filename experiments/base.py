@@ -7,6 +7,8 @@ experiment's RL and mid-training start from. Cached by the hash of its full stag
 `source.json` holds the same config hash, else `<workdir>/<scale>/base-<hash>`, pre-trained there first if it is not
 finished. The command also evaluates the base against its gate (below) and writes `experiments/results/base/`;
 `--export` copies a freshly trained base into `experiments/artifacts/base-<scale>` (`jaxstages.model.io.export_stage`).
+The results also hold the bands of the base's measured competence (`common.competence_bands`) every experiment takes
+its op ranges from; `--check` re-evaluates the base (the committed params when it is the artifact) and compares.
 
 The gate (cpu scale; experiments/README.md), on strict (process-verified) pass@k from 64 samples per problem at
 temperature 1 with document prompts: op 1 solved often (pass@1) and nearly always within 64 samples, op 2 (the edge)
@@ -20,8 +22,12 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments.common import ARTIFACTS, REPO, SCALES, Scale, block_config, cells, evaluate_start, finished, \
-    markdown_table, parse_args, recorded_path, write_results
+from experiments.common import ARTIFACTS, REPO, SCALES, Evidence, Scale, block_config, bands_markdown, cells, \
+    competence_bands, finished, markdown_table, parse_args, recorded_path, write_results
+from experiments.common import check as check_results
+from jaxstages.config import config_hash
+from jaxstages.model.io import export_stage
+from jaxstages.train import run_stage
 
 # (context, op, metric, lowest, highest): what the cpu base must show (its measured values sit inside, with room for
 # the spread between re-made bases): op 1 solved often and nearly always within 64 samples, op 2 (the edge) rarely
@@ -43,9 +49,6 @@ def ensure_base(scale: Scale, workdir: str | Path, use_artifact: bool = True, **
   a finished run folder `<workdir>/<scale>/base-<hash>` if there is one (so the runs made from it stay cached), else
   the committed artifact whose `source.json` holds the same config hash (`artifact_folder`; when `use_artifact`),
   else a freshly pre-trained run folder."""
-  from jaxstages.config import config_hash
-  from jaxstages.train import run_stage
-
   cfg = base_config(scale, **overrides)
   digest = config_hash(cfg)
   run_dir = Path(workdir) / scale.name / f"base-{digest}"
@@ -104,29 +107,31 @@ def main(argv=None) -> None:
     parser.add_argument("--size", default=None, help="another of the scale's model sizes (rl_scaling's), e.g. "
                                                      "'4 layers'")
   args = parse_args("base", __doc__, argv, extra=extra)
-  scale = SCALES[args.scale]
+  if args.check:
+    return check_results(args, "base")
+  scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
   if args.size and args.size not in scale.sizes:
     raise SystemExit(f"unknown size {args.size!r}; the {scale.name} scale's sizes: {list(scale.sizes)}")
   overrides = {f"model.{k}": v for k, v in scale.sizes[args.size].items()} if args.size else {}
   bases = [ensure_base(scale, args.workdir, **overrides)]
   if args.export and not bases[0].is_relative_to(ARTIFACTS):
-    from jaxstages.config import config_hash
-    from jaxstages.model.io import export_stage
     digest = config_hash(base_config(scale, **overrides))
     bases = [export_stage(bases[0], ARTIFACTS / (f"base-{scale.name}-{digest}" if args.size else
                                                  f"base-{scale.name}"))]
   if args.remake:
     bases.append(ensure_base(scale, args.workdir, use_artifact=False, **overrides))
   results, sections = {}, []
-  for base in bases:
-    result = evaluate_start(scale, base, args.workdir)
+  for base, label in zip(bases, ("base", "base, re-made")):
+    result = evidence.start(label, base)
     md, failures = describe(scale, base, result, gate=not args.size)
     results[recorded_path(base, args.workdir)] = {"gate_failures": failures, "eval": result}
     sections.append(md)
-  md = "\n".join(sections)
+  bands = competence_bands(scale, results[recorded_path(bases[0], args.workdir)]["eval"])
+  md = "\n".join(sections) + "\n" + bands_markdown(bands)
   if args.size:  # another size: its own results folder unless --out
     args.out = args.out or str(Path(args.workdir) / scale.name / "results" / f"base-{args.size.replace(' ', '')}")
-  write_results(args, "base", {"base": recorded_path(bases[0], args.workdir), "bases": results}, md)
+  write_results(args, "base", {"base": recorded_path(bases[0], args.workdir), "bases": results, "bands": bands}, md,
+                evidence=evidence)
   print(md)
 
 

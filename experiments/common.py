@@ -8,6 +8,13 @@ interrupted one, and experiments that need the same run share it. Results go to 
 `results.json` (every number, per seed, with the command), `results.md` (the tables: mean ± spread over seeds, spread
 = the sample standard deviation) and `<experiment>.png`.
 
+Each experiment records what its numbers come from in an `Evidence`: every evaluation per problem and every run. From
+it `write_results` adds the provenance (git commit, package versions, the base's and every run's config hash and
+command), the experiment's claims (`Claim`: arm A − arm B on some ops, the expected sign) with their 95% paired
+bootstrap intervals and verdicts (`experiments/stats.py`), and per-cell intervals for the plots' error bars; `check`
+(`--check`) re-evaluates one recorded model and compares. The op ranges come from the shared base's measured
+competence (`competence_bands`) where the scale allows, else from the scale's fixed `ranges`.
+
 Scales: `cpu` is the toy world measured here (a 2-layer 0.49M-parameter model on a 2-core CPU), `minimal` the same
 code at a size that runs in seconds (for the tests; its numbers mean nothing), `accelerator` the interplay study's
 own sizes (a ~100M model on the story surface; shared REFERENCES) for a TPU or GPU.
@@ -18,13 +25,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import math
 import shlex
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from experiments import stats
+from jaxstages.config import apply_overrides, config_hash, load_config
+from jaxstages.data import tasks
+from jaxstages.data.pipeline import data_config
+from jaxstages.data.tokenizer import load_tokenizer
+from jaxstages.evaluation import EvalConfig, evaluate
+from jaxstages.metrics import read_metrics
+from jaxstages.model.config import ModelConfig, param_count
+from jaxstages.schedule import run_pipeline
+from jaxstages.sharding import make_mesh
+from jaxstages.train import load_model, run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
@@ -51,6 +74,7 @@ class Scale:
   sft: dict = dataclasses.field(default_factory=dict)  # online_vs_offline's start: SFT of the base (chat)
   dpo: dict = dataclasses.field(default_factory=dict)  # online_vs_offline: DPO after that SFT
   distill: dict = dataclasses.field(default_factory=dict)  # distill_vs_rl: distillation on document prompts
+  measured_bands: bool = True  # take `ranges` from the base's measured competence when it shows every band
 
 
 # The base's pre-training mixture: context p, with the second context q seeded at 1% at op 1 only (context_seeding
@@ -127,6 +151,7 @@ SCALES: dict[str, Scale] = {
                                            "stage.checkpoint_every": 100, "stage.async_checkpoints": False})),
         rl_steps=1,
         ranges={"too-easy": (1, 1), "in-distribution": (1, 1), "edge": (2, 2), "too-hard": (2, 2)},
+        measured_bands=False,  # a few steps of a tiny model: its measured competence means nothing
         eval_ops=(1, 2),
         eval=dict(problems=2, n=2, ks=(1, 2), temperature=1.0, max_new_tokens=24),
         budget_flops=2e9,
@@ -176,7 +201,8 @@ SCALES: dict[str, Scale] = {
 def parse_args(experiment: str, doc: str, argv: Sequence[str] | None = None,
                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
   """The command line of `python -m experiments.<experiment>`: `--seeds N` (seeds 0..N-1), `--scale`, `--workdir`
-  (run folders), `--out` (results folder), `--arms` (a subset, comma-separated)."""
+  (run folders), `--out` (results folder), `--arms` (a subset, comma-separated), `--check` (re-evaluate one
+  recorded model and compare with `results.json`: `check`)."""
   parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--scale", default="cpu", choices=sorted(SCALES))
@@ -184,6 +210,8 @@ def parse_args(experiment: str, doc: str, argv: Sequence[str] | None = None,
   parser.add_argument("--out", default=None, help="default: experiments/results/<experiment> (cpu), else "
                                                   "<workdir>/results/<experiment>")
   parser.add_argument("--arms", default=None, help="run only these arms (comma-separated)")
+  parser.add_argument("--check", action="store_true", help="re-evaluate the model results.json names for checking "
+                                                           "(its run folder in --workdir) and compare; runs nothing")
   if extra:
     extra(parser)
   args = parser.parse_args(argv)
@@ -262,7 +290,6 @@ def rl_max_new_tokens(scale: Scale, hi: int) -> int:
 def block_config(scale: Scale, block: Mapping, model: Mapping | None = None, **overrides: Any):
   """The full stage config of a scale's block (`config` and `overrides`, e.g. `scale.rl`) with the scale's model shape
   (or `model`), then `overrides` (dotted keys)."""
-  from jaxstages.config import apply_overrides, load_config
   values = {**{f"model.{k}": v for k, v in (scale.model if model is None else model).items()}, **block["overrides"],
             **overrides}
   return apply_overrides(load_config(block["config"]), [f"{k}={v!r}" for k, v in values.items()])
@@ -271,7 +298,6 @@ def block_config(scale: Scale, block: Mapping, model: Mapping | None = None, **o
 def rl_data(scale: Scale):
   """The RL stages' data config (`DataConfig`) with the scale's `data.*` overrides: its task is the problem world every
   evaluation draws from."""
-  from jaxstages.data.pipeline import data_config
   return data_config(block_config(scale, scale.rl).data)
 
 
@@ -282,16 +308,15 @@ def rl_shape(scale: Scale) -> dict:
   return {"batch": cfg.data.batch_size, "group": cfg.grpo.rollout.group_size, "log_every": cfg.stage.log_every}
 
 
-def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int]) -> dict:
+def rl_prompt_len(scale: Scale, start: str | Path, op_range: tuple[int, int], chat: bool = False) -> dict:
   """`{"data.prompt_len": n}` when the RL config's prompt length is too short for the problems of `op_range` (the
-  longest of 256 train problems at its top op, in the start's tokenizer, rounded up to 32), else nothing."""
-  from jaxstages.data import tasks
-  from jaxstages.data.tokenizer import load_tokenizer
-
+  longest of 256 train problems at its top op, as documents or chat turns (`chat`), in the start's tokenizer,
+  rounded up to 32), else nothing."""
   data = rl_data(scale)
   tokenizer = load_tokenizer(Path(start) / "tokenizer")
-  longest = max(len(tokenizer.encode(tasks.generate(data.task, 0, "train", i, op=op_range[1]).text() + "\n"))
-                for i in range(256))
+  problems = [tasks.generate(data.task, 0, "train", i, op=op_range[1]) for i in range(256)]
+  longest = max(len(tokenizer.encode_chat(tasks.rl_prompt(p)["messages"], add_generation_prompt=True)[0] if chat
+                    else tokenizer.encode(p.text() + "\n")) for p in problems)
   return {} if longest <= data.prompt_len else {"data.prompt_len": -(-(longest + 8) // 32) * 32}
 
 
@@ -314,8 +339,6 @@ def run(config: Mapping, workdir: str | Path, scale: Scale) -> tuple[dict, Path]
   """Runs (or resumes, or only reads back) one pipeline in `<workdir>/<scale>/runs/<hash>`, the hash of its config
   without its name, so experiments that need the same run share it. Returns its report
   (`jaxstages.schedule.run_pipeline`) and its folder."""
-  from jaxstages.config import config_hash
-  from jaxstages.schedule import run_pipeline
   run_dir = Path(workdir) / scale.name / "runs" / config_hash({k: v for k, v in config.items() if k != "name"})
   print(f"-- {config['name']}: {run_dir}", flush=True)
   return run_pipeline(config, run_dir), run_dir
@@ -331,10 +354,13 @@ def recorded_path(path: str | Path, workdir: str | Path) -> str:
   return str(path)
 
 
+def found_path(recorded: str, workdir: str | Path) -> Path:
+  """The folder a results file names (`recorded_path`): in the repository if it is there, else in `workdir`."""
+  return REPO / recorded if (REPO / recorded).exists() else Path(workdir) / recorded
+
+
 def model_params(folder: str | Path) -> int:
   """Parameters of a stage or params folder's model (embeddings included)."""
-  from jaxstages.data.tokenizer import load_tokenizer
-  from jaxstages.model.config import ModelConfig, param_count
   folder = Path(folder)
   if (folder / "model_config.json").exists():
     return param_count(ModelConfig(**json.loads((folder / "model_config.json").read_text())))
@@ -356,8 +382,6 @@ def ensure_stage(scale: Scale, workdir: str | Path, name: str, block: Mapping, s
                  model: Mapping | None = None, **overrides: Any) -> Path:
   """A start model every arm shares (e.g. an SFT of the base): the scale's `block` (`config` and `overrides`) from
   `start` with `overrides`, trained once in `<workdir>/<scale>/<name>-<config hash>`; returns the folder."""
-  from jaxstages.config import config_hash
-  from jaxstages.train import run_stage
   cfg = block_config(scale, block, model, **{"stage.init_from": str(start), **overrides})
   run_dir = Path(workdir) / scale.name / f"{name}-{config_hash(cfg)}"
   if not finished(run_dir):
@@ -368,31 +392,27 @@ def ensure_stage(scale: Scale, workdir: str | Path, name: str, block: Mapping, s
 
 def evaluate_start(scale: Scale, source: str | Path, workdir: str | Path, eval_ops: Sequence[int] | None = None,
                    contexts: Sequence[str] | None = None, problems: int | None = None,
-                   samples: Mapping | None = None, prompt: str = "document") -> dict:
+                   samples: Mapping | None = None, prompt: str = "document", cached: bool = True) -> dict:
   """The scale's evaluation of a start model (a stage or params folder) with document (or chat) prompts, cached in
-  `<workdir>/<scale>/evals/` by the folder's name and the evaluation's config hash."""
-  from jaxstages.config import config_hash
-  from jaxstages.evaluation import EvalConfig
+  `<workdir>/<scale>/evals/` by the folder's name and the evaluation's config hash (`cached=False`: evaluated again,
+  the cache left as it is)."""
 
   source = Path(source)
   cfg = EvalConfig.from_config(dict(eval_protocol(scale, eval_ops, contexts, problems, samples), prompt=prompt))
   task = rl_data(scale).task  # the problems the runs after the start are evaluated on (e.g. operands on one chain)
   key = config_hash({"eval": dataclasses.asdict(cfg), "task": dataclasses.asdict(task)})
   path = Path(workdir) / scale.name / "evals" / f"{source.name}-{key}.json"
-  if path.exists() and "correct" in json.loads(path.read_text())["cells"][0]:  # older files lack per-problem counts
+  if cached and path.exists() and "correct" in json.loads(path.read_text())["cells"][0]:  # older: no per-problem
     return json.loads(path.read_text())
-  from jaxstages.data.tokenizer import load_tokenizer
-  from jaxstages.evaluation import evaluate
-  from jaxstages.sharding import make_mesh
-  from jaxstages.train import load_model
 
   mesh = make_mesh()
   model = load_model(source, mesh)
   tokenizer = load_tokenizer(source / "tokenizer")
   print(f"-- evaluating {source}", flush=True)
   result = evaluate(model, tokenizer, task, cfg, mesh=mesh, show_progress=False)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2))
+  if cached:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
   return result
 
 
@@ -403,10 +423,319 @@ def cells(result: Mapping | Sequence[Mapping]) -> dict[tuple[str, int], dict]:
 
 def stage_metrics(run_dir: str | Path, stage_name: str, keys: Sequence[str]) -> list[dict]:
   """Rows of a stage's `metrics.jsonl` (training rows only) holding `step` and `keys`."""
-  from jaxstages.metrics import read_metrics
   rows = [r for r in read_metrics(Path(run_dir) / stage_name / "metrics.jsonl") if keys[0] in r]
   return [{"step": r["step"], **{k: r.get(k) for k in keys}} for r in rows]
 
+
+# -- bands from the base's measured competence -------------------------------------------------------------------------
+
+BANDS = ("too-easy", "in-distribution", "edge", "too-hard")
+# the rules, on strict pass@1 and pass@K (K: the largest evaluated k, at least 64) of the base per op: too hard when
+# even K samples almost never solve it; the edge beyond the depth the base was trained on, rarely solved at pass@1 but
+# often within K samples; too easy when one sample nearly always does; in-distribution the rest within the trained
+# depth
+BAND_RULES = {"too-hard": "pass@K <= 2%", "edge": "op beyond the trained depth, pass@1 <= 10%, pass@K >= 30%",
+              "too-easy": "pass@1 >= 90%", "in-distribution": "op within the trained depth, none of the above"}
+
+
+def band_of(op: int, pass1: float, pass_k: float, depth: int) -> str | None:
+  """The band of one op by `BAND_RULES` (None: it fits none, e.g. beyond the trained depth but solved at pass@1)."""
+  if pass_k <= 0.02:
+    return "too-hard"
+  if op > depth:
+    return "edge" if pass1 <= 0.10 and pass_k >= 0.30 else None
+  return "too-easy" if pass1 >= 0.90 else "in-distribution"
+
+
+def competence_bands(scale: Scale, base_eval: Mapping, context: str = "p") -> dict:
+  """The op ranges every experiment trains and evaluates on: from the shared base's evaluation (`base_eval`, at the
+  scale's ops) by `BAND_RULES` when the scale measures its bands and every band holds an op (each band's range: its
+  lowest to its highest op), else the scale's fixed `ranges`, with the reason. The trained depth is the top of the
+  base's pre-training op range. Returns `{"source": "measured" | "fixed", "reason", "ranges", "rules",
+  "trained_depth", "per_op": {op: {pass@1, pass@K, band}}}`."""
+  depth = data_config(block_config(scale, scale.base).data).task.op_range_of(scale.contexts[0])[1]
+  by_cell = cells(base_eval)
+  ks = sorted(int(m.split("@")[1]) for m in next(iter(by_cell.values())) if m.startswith("pass@"))
+  k = ks[-1]
+  per_op = {}
+  for (ctx, op), cell in sorted(by_cell.items()):
+    if ctx == context:
+      per_op[str(op)] = {"pass@1": cell["pass@1"], f"pass@{k}": cell[f"pass@{k}"],
+                         "band": band_of(op, cell["pass@1"], cell[f"pass@{k}"], depth) if k >= 64 else None}
+  found = {b: [int(op) for op, row in per_op.items() if row["band"] == b] for b in BANDS}
+  if not scale.measured_bands:
+    reason = f"the {scale.name} scale's fixed ranges: its base's measured competence means nothing"
+  elif k < 64:
+    reason = f"the base's evaluation holds pass@k only up to k = {k}; the bands need k >= 64"
+  elif not all(found.values()):
+    reason = (f"no op of the base's evaluation (ops {', '.join(per_op)}) is in band(s) "
+              f"{', '.join(b for b in BANDS if not found[b])}; the scale's fixed ranges instead")
+  elif mixed := [b for b, ops in found.items() if any(per_op[str(op)]["band"] != b for op in
+                                                      range(min(ops), max(ops) + 1) if str(op) in per_op)]:
+    reason = (f"the ops of band(s) {', '.join(mixed)} are not contiguous (another band lies between them); the "
+              "scale's fixed ranges instead")
+  else:
+    reason = None
+  ranges = ({b: (min(ops), max(ops)) for b, ops in found.items()} if reason is None
+            else {b: tuple(r) for b, r in scale.ranges.items()})
+  return {"source": "fixed" if reason else "measured", "reason": reason or f"measured on the base (K = {k})",
+          "ranges": ranges, "rules": {b: r.replace("K", str(max(k, 64))) for b, r in BAND_RULES.items()},
+          "trained_depth": depth, "per_op": per_op}
+
+
+def bands_markdown(bands: Mapping) -> str:
+  ranges = ", ".join(f"{b} {lo}-{hi}" for b, (lo, hi) in bands["ranges"].items())
+  return (f"Op ranges ({bands['source']}: {bands['reason']}): {ranges}. Rules: "
+          + "; ".join(f"{b}: {r}" for b, r in bands["rules"].items()) + f"; trained depth {bands['trained_depth']}.\n\n")
+
+
+# -- evidence: every evaluation per problem, every run, the claims' intervals ------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """A difference a claim rests on: label `a` minus label `b` on strict `metric`, averaged over `ops` (op numbers,
+  or a band's name: its range's ops) in `context`; `sign` +1 (a above b), -1 (a below b) or 0 (no difference,
+  within ±`margin`)."""
+
+  text: str
+  a: str
+  b: str
+  ops: tuple[int, ...] | str
+  metric: str = "pass@1"
+  sign: int = 1
+  context: str = "p"
+  margin: float = 0.02
+
+
+class Evidence:
+  """What an experiment's numbers come from: every evaluation per problem (label -> seed -> cells: the bootstrap's
+  input), every run (config hash, folder, label, seed) and every start model (folder, config hash, protocol).
+  `run` and `start` run or evaluate and record; `write_results` turns the record into provenance, intervals and
+  claims."""
+
+  def __init__(self, args: argparse.Namespace, scale: Scale):
+    self.args, self.scale = args, scale
+    self.evals: dict[str, dict[int, dict]] = {}  # label -> seed -> {"source", "cells": {(context, op): cell}}
+    self.runs: dict[str, dict] = {}  # config hash -> what made it
+    self.starts: dict[str, dict] = {}  # folder -> its config hash
+    self.base: dict | None = None  # the shared base: folder and config hash
+
+  def note_base(self, folder: str | Path) -> None:
+    """Records the shared base every arm starts from (`start` does for the label "base")."""
+    self.base = {"folder": recorded_path(folder, self.args.workdir), "config_hash": folder_hash(Path(folder))}
+
+  def run(self, config: Mapping, label: str, seed: int) -> tuple[dict, Path]:
+    """`run` (the shared pipeline machinery), recording the run and its final stage's evaluation as `label`, `seed`."""
+    report, run_dir = run(config, self.args.workdir, self.scale)
+    folder = recorded_path(run_dir, self.args.workdir)
+    last = report["stages"][-1]["stage"]
+    protocol = json.loads((run_dir / last / "eval.json").read_text())["config"]
+    entry = self.runs.setdefault(run_dir.name, {"name": config["name"], "folder": folder, "command": self.args.command,
+                                                "stages": [r["stage"] for r in report["stages"]], "labels": []})
+    entry["labels"].append(f"{label}#{seed}")  # a run two labels share (e.g. rl_scaling's τ = 1 and its size)
+    self._add(label, seed, {"run": folder, "stage": last, "eval": protocol}, report["stages"][-1]["eval"])
+    return report, run_dir
+
+  def start(self, label: str, folder: str | Path, **protocol: Any) -> dict:
+    """`evaluate_start` of a start model (`protocol`: its keyword arguments), recorded as `label` (one "seed")."""
+    result = evaluate_start(self.scale, folder, self.args.workdir, **protocol)
+    where = recorded_path(folder, self.args.workdir)
+    self.starts[where] = {"config_hash": folder_hash(Path(folder))}
+    if label == "base":
+      self.note_base(folder)
+    self._add(label, 0, {"start": where, "protocol": protocol}, result["cells"])
+    return result
+
+  def _add(self, label: str, seed: int, source: dict, evaluated: Sequence[Mapping]) -> None:
+    if seed in self.evals.setdefault(label, {}):
+      raise ValueError(f"evaluation {label!r} seed {seed} recorded twice: give each arm x seed its own label")
+    self.evals[label][seed] = {"source": source, "cells": cells(evaluated)}
+
+  def stats_cells(self, label: str, context: str, ops: Sequence[int]) -> list[stats.Cell]:
+    """`label`'s cells at `ops` for the bootstrap: every seed's counts, seeds in order."""
+    runs = [self.evals[label][s]["cells"] for s in sorted(self.evals[label])]
+    out = []
+    for op in ops:
+      per_seed = [r[(context, op)] for r in runs]
+      ids = [tuple(problem_ids(c)) for c in per_seed]
+      if len(set(ids)) > 1:
+        raise ValueError(f"{label}'s seeds were evaluated on different problems at {context} op {op}")
+      out.append(stats.Cell(n=per_seed[0]["samples"], correct=np.array([c["correct"] for c in per_seed]),
+                            ids=ids[0]))
+    return out
+
+  def ops_of(self, label: str, context: str) -> list[int]:
+    first = self.evals[label][min(self.evals[label])]["cells"]
+    return sorted(op for ctx, op in first if ctx == context)
+
+  def claim(self, claim: Claim, ranges: Mapping) -> dict:
+    """One claim's difference, its interval and verdict (or why it was not measured)."""
+    out = {**dataclasses.asdict(claim), "ops": claim.ops}
+    if claim.a not in self.evals or claim.b not in self.evals:
+      return {**out, "verdict": "not run", "note": f"{claim.a if claim.a not in self.evals else claim.b} not run"}
+    wanted = range(ranges[claim.ops][0], ranges[claim.ops][1] + 1) if isinstance(claim.ops, str) else claim.ops
+    ops = [op for op in wanted if op in self.ops_of(claim.a, claim.context) and op in
+           self.ops_of(claim.b, claim.context)]
+    if not ops:
+      return {**out, "verdict": "not evaluated", "note": f"the two share no evaluated op among {list(wanted)}"}
+    interval = stats.bootstrap(self.stats_cells(claim.a, claim.context, ops),
+                               self.stats_cells(claim.b, claim.context, ops), claim.metric)
+    return {**out, "ops": ops, **interval, "verdict": stats.verdict(interval, claim.sign, claim.margin)}
+
+  def intervals(self) -> dict:
+    """Every label's every cell and pass@k: the mean and its bootstrap interval, `{label: {"context/op": {metric:
+    [mean, low, high]}}}` (the plots' error bars)."""
+    out = {}
+    for label, seeds in self.evals.items():
+      first = seeds[min(seeds)]["cells"]
+      for (ctx, op), cell in first.items():
+        for metric in (m for m in cell if m.startswith("pass@")):
+          b = stats.bootstrap(self.stats_cells(label, ctx, [op]), None, metric)
+          out.setdefault(label, {}).setdefault(f"{ctx}/{op}", {})[metric] = [b["estimate"], b["low"], b["high"]]
+    return out
+
+  def record(self) -> dict:
+    """The per-problem evaluations for results.json: `evals` (label -> seed -> source and cells: n, correct, the
+    metrics and the problems' ids by digest) and `problem_ids` (digest -> ids)."""
+    evals, id_lists = {}, {}
+    for label, seeds in self.evals.items():
+      for seed, entry in sorted(seeds.items()):
+        out = {}
+        for (ctx, op), cell in entry["cells"].items():
+          ids = problem_ids(cell)
+          digest = config_hash({"ids": ids})
+          id_lists[digest] = ids
+          out[f"{ctx}/{op}"] = {"n": cell["samples"], "ids": digest, "correct": cell["correct"],
+                                "sample_hashes": cell.get("sample_hashes"),
+                                **{m: v for m, v in cell.items() if m.startswith(RECORDED)}}
+        evals.setdefault(label, {})[str(seed)] = {"source": entry["source"], "cells": out}
+    return {"evals": evals, "problem_ids": id_lists}
+
+  def check_target(self) -> dict:
+    """What `--check` re-evaluates: the first run's (an arm, its first seed), else the first start model."""
+    for label, seeds in self.evals.items():
+      seed = min(seeds)
+      if "run" in seeds[seed]["source"]:
+        return {"label": label, "seed": seed}
+    label = next(iter(self.evals))
+    return {"label": label, "seed": min(self.evals[label])}
+
+
+# a cell's numbers results.json records (and --check compares): the metrics, and what the samples look like (their
+# mean length, the share with an answer line, in the expected form), which differ with any change of the samples even
+# where nothing is solved
+RECORDED = ("pass@", "maj@", "answer@", "mean_length", "answered", "format")
+
+
+def problem_ids(cell: Mapping) -> list[str]:
+  """A cell's problems' ids (`evaluation.problem_id`); evaluations made before ids were recorded name them by position
+  (`#i`: the same eval seed and task give the same problems in the same order)."""
+  return list(cell.get("problem_ids") or (f"#{i}" for i in range(len(cell["correct"]))))
+
+
+def folder_hash(folder: Path) -> str:
+  """The config hash of a start model's folder: a committed artifact's `source.json`, else its `config.json`."""
+  if (folder / "source.json").exists():
+    return json.loads((folder / "source.json").read_text())["config_hash"]
+  return config_hash(json.loads((folder / "config.json").read_text()))
+
+
+def provenance(evidence: Evidence | None) -> dict:
+  """Where the numbers come from: the git commit (and whether tracked files differed from it), the package versions,
+  the shared base (folder and config hash), every run (config hash -> name, folder, stages, the command that makes
+  it) and every start model's config hash."""
+  def git(*cmd):
+    return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
+  versions = {}
+  for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  return {"git_commit": git("rev-parse", "HEAD") or None,
+          "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+          "packages": versions, "python": sys.version.split()[0],
+          "base": evidence.base if evidence else None, "starts": evidence.starts if evidence else {},
+          "runs": evidence.runs if evidence else {}}
+
+
+def interval_text(c: Mapping) -> str:
+  if "low" not in c:
+    return f"{c['verdict']} ({c['note']})"
+  return f"{100 * c['estimate']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
+
+
+def claims_markdown(claims: Sequence[Mapping]) -> str:
+  """The claims' table: each difference in points with its 95% bootstrap interval and verdict."""
+  rows = [[c["text"], f"{c['a']} − {c['b']}", c["metric"], ", ".join(map(str, c["ops"])) if not isinstance(
+      c["ops"], str) else c["ops"], {1: "> 0", -1: "< 0", 0: f"within ±{100 * c['margin']:g}"}[c["sign"]],
+           interval_text(c), c["verdict"]] for c in claims]
+  return ("\nClaims: the difference (points, strict, mean over the ops) with its 95% paired bootstrap interval "
+          "over problems and seeds (`experiments/stats.py`) and the verdict it supports:\n\n"
+          + markdown_table(["claim", "difference", "metric", "ops", "expected", "difference [95% interval]",
+                            "verdict"], rows))
+
+
+# -- --check -----------------------------------------------------------------------------------------------------------
+
+def check(args: argparse.Namespace, experiment: str) -> str:
+  """`--check`: re-evaluates the model `results.json` names in `check` (a run's final stage in `--workdir`, or a
+  start model) with the recorded protocol and compares every problem's samples (their hashes), counts and metrics
+  with the recorded ones; raises SystemExit with one line on the first difference. Returns what it checked."""
+  path = out_dir(args, experiment) / "results.json"
+  if not path.exists():
+    raise SystemExit(f"--check: no {path}; run the experiment first (the same --scale, --out and --workdir)")
+  results = json.loads(path.read_text())
+  if "check" not in results:
+    raise SystemExit(f"--check: {path} names no model to check (made before --check existed); re-run the experiment")
+  label, seed = results["check"]["label"], results["check"]["seed"]
+  entry = results["evals"][label][str(seed)]
+  source = entry["source"]
+  if "run" in source:
+    stage_dir = found_path(source["run"], args.workdir) / source["stage"]
+    if not (stage_dir / "summary.json").exists():
+      raise SystemExit(f"--check: the run {source['run']} is not in --workdir {args.workdir}; re-run the experiment "
+                       f"there (it resumes by config hash) or point --workdir at its run folders")
+    mesh = make_mesh()
+    task = data_config(json.loads((stage_dir / "config.json").read_text())["data"]).task
+    result = evaluate(load_model(stage_dir, mesh), load_tokenizer(stage_dir.parent / "tokenizer"), task,
+                      EvalConfig.from_config(source["eval"]), mesh=mesh, show_progress=False)
+    what = f"{label} seed {seed} (run {source['run']}, stage {source['stage']})"
+  else:
+    folder = found_path(source["start"], args.workdir)
+    result = evaluate_start(SCALES[results["scale"]], folder, args.workdir, cached=False, **source["protocol"])
+    what = f"{label} ({source['start']})"
+  now = cells(result)
+  for key, want in entry["cells"].items():
+    ctx, op = key.split("/")
+    got = now.get((ctx, int(op)))
+    if got is None:
+      raise SystemExit(f"--check failed: {what} has no {key} cell on re-evaluation")
+    for metric, value in want.items():
+      if metric.startswith(RECORDED) and not math.isclose(got[metric], value, abs_tol=1e-9):
+        raise SystemExit(f"--check failed: {what} {key} {metric} re-evaluated {got[metric]:.6f}, results.json says "
+                         f"{value:.6f}")
+    if got["correct"] != want["correct"]:
+      raise SystemExit(f"--check failed: {what} {key}: the per-problem counts differ from results.json")
+    if want["sample_hashes"] is not None and got["sample_hashes"] != want["sample_hashes"]:
+      raise SystemExit(f"--check failed: {what} {key}: other samples than results.json records (sample hashes differ)")
+  message = f"--check passed: {what}, {len(entry['cells'])} cell(s), the same samples, counts and metrics"
+  print(message, flush=True)
+  return message
+
+
+# -- plots -------------------------------------------------------------------------------------------------------------
+
+def colors(labels: Sequence[str]) -> dict[str, str]:
+  """One colour per label, the same in every panel: matplotlib's cycle in the experiment's own order."""
+  return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+
+
+def error_bars(results: Mapping, label: str, points: Sequence[tuple[str, str]]) -> tuple[list[float], np.ndarray]:
+  """The means of `label` at `points` ((cell "context/op", metric) pairs) and matplotlib's `yerr` for them: the
+  distance from each mean to the ends of its 95% bootstrap interval (`results["intervals"]`)."""
+  rows = [results["intervals"][label][cell][metric] for cell, metric in points]
+  return [m for m, _, _ in rows], np.array([[m - lo for m, lo, _ in rows], [hi - m for m, _, hi in rows]]).clip(0)
 
 # -- summaries and results ---------------------------------------------------------------------------------------------
 
@@ -441,16 +770,31 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_results(args: argparse.Namespace, experiment: str, results: dict, markdown: str,
-                  plot: Callable[[Path], None] | None = None) -> Path:
-  """Writes `results.json` (with the command, scale, seeds and date), `results.md` (the command, then `markdown`)
-  and the plot (`plot(path)`) to the experiment's results folder; returns it."""
+                  plot: Callable[[Path], None] | None = None, evidence: Evidence | None = None,
+                  claims: Sequence[Claim] = (), bands: Mapping | None = None) -> Path:
+  """Writes `results.json` (the command, scale, seeds, date, provenance, then `results`, the op ranges `bands`, the
+  `claims` with their intervals and verdicts, the per-cell intervals and every evaluation per problem from
+  `evidence`), `results.md` (the command, the bands, `markdown`, the claims' table) and the plot (`plot(path)`, which
+  reads `results["intervals"]`) to the experiment's results folder; returns it."""
   out = out_dir(args, experiment)
   out.mkdir(parents=True, exist_ok=True)
   meta = {"experiment": experiment, "command": args.command, "scale": args.scale, "seeds": args.seeds,
-          "date": datetime.date.today().isoformat()}
+          "date": datetime.date.today().isoformat(), "provenance": provenance(evidence)}
+  ranges = bands["ranges"] if bands else SCALES[args.scale].ranges
+  if bands:
+    results["bands"] = bands
+  if evidence is not None:
+    results["claims"] = [evidence.claim(c, ranges) for c in claims]
+    results["intervals"] = evidence.intervals()
+    results["check"] = evidence.check_target()
+    results.update(evidence.record())
   (out / "results.json").write_text(json.dumps(dict(meta, **results), indent=2, default=str))
-  (out / "results.md").write_text(f"# {experiment}\n\nMade by `{args.command}` ({args.scale} scale, {args.seeds} "
-                                  f"seed(s), {meta['date']}).\n\n{markdown}")
+  (out / "results.md").write_text(
+      f"# {experiment}\n\nMade by `{args.command}` ({args.scale} scale, {args.seeds} seed(s), {meta['date']}, "
+      f"commit {(meta['provenance']['git_commit'] or 'unknown')[:10]}"
+      f"{' with local changes' if meta['provenance']['git_dirty'] else ''}).\n\n"
+      + (bands_markdown(bands) if bands else "") + markdown
+      + (claims_markdown(results["claims"]) if results.get("claims") else ""))
   if plot is not None:
     import matplotlib
     matplotlib.use("Agg")

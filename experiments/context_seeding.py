@@ -8,14 +8,16 @@ The claim (Zhang, Neubig, Yue 2025): transfer to the new context needs a small s
 0.1% RL does not make the model solve the new context's harder problems, with ≥ 1% it does (up to +60 points
 pass@128). Evaluated on the second context only, with half the scale's problems per op. The 1% base is the shared
 one (`experiments/base.py`); the other three are pre-trained the same way with only the mixture changed, once each (a
-seed changes the RL prompts and sampling, not the base).
+seed changes the RL prompts and sampling, not the base). The RL ops run from the base's too-easy band to the top of its
+edge band (`common.competence_bands`).
 """
 
 from __future__ import annotations
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, per_op_summary, \
-    recorded_path, rl_pipeline, run, summary, write_results
+from experiments.common import SCALES, Claim, Evidence, cells, chosen, colors, competence_bands, error_bars, fmt, \
+    markdown_table, parse_args, per_op_summary, recorded_path, rl_pipeline, summary, write_results
+from experiments.common import check as check_results
 
 SHARES = (0.0, 0.001, 0.01, 0.1)  # of pre-training problems in the second context, at the lowest op only
 
@@ -33,15 +35,30 @@ def arm_name(share: float) -> str:
   return f"{100 * share:g}%"
 
 
+def claims(harder: tuple, k: int, second: str) -> list[Claim]:
+  """On the second context's ops above the seeded one (`harder`), at the largest evaluated k."""
+  return [Claim(f"{second} seeded at 1%: RL solves its harder problems", "1%", "1% before RL", harder, f"pass@{k}",
+                +1, second),
+          Claim(f"{second} seeded at 10%: RL solves its harder problems", "10%", "10% before RL", harder,
+                f"pass@{k}", +1, second),
+          Claim(f"{second} absent: RL does not", "0%", "0% before RL", harder, f"pass@{k}", 0, second),
+          Claim(f"{second} at 0.1%: RL does not", "0.1%", "0.1% before RL", harder, f"pass@{k}", 0, second),
+          Claim(f"after RL, 1% seeding beats none on {second}", "1%", "0%", harder, f"pass@{k}", +1, second)]
+
+
 def plot(results: dict, ops: list[int], ks: list[int], second: str, path) -> None:
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  color = colors([arm_name(s) for s in SHARES])
   for ax, k in zip(axes, (ks[0], ks[-1])):
-    for name, arm in results["arms"].items():
-      line, = ax.plot(ops, [arm["after_rl"][str(op)][f"pass@{k}"]["mean"] for op in ops], marker="o", label=name)
-      ax.plot(ops, [arm["before_rl"][str(op)][f"pass@{k}"]["mean"] for op in ops], ls=":", color=line.get_color())
-    ax.set_title(f"context {second}: strict pass@{k} (dotted: before RL)", fontsize=9)
+    for name in results["arms"]:
+      for label, style in ((name, "-"), (f"{name} before RL", ":")):
+        means, yerr = error_bars(results, label, [(f"{second}/{op}", f"pass@{k}") for op in ops])
+        ax.errorbar(ops, means, yerr=yerr, marker="o", ls=style, capsize=2, color=color[name],
+                    label=name if style == "-" else None)
+    ax.set_title(f"context {second} (dotted: before RL)", fontsize=9)
     ax.set_xlabel("op")
+    ax.set_ylabel(f"strict pass@{k} (95% bootstrap interval)")
     ax.set_xticks(ops)
   axes[0].legend(title=f"{second} in pre-training", fontsize=7)
   fig.tight_layout()
@@ -50,10 +67,13 @@ def plot(results: dict, ops: list[int], ks: list[int], second: str, path) -> Non
 
 def main(argv=None) -> None:
   args = parse_args("context_seeding", __doc__, argv)
-  scale = SCALES[args.scale]
+  if args.check:
+    return check_results(args, "context_seeding")
+  scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
   main_ctx, second = scale.contexts
-  hi = scale.ranges["edge"][1]
-  rl_range = (scale.ranges["too-easy"][0], hi)
+  bands = competence_bands(scale, evidence.start("base", ensure_base(scale, args.workdir)))
+  hi = bands["ranges"]["edge"][1]
+  rl_range = (bands["ranges"]["too-easy"][0], hi)
   ops = sorted({*range(rl_range[0], rl_range[1] + 1), hi + 1})
   ks = list(scale.eval["ks"])
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
@@ -63,12 +83,12 @@ def main(argv=None) -> None:
   for name in chosen(list(names), args):
     share = names[name]
     base = ensure_base(scale, args.workdir, **{"data.task.contexts": mixture(scale, share)})
-    before = cells(evaluate_start(scale, base, args.workdir, eval_ops=ops, contexts=(second,), problems=problems))
+    before = cells(evidence.start(f"{name} before RL", base, eval_ops=ops, contexts=(second,), problems=problems))
     per_seed = []
     for seed in range(args.seeds):
-      report, _ = run(rl_pipeline(scale, f"context_seeding-{name}-{seed}", base, rl_range, seed, eval_ops=ops,
-                                  eval_contexts=(second,), eval_problems=problems,
-                                  **{"data.task.contexts": ((main_ctx, 0.5), (second, 0.5))}), args.workdir, scale)
+      report, _ = evidence.run(rl_pipeline(scale, f"context_seeding-{name}-{seed}", base, rl_range, seed,
+                                           eval_ops=ops, eval_contexts=(second,), eval_problems=problems,
+                                           **{"data.task.contexts": ((main_ctx, 0.5), (second, 0.5))}), name, seed)
       per_seed.append(cells(report["stages"][-1]["eval"]))
     results["arms"][name] = {
         "share": share, "base_folder": recorded_path(base, args.workdir),
@@ -86,7 +106,9 @@ def main(argv=None) -> None:
         f"on ops {rl_range[0]}-{rl_range[1]}, half {main_ctx}, half {second}. Strict pass@k (%) on context {second}, "
         f"{problems} problems x {scale.eval['n']} samples per op at temperature {scale.eval['temperature']}; after RL "
         f"mean ± spread over {args.seeds} seeds (before RL: the one base).\n\n" + markdown_table(header, rows))
-  write_results(args, "context_seeding", results, md, plot=lambda p: plot(results, ops, ks, second, p))
+  lowest = mixture(scale, 0.01)[1][2][0]
+  write_results(args, "context_seeding", results, md, plot=lambda p: plot(results, ops, ks, second, p),
+                evidence=evidence, claims=claims(tuple(op for op in ops if op > lowest), ks[-1], second), bands=bands)
   print(md)
 
 

@@ -6,56 +6,78 @@ in-distribution, the edge of competence, too hard), then strict pass@k on every 
 The claim (Zhang, Neubig, Yue 2025): RL on the edge range raises pass@k at large k (new problems solved at all), RL on
 in-distribution problems raises pass@1 but not pass@k at large k (it sharpens what the base already does), RL on
 too-hard problems does nothing (no sample is ever rewarded). Every arm takes the same number of RL steps; a seed
-changes the RL prompts and sampling (the base is shared). Reward curves come from each run's `metrics.jsonl`.
+changes the RL prompts and sampling (the base is shared). Reward curves come from each run's `metrics.jsonl`. The
+op ranges are the bands of the base's measured competence (`common.competence_bands`), else the scale's fixed ones.
 """
 
 from __future__ import annotations
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, parse_args, per_op_summary, \
-    rl_pipeline, run, stage_metrics, summary, write_results
+from experiments.common import SCALES, Claim, Evidence, cells, chosen, colors, competence_bands, error_bars, fmt, \
+    markdown_table, parse_args, per_op_summary, rl_pipeline, stage_metrics, summary, write_results
+from experiments.common import check as check_results
 
 ARMS = ("too-easy", "in-distribution", "edge", "too-hard")
+
+
+def claims(scale, k: int) -> list[Claim]:
+  """The differences the claim rests on (k: the largest evaluated k)."""
+  return [Claim("RL on the edge solves new edge problems", "edge", "base", "edge", f"pass@{k}", +1),
+          Claim("RL on the edge extends more than in-distribution RL", "edge", "in-distribution", "edge",
+                f"pass@{k}", +1),
+          Claim("in-distribution RL sharpens: pass@1 up", "in-distribution", "base", "in-distribution", "pass@1", +1),
+          Claim("in-distribution RL sharpens: pass@k unchanged", "in-distribution", "base", "in-distribution",
+                f"pass@{k}", 0),
+          Claim("RL on too-hard problems changes nothing", "too-hard", "base", tuple(scale.eval_ops), "pass@1", 0)]
 
 
 def plot(results: dict, ks: list[int], ops: list[int], path) -> None:
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(ops) + 1, figsize=(3.2 * (len(ops) + 1), 3.2))
+  color = colors(["base", *ARMS])
   for ax, op in zip(axes, ops):
-    for arm, cell in [("base", results["base"])] + [(a, results["arms"][a]) for a in results["arms"]]:
-      ys = [cell[str(op)][f"pass@{k}"]["mean"] for k in ks]
-      ax.plot(ks, ys, marker="o", ms=3, label=arm, ls="--" if arm == "base" else "-")
+    for arm in ["base", *results["arms"]]:
+      ys, yerr = error_bars(results, arm, [(f"p/{op}", f"pass@{k}") for k in ks])
+      ax.errorbar(ks, ys, yerr=yerr, marker="o", ms=3, capsize=2, label=arm, ls="--" if arm == "base" else "-",
+                  color=color[arm])
     ax.set_xscale("log", base=2)
     ax.set_title(f"op {op}")
-    ax.set_xlabel("k")
+    ax.set_xlabel("k (samples per problem)")
     ax.set_ylim(0, 1)
-  axes[0].set_ylabel("strict pass@k")
+  axes[0].set_ylabel("strict pass@k (95% bootstrap interval)")
   axes[0].legend(fontsize=7)
   ax = axes[-1]
   for arm, curves in results["reward_curves"].items():
     steps = [r["step"] for r in curves[0]]
-    mean = [sum(c[i]["pass_rate"] for c in curves) / len(curves) for i in range(len(steps))]
-    ax.plot(steps, mean, label=arm)
-  ax.set_title("RL: strict pass rate of the samples")
+    rates = [[c[i]["pass_rate"] for c in curves] for i in range(len(steps))]
+    ax.plot(steps, [sum(r) / len(r) for r in rates], label=arm, color=color[arm])
+    ax.fill_between(steps, [min(r) for r in rates], [max(r) for r in rates], color=color[arm], alpha=0.2, lw=0)
+  ax.set_title("RL samples (band: seeds' range)", fontsize=9)
   ax.set_xlabel("RL step")
+  ax.set_ylabel("strict pass rate of the samples")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> None:
   args = parse_args("edge_of_competence", __doc__, argv)
-  scale = SCALES[args.scale]
+  if args.check:
+    return check_results(args, "edge_of_competence")
+  scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
   base = ensure_base(scale, args.workdir)
   ops, ks = list(scale.eval_ops), list(scale.eval["ks"])
-  base_cells = cells(evaluate_start(scale, base, args.workdir))
+  base_eval = evidence.start("base", base)
+  bands = competence_bands(scale, base_eval)
+  ranges = bands["ranges"]
+  base_cells = cells(base_eval)
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
   results = {"base": {str(op): {m: summary([base_cells[("p", op)][m]]) for m in metrics} for op in ops},
-             "arms": {}, "reward_curves": {}, "ranges": {a: scale.ranges[a] for a in ARMS}}
+             "arms": {}, "reward_curves": {}, "ranges": {a: ranges[a] for a in ARMS}}
   for arm in chosen(ARMS, args):
     per_seed, curves = [], []
     for seed in range(args.seeds):
-      report, run_dir = run(rl_pipeline(scale, f"edge_of_competence-{arm}-{seed}", base, scale.ranges[arm], seed),
-                            args.workdir, scale)
+      report, run_dir = evidence.run(rl_pipeline(scale, f"edge_of_competence-{arm}-{seed}", base, ranges[arm], seed),
+                                     arm, seed)
       per_seed.append(cells(report["stages"][-1]["eval"]))
       curves.append(stage_metrics(run_dir, "rl", ["pass_rate", "reward_mean", "zero_variance_groups"]))
     results["arms"][arm] = per_op_summary(per_seed, ops, metrics)
@@ -66,7 +88,7 @@ def main(argv=None) -> None:
   rows = [["(base)", *[fmt(results["base"][str(op)]["pass@1"]) for op in ops],
            *[fmt(results["base"][str(op)][f"pass@{kmax}"]) for op in ops]]]
   for arm, by_op in results["arms"].items():
-    lo, hi = scale.ranges[arm]
+    lo, hi = ranges[arm]
     rows.append([f"{arm} ({lo}-{hi})", *[fmt(by_op[str(op)]["pass@1"]) for op in ops],
                  *[fmt(by_op[str(op)][f"pass@{kmax}"]) for op in ops]])
   first = {a: [c[0]["pass_rate"] for c in results["reward_curves"][a]] for a in results["reward_curves"]}
@@ -78,7 +100,8 @@ def main(argv=None) -> None:
         + markdown_table(header, rows)
         + "\nStrict pass rate of the RL samples (%), first and last logged step:\n\n"
         + markdown_table(["RL on", "first", "last"], curve_rows))
-  write_results(args, "edge_of_competence", results, md, plot=lambda p: plot(results, ks, ops, p))
+  write_results(args, "edge_of_competence", results, md, plot=lambda p: plot(results, ks, ops, p), evidence=evidence,
+                claims=claims(scale, ks[-1]), bands=bands)
   print(md)
 
 

@@ -19,8 +19,10 @@ in-distribution range), 32 prompts a step, seeds changing the prompts and the sa
 from __future__ import annotations
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, ensure_stage, evaluate_start, fmt, markdown_table, \
-    parse_args, per_op_summary, pipeline, rl_max_new_tokens, run, stage, stage_metrics, summary, write_results
+from experiments.common import SCALES, Claim, Evidence, cells, chosen, colors, ensure_stage, error_bars, fmt, \
+    markdown_table, parse_args, per_op_summary, pipeline, rl_max_new_tokens, stage, stage_metrics, summary, \
+    write_results
+from experiments.common import check as check_results
 
 ARMS = {"grpo": "GRPO (online)",
         "dpo-task": "DPO, task pairs (gold vs. perturbed)",
@@ -29,6 +31,15 @@ ARMS = {"grpo": "GRPO (online)",
 TRAIN_OPS = {"cpu": (1, 2), "minimal": (1, 1), "accelerator": (7, 10)}
 CHAT_PROMPT_LEN = {"cpu": 96, "minimal": 96, "accelerator": 1024}
 EVAL_PROBLEMS = {"cpu": 32, "minimal": 2, "accelerator": 128}
+START = "SFT start"
+
+
+def claims(ops: tuple) -> list[Claim]:
+  """On the training ops, strict pass@1 (the KL drift, a training-time curve, has no per-problem counts)."""
+  return [Claim("online DPO beats offline DPO", "dpo-online", "dpo-offline", ops),
+          Claim("GRPO beats offline DPO", "grpo", "dpo-offline", ops),
+          Claim("GRPO gains over the start", "grpo", START, ops),
+          Claim("offline DPO gains nothing over the start", "dpo-offline", START, ops, sign=0)]
 
 
 def arm_pipeline(scale, arm: str, start, seed: int) -> dict:
@@ -52,41 +63,50 @@ def arm_pipeline(scale, arm: str, start, seed: int) -> dict:
 def plot(results: dict, ops: list[int], path) -> None:
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  for arm, a in results["arms"].items():
-    gains = [a["eval"][str(op)]["pass@1"]["mean"] - results["start"][str(op)]["pass@1"]["mean"] for op in ops]
-    spreads = [a["eval"][str(op)]["pass@1"]["spread"] for op in ops]
-    axes[0].errorbar(ops, gains, yerr=spreads, marker="o", capsize=3, label=arm)
-    curves = a["drift"]
+  color = colors([START, *ARMS])
+  for arm in [START, *results["arms"]]:
+    means, yerr = error_bars(results, arm, [(f"p/{op}", "pass@1") for op in ops])
+    axes[0].errorbar(ops, means, yerr=yerr, marker="o", capsize=3, label=arm, color=color[arm],
+                     ls=":" if arm == START else "-")
+    if arm == START:
+      continue
+    curves = results["arms"][arm]["drift"]
     steps = [r["step"] for r in curves[0]]
-    mean = [sum(c[i]["kl_from_reference"] for c in curves) / len(curves) for i in range(len(steps))]
-    axes[1].plot([0] + steps, [0.0] + mean, marker="o", ms=3, label=arm)
-  axes[0].axhline(0, color="k", lw=0.5)
+    kls = [[c[i]["kl_from_reference"] for c in curves] for i in range(len(steps))]
+    axes[1].plot([0] + steps, [0.0] + [sum(k) / len(k) for k in kls], marker="o", ms=3, label=arm, color=color[arm])
+    axes[1].fill_between([0] + steps, [0.0] + [min(k) for k in kls], [0.0] + [max(k) for k in kls], color=color[arm],
+                         alpha=0.2, lw=0)
   axes[0].set_xlabel("op")
-  axes[0].set_ylabel("strict pass@1 gain over the SFT start")
+  axes[0].set_ylabel("strict pass@1 (95% bootstrap interval)")
+  axes[0].set_ylim(0, 1)
   axes[0].set_xticks(ops)
   axes[0].legend(fontsize=7)
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("KL(policy || start), nats per completion")
+  axes[1].set_title("seed mean (band: seeds' range)", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> None:
   args = parse_args("online_vs_offline", __doc__, argv)
-  scale = SCALES[args.scale]
+  if args.check:
+    return check_results(args, "online_vs_offline")
+  scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
   base = ensure_base(scale, args.workdir)
+  evidence.note_base(base)
   start = ensure_stage(scale, args.workdir, "sft", scale.sft, base)
   ops, ks = list(scale.eval_ops), list(scale.light_eval["ks"])
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
-  start_cells = cells(evaluate_start(scale, start, args.workdir, problems=EVAL_PROBLEMS[scale.name],
-                                     samples=scale.light_eval, prompt="chat"))
+  start_cells = cells(evidence.start(START, start, problems=EVAL_PROBLEMS[scale.name], samples=scale.light_eval,
+                                     prompt="chat"))
   results = {"train_ops": TRAIN_OPS[scale.name], "start_folder": start.name,
              "start": per_op_summary([start_cells], ops, metrics),
              "arms": {}}
   for arm in chosen(list(ARMS), args):
     per_seed, drift, train = [], [], []
     for seed in range(args.seeds):
-      report, run_dir = run(arm_pipeline(scale, arm, start, seed), args.workdir, scale)
+      report, run_dir = evidence.run(arm_pipeline(scale, arm, start, seed), arm, seed)
       per_seed.append(cells(report["stages"][-1]["eval"]))
       name = "grpo" if arm == "grpo" else "dpo"
       drift.append(stage_metrics(run_dir, name, ["kl_from_reference", "drift_length"]))
@@ -118,7 +138,8 @@ def main(argv=None) -> None:
         + markdown_table(header, rows)
         + "\nKL(policy ‖ start) on held-out prompts (nats per completion) over the steps:\n\n"
         + markdown_table(["arm", *[f"step {s}" for s in steps]], drift_rows))
-  write_results(args, "online_vs_offline", results, md, plot=lambda p: plot(results, ops, p))
+  write_results(args, "online_vs_offline", results, md, plot=lambda p: plot(results, ops, p), evidence=evidence,
+                claims=claims(tuple(range(lo, hi + 1))))
   print(md)
 
 

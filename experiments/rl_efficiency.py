@@ -13,18 +13,30 @@ its evaluation (n samples of each eval problem of the bucket's ops), so H(p) = m
 zero-variance fraction is mean_i (p_i^G + (1 − p_i)^G); the observed one is the RL run's own. The SFT arm trains on
 the gold solutions of the bucket's problems as documents (the pre-training format, loss on every token) at the
 mid-training lr, as many steps as RL, on the RL arm's own prompts (the same task, seed and problem indices,
-revisited over epochs). Gain = strict pass@1 after − before on the bucket's evaluated ops.
+revisited over epochs). Gain = strict pass@1 after − before on the bucket's evaluated ops. The buckets are the bands
+of the base's measured competence (`common.competence_bands`), else the scale's fixed ranges.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, mean_over_ops, \
-    parse_args, pipeline, rl_data, rl_pipeline, rl_shape, run, stage, stage_metrics, summary, write_results
+from experiments.common import SCALES, Claim, Evidence, cells, chosen, colors, competence_bands, fmt, \
+    markdown_table, mean_over_ops, parse_args, pipeline, rl_data, rl_pipeline, rl_shape, stage, stage_metrics, \
+    summary, write_results
+from experiments.common import check as check_results
+from jaxstages.config import load_config
+from jaxstages.data import tasks
+from jaxstages.data.tokenizer import load_tokenizer
 
 BUCKETS = ("too-easy", "in-distribution", "edge", "too-hard")
+CLAIMS = [Claim("RL on the edge raises strict pass@1 there", "RL edge", "base", "edge"),
+          Claim("RL on in-distribution problems raises strict pass@1 there", "RL in-distribution", "base",
+                "in-distribution"),
+          Claim("RL on too-hard problems gains nothing (no reward)", "RL too-hard", "base", "too-hard", sign=0),
+          Claim("SFT on gold solutions gains where RL cannot (too hard)", "SFT too-hard", "RL too-hard", "too-hard")]
 
 
 def entropy_bits(p: float) -> float:
@@ -32,8 +44,8 @@ def entropy_bits(p: float) -> float:
   return 0.0 if p <= 0 or p >= 1 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-def bucket_ops(scale, bucket: str) -> list[int]:
-  lo, hi = scale.ranges[bucket]
+def bucket_ops(scale, ranges, bucket: str) -> list[int]:
+  lo, hi = ranges[bucket]
   return [op for op in range(lo, hi + 1) if op in scale.eval_ops]
 
 
@@ -45,27 +57,23 @@ def base_statistics(base_cells: dict, ops: list[int], group: int) -> dict:
           "zero_variance_expected": sum(p ** group + (1 - p) ** group for p in per_problem) / len(per_problem)}
 
 
-def sft_pipeline(scale, bucket: str, base, seed: int) -> dict:
-  lo, hi = scale.ranges[bucket]
+def sft_pipeline(scale, ranges, bucket: str, base, seed: int) -> dict:
+  lo, hi = ranges[bucket]
   rl_task = rl_data(scale).task
   # the RL arm's prompts: the same task, seed and indices (the first steps x batch of the stream), revisited
   sft = stage(scale.midtrain, "sft", start=base, steps=scale.rl_steps, **{
       "data.sources": (dict(name="gold", format="pretrain", task=dict(op_range=(lo, hi))),),
       "data.task.contexts": rl_task.contexts, "data.schedule": (), "data.seed": 100 + seed,
       "data.num_examples": scale.rl_steps * rl_shape(scale)["batch"], "data.batch_size": rl_shape(scale)["batch"]})
-  return pipeline(scale, f"rl_efficiency-sft-{bucket}-{seed}", [sft], seed, eval_ops=bucket_ops(scale, bucket))
+  return pipeline(scale, f"rl_efficiency-sft-{bucket}-{seed}", [sft], seed,
+                  eval_ops=bucket_ops(scale, ranges, bucket))
 
 
-def documents_per_step(scale, base, bucket: str) -> float:
+def documents_per_step(scale, ranges, base, bucket: str) -> float:
   """Gold-solution documents in one SFT step (rows x row length / the mean document's tokens)."""
-  from pathlib import Path
-
-  from jaxstages.config import load_config
-  from jaxstages.data import tasks
-  from jaxstages.data.tokenizer import load_tokenizer
   tok = load_tokenizer(Path(base) / "tokenizer")
   data = rl_data(scale)
-  lo, hi = scale.ranges[bucket]
+  lo, hi = ranges[bucket]
   lengths = [len(tok.encode(tasks.generate(data.task, 0, "train", i, op=lo + i % (hi - lo + 1)).text())) + 1
              for i in range(256)]
   seq_len = scale.midtrain["overrides"].get("data.seq_len", load_config(scale.midtrain["config"]).data.seq_len)
@@ -76,17 +84,19 @@ def plot(results: dict, path) -> None:
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
   buckets = list(results["buckets"])
+  color = colors(["rl", "sft"])
   p = [results["buckets"][b]["base"]["pass_rate"] for b in buckets]
   for kind, marker in (("rl", "o"), ("sft", "s")):
     ys = [results["buckets"][b][kind]["gain_per_1k"]["mean"] for b in buckets]
-    es = [results["buckets"][b][kind]["gain_per_1k"]["spread"] for b in buckets]
-    axes[0].errorbar(p, ys, yerr=es, marker=marker, capsize=3, ls="", label="RL (per 1k rollouts)" if kind == "rl"
-                     else "SFT (per 1k gold solutions)")
+    ends = [results["buckets"][b][kind]["gain_per_1k_interval"] for b in buckets]
+    es = [[max(0.0, y - lo) for y, (lo, _) in zip(ys, ends)], [max(0.0, hi - y) for y, (_, hi) in zip(ys, ends)]]
+    axes[0].errorbar(p, ys, yerr=es, marker=marker, capsize=3, ls="", color=color[kind],
+                     label="RL (per 1k rollouts)" if kind == "rl" else "SFT (per 1k gold solutions)")
   for b, x in zip(buckets, p):
     axes[0].annotate(b, (x, results["buckets"][b]["rl"]["gain_per_1k"]["mean"]), fontsize=7)
   axes[0].axhline(0, color="k", lw=0.5)
   axes[0].set_xlabel("base pass rate on the bucket")
-  axes[0].set_ylabel("strict pass@1 gain per 1k (points)")
+  axes[0].set_ylabel("pass@1 gain per 1k (points, 95% int.)")
   axes[0].legend(fontsize=7)
   xs = [i / 100 for i in range(101)]
   axes[1].plot(xs, [entropy_bits(x) for x in xs], color="0.6", label="H(p) of one reward")
@@ -106,30 +116,37 @@ def plot(results: dict, path) -> None:
 
 def main(argv=None) -> None:
   args = parse_args("rl_efficiency", __doc__, argv)
-  scale = SCALES[args.scale]
+  if args.check:
+    return check_results(args, "rl_efficiency")
+  scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
   base = ensure_base(scale, args.workdir)
-  base_cells = cells(evaluate_start(scale, base, args.workdir))
+  base_eval = evidence.start("base", base)
+  bands = competence_bands(scale, base_eval)
+  ranges = bands["ranges"]
+  base_cells = cells(base_eval)
   group = rl_shape(scale)["group"]
   rollouts = scale.rl_steps * rl_shape(scale)["batch"] * group
   results = {"rollouts": rollouts, "group_size": group, "buckets": {}}
   for bucket in chosen(BUCKETS, args):
-    ops = bucket_ops(scale, bucket)
+    ops = bucket_ops(scale, ranges, bucket)
     before = mean_over_ops(base_cells, ops)
-    docs = scale.rl_steps * documents_per_step(scale, base, bucket)
+    docs = scale.rl_steps * documents_per_step(scale, ranges, base, bucket)
     arm = {"ops": ops, "base": base_statistics(base_cells, ops, group), "sft_documents": docs}
     for kind in ("rl", "sft"):
       gains, flops, zero_var = [], [], []
       for seed in range(args.seeds):
-        config = (rl_pipeline(scale, f"edge_of_competence-{bucket}-{seed}", base, scale.ranges[bucket], seed)
-                  if kind == "rl" else sft_pipeline(scale, bucket, base, seed))
-        report, run_dir = run(config, args.workdir, scale)
+        config = (rl_pipeline(scale, f"edge_of_competence-{bucket}-{seed}", base, ranges[bucket], seed)
+                  if kind == "rl" else sft_pipeline(scale, ranges, bucket, base, seed))
+        report, run_dir = evidence.run(config, f"{kind.upper()} {bucket}", seed)
         after = cells(report["stages"][-1]["eval"])
         gains.append(mean_over_ops(after, ops) - before)
         flops.append(report["total_flops"])
         if kind == "rl":
           zero_var.append(stage_metrics(run_dir, "rl", ["zero_variance_groups"])[0]["zero_variance_groups"])
       seen = rollouts if kind == "rl" else docs
+      gain = evidence.claim(Claim("gain", f"{kind.upper()} {bucket}", "base", tuple(ops)), ranges)
       arm[kind] = {"gain": summary(gains), "gain_per_1k": summary([100 * g / (seen / 1000) for g in gains]),
+                   "gain_per_1k_interval": [100 * gain[e] / (seen / 1000) for e in ("low", "high")],
                    "gain_per_pflop": summary([100 * g / (f / 1e15) for g, f in zip(gains, flops)]),
                    "flops": summary(flops)}
       if kind == "rl":
@@ -138,7 +155,7 @@ def main(argv=None) -> None:
 
   rows = []
   for bucket, a in results["buckets"].items():
-    lo, hi = scale.ranges[bucket]
+    lo, hi = ranges[bucket]
     rows.append([f"{bucket} ({lo}-{hi})", f"{100 * a['base']['pass_rate']:.1f}", f"{a['base']['entropy_bits']:.3f}",
                  f"{100 * a['base']['zero_variance_expected']:.0f}", fmt(a["rl"]["zero_variance_observed"], digits=0),
                  fmt(a["rl"]["gain"]), fmt(a["rl"]["gain_per_1k"], 1, 2), fmt(a["sft"]["gain"]),
@@ -152,7 +169,8 @@ def main(argv=None) -> None:
         f"({rollouts} rollouts, groups of {group}) or SFT on gold solutions (~{round(docs)} documents for the last "
         f"bucket); mean ± spread over {args.seeds} seeds. Base statistics from the base's evaluation of the same "
         f"ops.\n\n" + markdown_table(header, rows))
-  write_results(args, "rl_efficiency", results, md, plot=lambda p: plot(results, p))
+  write_results(args, "rl_efficiency", results, md, plot=lambda p: plot(results, p), evidence=evidence,
+                claims=CLAIMS, bands=bands)
   print(md)
 
 

@@ -10,7 +10,7 @@ error falls as a power law in RL compute and in data, larger models reach a lowe
 efficient) curve, and re-using data for up to ~τ = 25 epochs costs little against fresh data.
 
 Every size is pre-trained with the shared base's recipe (same data, steps and seed; `experiments.base`), then RL on
-the in-distribution range (the scale's `ranges["in-distribution"]`) with the edge_of_competence settings (its
+the in-distribution band of the shared base (`common.competence_bands`) with the edge_of_competence settings (its
 2-layer runs are shared). The error curve comes from the RL samples themselves: with an endless prompt stream every
 step's prompts are new, so the pass rate of a step's samples (before its update) is a held-out estimate; each
 logged point averages `stage.log_every` steps. The error after RL is from the evaluation.
@@ -20,11 +20,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from experiments.base import ensure_base
-from experiments.common import SCALES, cells, chosen, evaluate_start, fmt, markdown_table, mean_over_ops, \
-    model_params, parse_args, per_op_summary, rl_pipeline, rl_shape, run, stage_metrics, summary, write_results
+from experiments.common import SCALES, Claim, Evidence, cells, chosen, colors, competence_bands, error_bars, fmt, \
+    markdown_table, mean_over_ops, model_params, parse_args, per_op_summary, rl_pipeline, rl_shape, stage_metrics, \
+    summary, write_results
+from experiments.common import check as check_results
 
 REUSE = (1, 4, 16)  # epochs over the prompts (1: every prompt new)
+
+
+def claims(sizes: list[str]) -> list[Claim]:
+  """On the in-distribution ops, strict pass@1 (= 1 - error); the fitted exponents have no per-problem counts."""
+  return [Claim("the largest model ends RL with a lower error than the smallest", sizes[-1], sizes[0],
+                "in-distribution"),
+          *(Claim(f"{size}: RL lowers the error", size, f"{size} base", "in-distribution") for size in sizes),
+          Claim("16 epochs over 16x fewer prompts cost little", "τ = 16", "τ = 1", "in-distribution", sign=0)]
 
 
 def size_base(scale, args, size: str):
@@ -58,29 +70,33 @@ def error_curve(run_dir, log_every: int, rollouts_per_step: int) -> list[dict]:
 
 def plot(results: dict, path) -> None:
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import NullFormatter
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  color = colors(list(results["sizes"]))
   for size, s in results["sizes"].items():
     for ax, x in ((axes[0], "flops"), (axes[1], "rollouts")):
       xs, ys = [p[x] for p in s["curve"]], [p["error"] for p in s["curve"]]
-      line = ax.plot(xs, ys, "o", ms=3, label=f"{size} ({s['params'] / 1e6:.2f}M)")[0]
+      ax.plot(xs, ys, "o", ms=3, label=f"{size} ({s['params'] / 1e6:.2f}M)", color=color[size])
       fit = s[f"fit_{x}"]
-      ax.plot(xs, [fit["a"] * v ** -fit["b"] for v in xs], "-", lw=1, color=line.get_color())
-  from matplotlib.ticker import NullFormatter
+      ax.plot(xs, [fit["a"] * v ** -fit["b"] for v in xs], "-", lw=1, color=color[size])
   for ax, label in ((axes[0], "RL FLOPs"), (axes[1], "RL rollouts")):
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(label)
     ax.set_ylabel("error of the RL samples (1 − strict pass rate)")
+    ax.set_title("seed mean per logged window; line: power-law fit", fontsize=8)
   axes[0].legend(fontsize=7)
   taus = list(results["reuse"])
   for i, op in enumerate(results["reuse_ops"]):
-    means = [results["reuse"][t]["eval"][str(op)]["pass@1"]["mean"] for t in taus]
-    spreads = [results["reuse"][t]["eval"][str(op)]["pass@1"]["spread"] for t in taus]
-    axes[2].bar([j + 0.35 * i for j in range(len(taus))], means, 0.35, yerr=spreads, capsize=3, label=f"op {op}")
+    points = [error_bars(results, f"τ = {t}", [(f"p/{op}", "pass@1")]) for t in taus]
+    axes[2].bar([j + 0.35 * i for j in range(len(taus))], [means[0] for means, _ in points], 0.35, capsize=3,
+                yerr=np.hstack([yerr for _, yerr in points]) if points else None, label=f"op {op}", color=f"C{i}")
     axes[2].axhline(results["reuse_base"][str(op)], ls=":", lw=0.8, color=f"C{i}")
   axes[2].set_xticks([j + 0.175 for j in range(len(taus))], [f"τ = {t}" for t in taus])
-  axes[2].set_ylabel("strict pass@1 after RL (dotted: base)")
+  axes[2].set_xlabel("epochs over the RL prompts")
+  axes[2].set_ylabel("pass@1 after RL (95% int.; dotted: base)")
+  axes[2].set_ylim(0, 1)
   axes[2].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -88,8 +104,12 @@ def plot(results: dict, path) -> None:
 
 def main(argv=None) -> None:
   args = parse_args("rl_scaling", __doc__, argv)
-  scale = SCALES[args.scale]
-  lo, hi = scale.ranges["in-distribution"]
+  if args.check:
+    return check_results(args, "rl_scaling")
+  scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
+  shared = ensure_base(scale, args.workdir)  # the shared base: the bands, the data reuse runs
+  bands = competence_bands(scale, evidence.start("base", shared))
+  lo, hi = bands["ranges"]["in-distribution"]
   ops = list(range(lo, hi + 1))
   ks = list(scale.eval["ks"])
   rl = rl_shape(scale)
@@ -98,12 +118,12 @@ def main(argv=None) -> None:
   for size in chosen(list(scale.sizes), args):
     base = size_base(scale, args, size)
     model = {**scale.model, **scale.sizes[size]}
-    base_cells = cells(evaluate_start(scale, base, args.workdir))
+    base_cells = cells(evidence.start(f"{size} base", base))
     curves, errors, flops = [], [], []
     for seed in range(args.seeds):
       config = rl_pipeline(scale, f"edge_of_competence-in-distribution-{seed}" if model == scale.model
                            else f"rl_scaling-{size.replace(' ', '')}-{seed}", base, (lo, hi), seed, model=model)
-      report, run_dir = run(config, args.workdir, scale)
+      report, run_dir = evidence.run(config, size, seed)
       after = cells(report["stages"][-1]["eval"])
       errors.append(1 - mean_over_ops(after, ops))
       flops.append(report["total_flops"])
@@ -117,8 +137,7 @@ def main(argv=None) -> None:
         "fit_rollouts": power_law([p["rollouts"] for p in curve], [p["error"] for p in curve])}
 
   # data reuse: the shared base (the scale's own size), the same steps over fewer prompts
-  base = ensure_base(scale, args.workdir)
-  base_cells = cells(evaluate_start(scale, base, args.workdir))
+  base_cells = evidence.evals["base"][0]["cells"]  # (context, op) -> cell
   results["reuse_base"] = {str(op): base_cells[("p", op)]["pass@1"] for op in ops}
   prompts = scale.rl_steps * rl["batch"]
   for tau in REUSE if not args.arms else ():  # --arms picks sizes; the reuse runs only in a full run
@@ -127,7 +146,7 @@ def main(argv=None) -> None:
       # τ > 1: evaluated on the RL ops only (each op's problems and samples are the same with or without the others)
       extra = {} if tau == 1 else {"data.num_examples": max(1, prompts // tau), "eval_ops": ops}
       name = f"edge_of_competence-in-distribution-{seed}" if tau == 1 else f"rl_scaling-reuse{tau}-{seed}"
-      report, _ = run(rl_pipeline(scale, name, base, (lo, hi), seed, **extra), args.workdir, scale)
+      report, _ = evidence.run(rl_pipeline(scale, name, shared, (lo, hi), seed, **extra), f"τ = {tau}", seed)
       per_seed.append(cells(report["stages"][-1]["eval"]))
     results["reuse"][tau] = {"prompts": max(1, prompts // tau),
                              "eval": per_op_summary(per_seed, ops, [f"pass@{k}" for k in ks])}
@@ -156,7 +175,8 @@ def main(argv=None) -> None:
           f"{prompts} prompts seen once (τ = 1) or τ epochs over {prompts} / τ prompts. Strict pass@k (%):\n\n"
         + markdown_table(["epochs", "prompts", *[f"op {op} pass@1" for op in ops],
                           *[f"op {op} pass@{kmax}" for op in ops]], reuse_rows))
-  write_results(args, "rl_scaling", results, md, plot=lambda p: plot(results, p))
+  write_results(args, "rl_scaling", results, md, plot=lambda p: plot(results, p), evidence=evidence,
+                claims=claims(list(scale.sizes)), bands=bands)
   print(md)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,7 +127,9 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
              show_progress: bool = True) -> dict:
   """Samples, verifies and scores every (op, context) cell. Returns `{"cells": [...], "config": ...}`; each cell has
   `op`, `context`, `problems`, `samples`, `pass@k` for each k, `maj@n`, `answer@1`, `mean_length` (tokens),
-  `answered` (samples with an answer line), `correct` (the strictly correct samples of each problem) and `format`
+  `answered` (samples with an answer line), `correct` (the strictly correct samples of each problem), `problem_ids`
+  (`problem_id` of each problem, in the same order: what pairs two evaluations problem by problem), `sample_hashes`
+  (`sample_hash` of each problem's samples: what shows two evaluations drew the same samples) and `format`
   (samples in the expected form: one answer line at the end, after a think block, empty for `/no_think`, when
   `think` is set; `rewards.format_ok`) and, when `think` is set,
   `think_followed`: samples whose think block is non-empty for `/think` and present but empty for `/no_think`."""
@@ -166,7 +170,9 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
       samples = len(problems) * cfg.n
       correct = [int(c) for c in stats["correct"]]
       cell = {"op": op, "context": context, "problems": len(problems), "samples": cfg.n,
-              "correct": correct}  # strictly correct samples of each problem
+              "correct": correct,  # strictly correct samples of each problem
+              "problem_ids": [problem_id(p) for p in problems],
+              "sample_hashes": [int(h) for h in stats["sample_hash"]]}
       for k in cfg.ks:
         cell[f"pass@{k}"] = float(np.mean([pass_at_k(cfg.n, c, k) for c in correct]))
       cell[f"maj@{cfg.n}"] = float(np.mean(stats["majority"]))
@@ -182,15 +188,27 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   return {"config": dataclasses.asdict(cfg), "cells": cells}
 
 
+def problem_id(problem: tasks.Problem) -> str:
+  """A problem's identity across evaluations: 12 hex digits of the SHA-1 of its text (what the model reads)."""
+  return hashlib.sha1(problem.text().encode()).hexdigest()[:12]
+
+
 # what each problem's samples add to its cell (counts over its n samples; `majority` 0/1), the only per-problem
 # numbers that cross processes
-STAT_FIELDS = ("correct", "majority", "answer_correct", "length", "answered", "format", "think_followed")
+STAT_FIELDS = ("correct", "majority", "answer_correct", "length", "answered", "format", "think_followed",
+               "sample_hash")
 
 
 def think_followed(text: str, think: bool) -> bool:
   """Whether a sample's think block is non-empty for `/think` and present but empty for `/no_think`."""
   block = think_block(text)
   return block is not None and bool(block) == think
+
+
+def sample_hash(completions: Sequence[list[int]]) -> int:
+  """20 bits of the CRC-32 of a problem's sampled tokens (exact in the float32 rows that cross processes): what two
+  evaluations compare to know they drew the same samples."""
+  return zlib.crc32(np.asarray([t for toks in completions for t in [*toks, -1]], np.int64).tobytes()) & 0xFFFFF
 
 
 def problem_stats(problem: tasks.Problem, completions: Sequence[list[int]], tokenizer, stops, think) -> list[float]:
@@ -201,7 +219,7 @@ def problem_stats(problem: tasks.Problem, completions: Sequence[list[int]], toke
   return [sum(v.strict_correct for v in verdicts), majority_correct(answers, problem.answer),
           sum(a == problem.answer for a in answers), sum(len(t) for t in completions),
           sum(a is not None for a in answers), sum(format_ok(text, think) for text in texts),
-          sum(think_followed(text, think) for text in texts) if think is not None else 0]
+          sum(think_followed(text, think) for text in texts) if think is not None else 0, sample_hash(completions)]
 
 
 def all_rows(local: np.ndarray, mesh) -> np.ndarray:

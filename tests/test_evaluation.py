@@ -76,6 +76,15 @@ def test_evaluate_scores_each_cell_from_its_samples(tokenizer, monkeypatch):
     # majority: the wrong rows all carry the same wrong answer, so gold wins with 2 or 3 of 3
     assert cell["maj@3"] == pytest.approx(np.mean([c >= 2 for c in correct]))
     assert cell["answer@1"] == pytest.approx(np.mean(correct) / n)
+    assert cell["correct"] == correct
+    # problems are named by their text: the cell's own, distinct, and the same for the same problems
+    names = [evaluation.problem_id(p) for p in tasks.eval_set(TASK, op=cell["op"], context=cell["context"],
+                                                               n=cfg.problems)]
+    assert cell["problem_ids"] == names and len(set(names)) == cfg.problems
+    # each problem's samples hashed: the scripted ones differ from problem to problem
+    assert len(set(cell["sample_hashes"])) == cfg.problems and all(0 <= h < 2 ** 20 for h in cell["sample_hashes"])
+  ids = [c["problem_ids"] for c in result["cells"]]
+  assert len({i for cell_ids in ids for i in cell_ids}) == sum(map(len, ids))  # no problem named twice
   table = markdown_table(result)
   assert "| p | pass@2 |" in table and "op 2" in table
   json.dumps(result)

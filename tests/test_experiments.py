@@ -3,7 +3,10 @@ slow test, in one work folder so the minimal base and shared runs are made once.
 nothing; what is checked is the machinery: the results folder (JSON, table with the command, plot), probabilities in
 range, runs shared by config hash between experiments, the FLOPs split of compute_allocation against its budget, the
 KL drift GRPO logs, distill_vs_rl's equal-FLOPs budget, and the statistics rl_efficiency and rl_scaling report (reward
-entropy, expected zero-variance groups, the power-law fit) against their formulas."""
+entropy, expected zero-variance groups, the power-law fit) against their formulas. Every run is followed by its
+`--check` (the recorded model re-evaluated, equal to results.json to the last problem), and every results.json carries
+its provenance, claims with bootstrap intervals and the per-problem evaluations they come from; the allocation tool
+runs a three-stage split (mid-training / SFT / RL) end to end."""
 
 import json
 
@@ -11,9 +14,9 @@ import pytest
 
 import math
 
-from experiments import base, compute_allocation, context_seeding, distill_vs_rl, edge_of_competence, \
+from experiments import allocation, base, compute_allocation, context_seeding, distill_vs_rl, edge_of_competence, \
     online_vs_offline, process_reward, rl_efficiency, rl_scaling
-from experiments.common import SCALES
+from experiments.common import SCALES, competence_bands
 from jaxstages.config import config_hash
 
 MINIMAL = SCALES["minimal"]
@@ -25,21 +28,45 @@ def workdir(tmp_path_factory):
 
 
 def run_experiment(module, workdir, *extra) -> dict:
+  """Runs the experiment at minimal scale, checks its results folder and provenance, then `--check`s it."""
   out = workdir / "results" / module.__name__.rsplit(".", 1)[1]
-  module.main(["--scale", "minimal", "--seeds", "1", "--workdir", str(workdir), "--out", str(out), *extra])
+  command = ["--scale", "minimal", "--seeds", "1", "--workdir", str(workdir), "--out", str(out), *extra]
+  module.main(command)
   results = json.loads((out / "results.json").read_text())
   assert results["scale"] == "minimal" and results["seeds"] == 1 and "--scale minimal" in results["command"]
   assert (out / "results.md").read_text().count(results["command"]) == 1
   assert results["experiment"] == "base" or (out / f"{results['experiment']}.png").stat().st_size > 1000
+  prov = results["provenance"]
+  assert len(prov["git_commit"]) == 40 and isinstance(prov["git_dirty"], bool)
+  assert set(prov["packages"]) == {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"}
+  assert all(prov["packages"].values())
+  for digest, run in prov["runs"].items():  # every run: its config hash names its folder, its command is the one here
+    assert run["folder"].endswith(digest) and (workdir / run["folder"] / "report.json").exists()
+    assert run["command"] == results["command"]
+  for folder, start in prov["starts"].items():
+    assert len(start["config_hash"]) == 12
+  assert prov["base"]["folder"] == str(base.ensure_base(MINIMAL, workdir).relative_to(workdir))
+  assert prov["base"]["config_hash"] == config_hash(base.base_config(MINIMAL))
+  for claim in results.get("claims", []):
+    assert claim["verdict"] in ("supported", "contradicted", "inconclusive", "not run", "not evaluated")
+    if "low" in claim:
+      assert claim["low"] <= claim["estimate"] <= claim["high"]
+  # the per-problem evaluations behind every table: each cell's counts give its pass@1
+  for label, seeds in results["evals"].items():
+    for entry in seeds.values():
+      for cell in entry["cells"].values():
+        assert len(results["problem_ids"][cell["ids"]]) == len(cell["correct"])
+        assert cell["pass@1"] == pytest.approx(sum(cell["correct"]) / (cell["n"] * len(cell["correct"])))
+  assert module.main([*command, "--check"]).startswith("--check passed")
   return results
 
 
 def probabilities(tree) -> list[float]:
-  """Every mean of a `summary` in a results tree."""
+  """Every mean of a `summary` in a results tree, but FLOPs and gains (differences of probabilities)."""
   if isinstance(tree, dict):
     if "mean" in tree and "values" in tree:
       return [tree["mean"], *tree["values"]]
-    return [v for x in tree.values() for v in probabilities(x)]
+    return [v for k, x in tree.items() if not str(k).startswith(("flops", "gain")) for v in probabilities(x)]
   return []
 
 
@@ -72,13 +99,69 @@ def test_edge_of_competence_and_process_reward_share_the_strict_run(workdir):
 
 
 def test_compute_allocation_spends_its_budget_in_both_stages(workdir):
-  results = run_experiment(compute_allocation, workdir, "--arms", "mid50")
-  (flops,) = results["arms"]["mid50"]["flops"]
+  results = run_experiment(compute_allocation, workdir, "--arms", "midtrain50-rl50")
+  (flops,) = results["arms"]["midtrain50-rl50"]["flops"]
   assert set(flops) == {"midtrain", "rl"}
   for stage, (planned, spent) in flops.items():
     # a few steps at this size: a step is ~10% of a share
     assert planned == pytest.approx(MINIMAL.budget_flops / 2, rel=0.15)
     assert spent == pytest.approx(planned, rel=0.15)
+
+
+def test_allocation_runs_a_three_stage_split(workdir):
+  budget = 1e9
+  results = run_experiment(allocation, workdir, "--stages", "midtrain,sft,rl", "--budget", str(budget),
+                           "--splits", "0.5/0.25/0.25")
+  (arm,) = results["arms"].values()
+  assert arm["shares"] == {"midtrain": 0.5, "sft": 0.25, "rl": 0.25}
+  (flops,) = arm["flops"]
+  assert list(flops) == ["midtrain", "sft", "rl"]
+  (steps,) = arm["steps"]
+  for stage, share in arm["shares"].items():  # each stage plans and spends its share to within a step (one at least)
+    planned, spent = flops[stage]
+    step = max(planned, spent) / steps[stage]
+    assert abs(planned - share * budget) <= step and abs(spent - planned) <= step
+  (run,) = results["provenance"]["runs"].values()
+  rl = json.loads((workdir / run["folder"] / "rl" / "config.json").read_text())
+  assert rl["data"]["prompt"] == "chat" and rl["stage"]["init_from"].endswith("sft")  # RL after SFT reads chats
+  with pytest.raises(SystemExit, match="summing to 1"):
+    allocation.main(["--scale", "minimal", "--stages", "midtrain,rl", "--splits", "0.5/0.4"])
+
+
+def test_check_fails_in_one_line_when_a_number_differs(workdir, tmp_path):
+  out = workdir / "results" / "edge_of_competence"
+  if not (out / "results.json").exists():  # made by the edge test above unless this one runs alone
+    run_experiment(edge_of_competence, workdir, "--arms", "edge")
+  results = json.loads((out / "results.json").read_text())
+  target = results["evals"][results["check"]["label"]][str(results["check"]["seed"])]
+  cell = next(iter(target["cells"].values()))
+  cell["pass@1"] += 0.25
+  (tmp_path / "results.json").write_text(json.dumps(results))
+  with pytest.raises(SystemExit, match=r"^--check failed: edge seed 0 .* pass@1 re-evaluated [\d.]+, results.json "
+                                       r"says [\d.]+$"):
+    edge_of_competence.main(["--scale", "minimal", "--workdir", str(workdir), "--out", str(tmp_path), "--check"])
+  with pytest.raises(SystemExit, match="is not in --workdir"):
+    edge_of_competence.main(["--scale", "minimal", "--workdir", str(tmp_path), "--out", str(out), "--check"])
+
+
+def test_bands_follow_the_base_measured_competence():
+  cpu = SCALES["cpu"]
+  measured = {1: (0.95, 1.0), 2: (0.5, 0.9), 3: (0.3, 0.8), 5: (0.05, 0.4), 6: (0.08, 0.35), 7: (0.0, 0.01)}
+  evaluation = {"cells": [{"context": "p", "op": op, "pass@1": p1, "pass@64": p64} for op, (p1, p64) in
+                          measured.items()]}
+  bands = competence_bands(cpu, evaluation)  # the cpu base is trained to op 4
+  assert bands["source"] == "measured" and bands["trained_depth"] == 4
+  assert bands["ranges"] == {"too-easy": (1, 1), "in-distribution": (2, 3), "edge": (5, 6), "too-hard": (7, 7)}
+  # too hard within the trained depth and beyond the edge: no one range for it
+  evaluation["cells"].append({"context": "p", "op": 4, "pass@1": 0.0, "pass@64": 0.0})
+  assert "too-hard are not contiguous" in competence_bands(cpu, evaluation)["reason"]
+  evaluation["cells"].pop()
+  # no op beyond the trained depth at the edge: the scale's fixed ranges, and why
+  del measured[5], measured[6]
+  evaluation["cells"] = [c for c in evaluation["cells"] if c["op"] in measured]
+  fixed = competence_bands(cpu, evaluation)
+  assert fixed["source"] == "fixed" and fixed["ranges"] == cpu.ranges and "edge" in fixed["reason"]
+  assert competence_bands(MINIMAL, evaluation)["reason"].startswith("the minimal scale's fixed ranges")
 
 
 def test_context_seeding_reuses_the_shared_base_for_one_percent(workdir):

@@ -189,3 +189,16 @@ def test_the_check_finds_a_cycle_an_upward_import_and_an_import_in_a_function(tm
                    "toypkg.low:1: imports toypkg.high (layer 3) from layer 1",
                    "toypkg.mid:5: imports json inside a function or class (only matplotlib may wait until used)",
                    "import cycle: toypkg.high -> toypkg.low -> toypkg.high"], found
+
+
+def test_experiments_import_at_the_top():
+  """The experiment scripts sit above the package: they import jaxstages and each other at the top of the file, only
+  matplotlib (for a plot) waits until used."""
+  folder = PACKAGE.parent / "experiments"
+  modules = modules_of(folder)
+  found = []
+  for module, path in modules.items():
+    _, nested = imports_of(path, module, "experiments", set(modules))
+    found += [f"experiments.{module}:{line}: imports {top} inside a function" for top, line in nested
+              if top != "matplotlib"]
+  assert found == []
