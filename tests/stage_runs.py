@@ -11,9 +11,13 @@ from pathlib import Path
 from jaxstages.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
+# the tokenizer a stage trains on the symbolic task world when given none, byte for byte (tests/test_tokenizer.py):
+# read from the committed toy base instead of trained again (2 s of every run's start-up)
+TOY_TOKENIZER = REPO / "experiments" / "artifacts" / "toy-base" / "tokenizer"
 # the tiny shape every quick stage test trains
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.intermediate_size=128", "data.batch_size=8", "stage.eval_batches=2"]
+         "model.intermediate_size=128", "data.batch_size=8", "stage.eval_batches=2",
+         f"stage.tokenizer={str(TOY_TOKENIZER)!r}"]
 # the suite's XLA flags (tests/conftest.py: 8 devices, its compile settings) for every process a test starts
 ENV = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=8"),
            JAX_PLATFORMS="cpu")

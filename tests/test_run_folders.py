@@ -316,7 +316,7 @@ def test_plan_flops_count_every_micro_batch():
   from jaxstages.train import plan_stage
 
   tiny = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-          "model.intermediate_size=128", "data.batch_size=32", "data.seq_len=128"]
+          "model.intermediate_size=128", "data.batch_size=32", "data.seq_len=64"]
   one, four = (plan_stage(apply_overrides(load_config("configs/train.py:sft-toy"), tiny + [f"stage.micro_batches={m}"]))
                for m in (1, 4))
   assert four["xla_flops_per_step_per_device"] == pytest.approx(one["xla_flops_per_step_per_device"], rel=0.05)

@@ -284,6 +284,15 @@ def test_train_tokenizer_checks_and_determinism(toks):
   assert other.model_proto == toks["symbolic"].model_proto
 
 
+def test_the_committed_toy_tokenizer_is_the_one_a_symbolic_stage_trains():
+  """A stage given no tokenizer trains `task_tokenizer` on its surface (2,000 problems); the committed toy base's
+  tokenizer is that one byte for byte, so the stage tests read it instead (tests/stage_runs.TOY_TOKENIZER)."""
+  from tests.stage_runs import TOY_TOKENIZER
+
+  trained = tk.task_tokenizer(tasks.TaskConfig(contexts="p-seed-q-1pct", op_range=(2, 6)))
+  assert tk.load_tokenizer(TOY_TOKENIZER).model_proto == trained.model_proto
+
+
 def test_cli(tmp_path, capsys):
   script = runpy.run_path(str(Path(__file__).resolve().parent.parent / "tools" / "train_tokenizer.py"))
   script["main"](["--surface", "symbolic", "--contexts", "p", "--samples", "30", "--ops", "2,3", "--report-n", "5",
