@@ -2,8 +2,8 @@
 where its greedy strict (process-verified) pass@1 is 22% on the 256 held-out problems used here: inside the
 10-60% band where RL has something to work with.
 
-Budgets (2-core CPU): the always-on test runs 10 GRPO steps of 32 prompts x 8 samples (~1 min with start-up and
-compilation); the slow ones the same for two more seeds, 10 PPO steps of 16 x 8, and 40 GRPO and 30 PPO steps side
+Budgets (2-core CPU), all among the slow tests (`-m slow`): 10 GRPO steps of 32 prompts x 8 samples (~1 min with
+start-up and compilation), the same for two more seeds, 10 PPO steps of 16 x 8, and 40 GRPO and 30 PPO steps side
 by side (~3 min). README, "Online RL", has the curves.
 """
 
@@ -62,6 +62,7 @@ def _seeded(kind, seed) -> list[str]:
   return [f"{kind}.seed={seed}", f"data.seed={100 + seed}"] if seed else []
 
 
+@pytest.mark.slow  # a learning run (~80 s of CPU); CI checks GRPO >= SFT on the quickstart's report every run
 def test_grpo_raises_held_out_pass_at_1_in_ten_steps(start_pass_at_1, tmp_path):
   """10 GRPO steps of 32 prompts x 8 samples (strict reward, lr 3e-4) raise held-out pass@1 by at least 6 points
   (mean - 3 standard deviations of the seeds above; this seed measured +23)."""
