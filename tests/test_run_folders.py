@@ -285,6 +285,7 @@ def test_a_named_model_size_replaces_the_model_block():
 # 6. plan
 
 
+@pytest.mark.slow  # four stages compiled at the quickstart's sizes (~40 s of CPU); every kind's plan is in the default run
 def test_plan_of_a_pipeline_sizes_each_stage_and_says_its_memory_is_a_cpu_compile():
   """`jaxstages plan --config configs/pipelines/quickstart.py` (the example of its own --help): every stage, GRPO
   included, sized as the run would configure it, each with the note that CPU-compiled memory is no accelerator's."""
