@@ -174,6 +174,7 @@ RESUMED = {
 }
 
 
+@pytest.mark.slow  # three stages run twice (~100 s of CPU); pre-training's bit-exact resume is in the default run
 def test_post_training_stages_resume_exactly_after_sigkill(tiny_sft, tmp_path):
   """Killed mid-run, re-run: the steps after the last checkpoint are computed again and give the same losses bit
   for bit (params, optimizer, data position, reference / teacher outputs and samples all restored or re-derived),
