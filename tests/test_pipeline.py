@@ -198,6 +198,9 @@ def test_recall_drills_replace_that_share_of_solutions_with_each_constant_by_nam
         constants = {p.names[n]: p.nodes[n].value for n in p.order if p.nodes[n].kind == "const"}
         pairs = dict((name, int(value)) for name, value in (pair.split() for pair in trained.split(" ; ")))
         assert pairs == constants
+        # a drill is asked by its own question line, never by the problem's question (which asks for a solution)
+        text = tok.decode(row["tokens"][start:stop].tolist())
+        assert tasks.RECALL_QUESTION in text and p.question() not in text
         drills += 1
   assert drills >= 4 and solutions >= 4, (drills, solutions)
   assert tasks.TaskConfig().recall_drills == 0.0 and "recall_drills" in HASH_NEUTRAL

@@ -124,6 +124,16 @@ def test_context_weights_hold_and_op_range_per_context():
   assert {p.op for p in seen_q if p.context == "p"} == {3, 4, 5, 6}
 
 
+def test_a_context_listed_twice_draws_each_entrys_own_op_range():
+  """A rare tail of deeper problems in one context: ops 1-4 at 95%, ops 5-6 at 5% (the edge lever of the base)."""
+  cfg = TaskConfig(contexts=(("p", 0.95, (1, 4)), ("p", 0.05, (5, 6))), distractors=(0, 0))
+  ops = collections.Counter(generate(cfg, 0, "train", i).op for i in range(8000))
+  assert set(ops) == {1, 2, 3, 4, 5, 6}
+  tail = (ops[5] + ops[6]) / 8000
+  assert abs(tail - 0.05) < 0.01  # 4.1 standard deviations of a binomial(8000, 0.05)
+  assert abs(ops[5] - ops[6]) < 0.3 * (ops[5] + ops[6])  # the tail's ops drawn uniformly within it
+
+
 @pytest.mark.parametrize("surface,contexts", [("symbolic", "pqr-uniform"), ("story", "story-uniform")])
 def test_every_template_of_every_context_appears(surface, contexts):
   cfg = TaskConfig(surface=surface, contexts=contexts, op_range=(2, 6), distractors=(1, 3))

@@ -182,7 +182,7 @@ class DataConfig:
       raise ConfigError(f"think_mix {self.think_mix} must be three fractions (on, off, plain) summing to 1")
     set_("think_mix", mix)
     set_("eval_ops", tuple(int(o) for o in self.eval_ops))
-    set_("eval_contexts", tuple(self.eval_contexts) or tuple(m.context for m in task.mixture))
+    set_("eval_contexts", tuple(self.eval_contexts) or tuple(dict.fromkeys(m.context for m in task.mixture)))
     check_keys(self.eval_contexts, tasks.SURFACES[task.surface], f"contexts of the {task.surface!r} surface")
     # derived, like TaskConfig.mixture: the raw fields stay as written, so the config re-validates unchanged
     set_("source_configs", self._parse_sources())
@@ -514,15 +514,18 @@ def _source_dataset(cfg: DataConfig, src: SourceConfig, tokenizer: Tokenizer, pr
   def problem(index: int) -> tasks.Problem:
     return tasks.generate(task, seed, split, max(index, 0))
 
-  def lm(document, p: tasks.Problem) -> dict:
-    text = document(p)
-    prefix = text[:text.index(p.text()) + len(p.text()) + 1] if cfg.loss_on == "solution" else ""
+  def lm(document, p: tasks.Problem, prompt: str | None = None) -> dict:
+    """`document(p)` as one LM document; with loss on the solution, no target before the end of `prompt`'s line
+    (the problem's text by default)."""
+    text, prompt = document(p), prompt or p.text()
+    prefix = text[:text.index(prompt) + len(prompt) + 1] if cfg.loss_on == "solution" else ""
     return lm_document(tokenizer, text, prefix)
 
   if src.format == "pretrain":
     def pretrain(p: tasks.Problem) -> dict:
-      drill = tasks.is_recall_drill(p, task.recall_drills)
-      return lm(tasks.recall_document if drill else tasks.pretrain_document, p)
+      if tasks.is_recall_drill(p, task.recall_drills):
+        return lm(tasks.recall_document, p, tasks.recall_prompt(p))
+      return lm(tasks.pretrain_document, p)
 
     docs = indices.map(lambda i: pretrain(problem(i)))
   elif src.format == "instruction":

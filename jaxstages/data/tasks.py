@@ -510,8 +510,10 @@ def generate(cfg: TaskConfig, seed: int, split: str, index: int, op: int | None 
   for attempt in range(10_000):
     rng = np.random.default_rng([seed, SPLITS[split], index, attempt, op or 0])
     mixture = cfg.mixture
-    ctx_name = context or mixture[int(rng.choice(len(mixture), p=[m.weight for m in mixture]))].context
-    lo, hi = (op, op) if op is not None else cfg.op_range_of(ctx_name)
+    entry = None if context else mixture[int(rng.choice(len(mixture), p=[m.weight for m in mixture]))]
+    ctx_name = context or entry.context
+    # a drawn entry's own op range (a context may appear twice: ops 1-4 at 98%, a rare tail of ops 5-6 at 2%)
+    lo, hi = (op, op) if op is not None else (entry.op_range if entry and entry.op_range else cfg.op_range_of(ctx_name))
     n_ops = int(rng.integers(lo, hi + 1))
     bld = _build_needed(cfg, rng, n_ops)
     if bld is None:
@@ -572,15 +574,25 @@ def pretrain_document(p: Problem) -> str:
   return p.text() + "\n" + p.solution()
 
 
+RECALL_QUESTION = "recall :"  # a drill's question line: a solution prompt (`find p3`) never continues as a drill
+
+
+def recall_prompt(p: Problem) -> str:
+  """A drill's prompt: the problem's statements, then `RECALL_QUESTION` where a solution's prompt asks its question."""
+  return " ".join(p.statements()) + "\n" + RECALL_QUESTION
+
+
 def recall_document(p: Problem) -> str:
-  """A look-up drill for pre-training: the problem, then one line with each of its constants as `name value` (how
-  the inline format writes an operand), in an order drawn from the problem's identity. It trains the one skill a
-  solution cannot do without and a small model is slow to learn: a value found by its name (docs/learnability.md).
-  The line opens with a space so its first name is the same token as in the problem (`▁p1`, not a bare `p1`)."""
+  """A look-up drill for pre-training: `recall_prompt`, then one line with each of the problem's constants as
+  `name value` (how the inline format writes an operand), in an order drawn from the problem's identity. It trains
+  the one skill a solution cannot do without and a small model is slow to learn: a value found by its name
+  (docs/learnability.md). The drill has its own question line, so sampling after a problem's question never falls
+  into drill mode. The line opens with a space so its first name is the same token as in the problem (`▁p1`, not a
+  bare `p1`)."""
   rng = np.random.default_rng([p.seed, SPLITS[p.split], p.index, 11])
   constants = [n for n in p.order if p.nodes[n].kind == "const"]
   pairs = [f"{p.names[n]} {p.nodes[n].value}" for n in rng.permutation(constants)]
-  return p.text() + "\n " + " ; ".join(pairs)
+  return recall_prompt(p) + "\n " + " ; ".join(pairs)
 
 
 def is_recall_drill(p: Problem, share: float) -> bool:

@@ -371,7 +371,7 @@ def token_table(tokenizer, task_cfg: tasks.TaskConfig, ops: Sequence[int], n: in
   """A Markdown table of `token_stats`: op -> mean tokens per problem and per solution step."""
   stats = token_stats(tokenizer, task_cfg, ops, n, seed)
   rows = [f"| {op} | {s['problem']:.1f} | {s['step']:.2f} |" for op, s in stats.items()]
-  contexts = "+".join(e.context for e in task_cfg.mixture)
+  contexts = "+".join(dict.fromkeys(e.context for e in task_cfg.mixture))
   return "\n".join([f"{task_cfg.surface} surface, contexts {contexts}, vocab {tokenizer.vocab_size}:", "",
                     "| op | tokens per problem | tokens per solution step |", "|---:|---:|---:|", *rows])
 
