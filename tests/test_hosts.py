@@ -149,7 +149,6 @@ def test_two_processes_killed_and_resumed_equal_the_uninterrupted_run(pretrain_r
   assert summary["resumed_from"] is not None and summary["attempts"] == 2
 
 
-@pytest.mark.slow  # the default suite runs GRPO as 2 processes through `jaxstages run` (below)
 def test_grpo_as_two_processes_logs_the_losses_and_rewards_of_one(tmp_path):
   """Each process samples, decodes and verifies its own prompts; the rewards are the same, and so are the losses.
   A GRPO loss is a near-cancelling sum of advantage-weighted ratios (advantages are centred, ratios near 1): it is
@@ -211,6 +210,7 @@ def _outcome(run_dir: Path) -> list[dict]:
   return [{k: r[k] for k in ("stage", "kind", "steps", "tokens", "flops", "eval")} for r in report["stages"]]
 
 
+@pytest.mark.slow  # 2 x 2 stages and an evaluation, as 3 processes (~90 s); GRPO on 2 processes stays in the default run (above)
 def test_pipeline_and_eval_as_two_processes_report_what_one_process_does(tmp_path):
   """`jaxstages run` of pre-training -> GRPO as 2 processes ends with the report of 1 process (steps, tokens,
   FLOPs spent, evaluation cells); then `jaxstages eval` of its RL stage as 2 processes gives the cells of 1 (pass@k
