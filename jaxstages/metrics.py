@@ -78,7 +78,7 @@ class MetricsWriter:
         # a file of its own per attempt: tensorboardX names files by the second, and a second attempt within it
         # would write over the first's
         self._tb = _summary_writer_class()(str(self.directory / "tensorboard"), purge_step=purge,
-                                 filename_suffix=f".{time.time_ns()}")
+                                           filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:

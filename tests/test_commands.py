@@ -105,17 +105,17 @@ def test_plan_command(tmp_path):
   """`jaxstages plan` with overrides prints the overridden stage: its steps, tokens per step (batch x seq_len),
   parameters and FLOPs per step of the overridden model (the FLOP formula is checked against XLA in test_flops)."""
   from jaxstages.config import apply_overrides, load_config
-  from jaxstages.data.tokenizer import task_tokenizer
-  from jaxstages.data.pipeline import data_config
+  from jaxstages.data.tokenizer import load_tokenizer
   from jaxstages.flops import train_flops_per_token
-  from jaxstages.model.config import stage_model_config
   from jaxstages.model import param_count
+  from jaxstages.model.config import stage_model_config
+  from tests.stage_runs import TOY_TOKENIZER
 
   out = _run("jaxstages", "plan", "--config", "configs/train.py:pretrain-toy",
              *[f"--config.{o}" for o in TINY + ["stage.steps=37"]])
   config = apply_overrides(load_config("configs/train.py:pretrain-toy"), TINY + ["stage.steps=37"])
-  # the model at the vocabulary of the tokenizer the stage trains on its task world
-  model = stage_model_config(config.model.to_dict(), task_tokenizer(data_config(config.data.to_dict()).task).vocab_size)
+  # the model at the vocabulary of the tokenizer TINY gives the stage (the one it would train: test_tokenizer)
+  model = stage_model_config(config.model.to_dict(), load_tokenizer(TOY_TOKENIZER).vocab_size)
   plan = {"params": param_count(model), "flops_per_step": train_flops_per_token(model, 128) * 8 * 128}
   numbers = lambda label: re.search(rf"{label}\s+([\d,.e+]+)", out).group(1).replace(",", "")
   assert int(numbers("parameters")) == plan["params"]
