@@ -4,6 +4,7 @@ prefill across a GRPO group saves against prefilling n copies of the prompt.
 
   python benchmarks/sampling_throughput.py [--model toy] [--batches 1,16,128] [--prompt-len 64] [--new 64]
   python benchmarks/sampling_throughput.py --reshard --host-devices 8   # + the cost of resharding params per call
+  python benchmarks/sampling_throughput.py --kernels --model toy           # decode attention: einsum vs decode
 
 Every decoder generates exactly `--new` tokens per row greedily (no stop tokens), so all three do the same work.
 Compile time is reported apart from the timed (warm) calls. Prints Markdown for benchmarks/RESULTS.md.
@@ -24,6 +25,7 @@ if "--host-devices" in sys.argv:  # simulated CPU devices must be requested befo
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import export_hf
@@ -51,9 +53,15 @@ def main() -> None:
   parser.add_argument("--reshard", action="store_true",
                       help="also time sampling with params resharded from FSDP x tensor to tensor-only per call")
   parser.add_argument("--host-devices", type=int, default=None, help="simulated CPU devices (for --reshard)")
+  parser.add_argument("--kernels", action="store_true",
+                      help="only the decode step's attention kernels side by side (an evaluation's shape: 64 prompts "
+                           "x 64 samples at temperature 1)")
   args = parser.parse_args()
   if args.reshard:
     reshard_cost(args)
+    return
+  if args.kernels:
+    decode_kernels(args)
     return
 
   cfg = model_config(args.model, max_position_embeddings=max(2048, args.group_prompt_len + args.new))
@@ -124,6 +132,29 @@ def main() -> None:
   print(f"| once per prompt, cache shared by its {g} samples | {t_g:.3f} | {rows / t_g:,.0f} |")
   print(f"| once per row ({g} copies of each prompt) | {t_c:.3f} | {rows / t_c:,.0f} |")
   print(f"\nshared prefill: {t_c / t_g:.2f}x faster")
+
+
+def decode_kernels(args) -> None:
+  """The sampler with each attention kernel for one-token decoding on the same weights and seed: 64 prompts x 64
+  samples at temperature 1 (an evaluation's batch), `--new` tokens per row; the samples must be the same."""
+  base = model_config(args.model)
+  params = nnx.state(create_model(base, seed=0), nnx.Param)
+  prompts = np.random.default_rng(0).integers(1, base.vocab_size, (64, args.prompt_len)).tolist()
+  scfg = SamplingConfig(max_new_tokens=args.new, temperature=1.0, n=64, prompt_buckets=(args.prompt_len,))
+  print(f"\nmodel {args.model} ({param_count(base):,} params), 64 prompts of {args.prompt_len} tokens x 64 samples, "
+        f"{args.new} new tokens per row, temperature 1, float32\n")
+  print("| decode attention | seconds per call | generated tok/s | samples equal einsum's |\n| --- | ---: | ---: | --- |")
+  reference, first = None, None
+  for impl in ("einsum", "decode"):
+    model = create_model(base.replace(attention=impl), seed=0)
+    nnx.update(model, params)
+    run = lambda: jax.block_until_ready(sample(model, prompts, scfg, seed=1).tokens)
+    tokens = np.asarray(run())
+    reference = tokens if reference is None else reference
+    t = timed(run, args.repeats, warmup=0)
+    first = first or t
+    print(f"| {impl} | {t:.2f} | {64 * 64 * args.new / t:,.0f} | {np.array_equal(tokens, reference)} |")
+  print(f"\ndecode kernel: {first / t:.2f}x the einsum's speed")
 
 
 def reshard_cost(args) -> None:

@@ -13,7 +13,7 @@ from jaxstages.model.attention import attend, resolve
 
 ON_GPU = jax.default_backend() == "gpu"
 # (implementation, attention_block): small blocks, so the blocked kernel really runs several query blocks
-KERNELS = [("xla", 512), ("blocked", 4), ("blocked", 5)] + ([("cudnn", 512)] if ON_GPU else [])
+KERNELS = [("xla", 512), ("blocked", 4), ("blocked", 5), ("decode", 512)] + ([("cudnn", 512)] if ON_GPU else [])
 
 
 def _inputs(b=2, t=12, h=4, kv=2, d=8, seed=0):
@@ -142,6 +142,7 @@ def test_auto_picks_the_fused_kernel_of_each_platform():
   assert resolve("auto", platform="gpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False, q_len=64)) == "einsum"
   # decoding (a cache): one query against the cache is small; splash is self-attention only
   assert resolve("auto", platform="tpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False, q_len=1)) == "einsum"
+  assert resolve("auto", platform="cpu", dtype=jnp.float32, **dict(kw, self_attention=False, q_len=1)) == "decode"
   assert resolve("splash", platform="tpu", dtype=jnp.bfloat16, **dict(kw, self_attention=False)) == "blocked"
 
 
@@ -150,7 +151,7 @@ def test_bfloat16_compute_with_each_kernel_stays_close_to_float32(tiny_cfg):
   einsum model, and its logits come back in float32."""
   tokens = np.random.default_rng(3).integers(0, tiny_cfg.vocab_size, (2, 160)).astype(np.int32)
   ref = np.asarray(create_model(tiny_cfg.replace(attention="einsum"), seed=2)(tokens)[0])
-  for impl, block in [("einsum", 512), ("xla", 512), ("blocked", 512)]:
+  for impl, block in [("einsum", 512), ("xla", 512), ("blocked", 512), ("decode", 512)]:
     logits, _ = create_model(tiny_cfg.replace(dtype="bfloat16", attention=impl, attention_block=block), seed=2)(tokens)
     assert logits.dtype == jnp.float32
     assert np.abs(np.asarray(logits) - ref).max() < 0.05, impl

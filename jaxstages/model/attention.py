@@ -22,9 +22,13 @@ key at all (padding, segment 0) are finite but unspecified; nothing downstream r
   log-sum-exp instead of storing them. Memory is `O(block x kv_len)` per head instead of `O(seq x kv_len)`; runs
   everywhere; the fastest kernel on XLA:CPU, and what the CPU plans of accelerator presets measure in place of the
   fused kernels.
+- `decode`: the einsum's math as broadcast multiplies and sums over `head_dim` and the keys instead of batched
+  matmuls. For one query per row (KV-cache decoding) XLA:CPU runs the einsum as one tiny matmul per row and head;
+  this is ~4x faster there (4,096 rows x 160 keys: 0.045 s against 0.18 s a layer). Memory grows as
+  `seq x kv_len x head_dim`, so it is for decoding only.
 - `auto`: for self-attention (no cache) splash on TPU, cuDNN on GPU (bf16/fp16), else `blocked` from 128 positions
-  (`einsum` below); with a cache `einsum` where the scores are small (one `attention_block`² per head or less:
-  one-token decoding), else `blocked` (a long prefill).
+  (`einsum` below); with a cache, one query per row (decoding) on the CPU `decode`, else `einsum` where the scores
+  are small (one `attention_block`² per head or less), else `blocked` (a long prefill).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def resolve(implementation: str, *, self_attention: bool, q_len: int, kv_len: in
     return "cudnn"
   if self_attention:  # causal block skipping: ~2x the einsum's speed on XLA:CPU already at 256 positions
     return "blocked" if q_len >= 128 else "einsum"
+  if q_len == 1 and platform == "cpu":
+    return "decode"
   return "einsum" if q_len * kv_len <= block * block else "blocked"
 
 
@@ -81,6 +87,8 @@ def attend(q: Array, k: Array, v: Array, q_slots: Array, q_segments: Array, kv_s
                  block=block)
   if impl == "einsum":
     return _einsum(q, k, v, attention_mask(q_slots, q_segments, kv_slots, kv_segments))
+  if impl == "decode":
+    return _decode(q, k, v, attention_mask(q_slots, q_segments, kv_slots, kv_segments))
   if impl in ("xla", "cudnn"):
     mask = attention_mask(q_slots, q_segments, kv_slots, kv_segments)[:, None]  # [b, 1, t, s]: every head
     return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask,
@@ -112,6 +120,20 @@ def _einsum(q: Array, k: Array, v: Array, mask: Array) -> Array:
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kv, g * t, s)
   out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, d)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _decode(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """The einsum's math with the contractions written as multiply-and-sum (float32), for a few queries per row."""
+  b, t, h, d = q.shape
+  kv = k.shape[1]
+  g = h // kv
+  f32 = jnp.float32
+  q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).astype(f32)  # [b, kv, g, t, d]
+  scores = jnp.sum(q[:, :, :, :, None, :] * k[:, :, None, None].astype(f32), axis=-1) / math.sqrt(d)  # [b, kv, g, t, s]
+  scores = jnp.where(mask[:, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).astype(f32)  # rounded to the compute dtype, as the einsum's
+  out = jnp.sum(probs[..., None] * v[:, :, None, None].astype(f32), axis=-2)  # [b, kv, g, t, d]
+  return out.astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 # -- blocked: flash-style attention with its own backward ---------------------------------------------------------

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxstages.config import ConfigError, from_config, load_config
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
-ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash", "blocked")  # jaxstages.model.attention
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash", "blocked", "decode")  # jaxstages.model.attention
 REMAT_POLICIES = ("full", "dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -47,7 +47,8 @@ class ModelConfig:
   remat_policy: str = "full"
   init_std: float = 0.02
   # attention kernel (jaxstages.model.attention): "auto" picks splash on TPU, cuDNN on GPU, else the blocked
-  # flash-style attention (einsum for short sequences and one-token decoding); "einsum" is the reference
+  # flash-style attention (einsum for short sequences, "decode" for one-token decoding on the CPU); "einsum" is the
+  # reference
   attention: str = "auto"
   # the largest query block of the blocked attention, splash's block, and (squared) auto's limit for einsum with a cache
   attention_block: int = 512
