@@ -1,13 +1,13 @@
 """Does a skill learned in one context transfer to another, and how much of the new context must pre-training hold?
-Bases pre-trained with the second context q at 0%, 0.1%, 1% and 10% of the problems, q only at the lowest op (context
-p at every op), then RL on a 50/50 mix of p and q; strict pass@k on q across ops, before and after RL.
+Bases pre-trained with the second context q at 0%, 0.1%, 1% and 10% of the documents, q only at the lowest op (context
+p as in the shared base's mixture, sharing the rest), then RL on a 50/50 mix of p and q; strict pass@k on q across ops, before and after RL.
 
   python -m experiments.context_seeding [--seeds 3] [--scale cpu]
 
 The claim (Zhang, Neubig, Yue 2025): transfer to the new context needs a small seed of it in pre-training: with 0% or
 0.1% RL does not make the model solve the new context's harder problems, with ≥ 1% it does (up to +60 points
-pass@128). Evaluated on the second context only, with half the scale's problems per op. The 1% base is the shared
-one (`experiments/base.py`); the other three are pre-trained the same way with only the mixture changed, once each (a
+pass@128). Evaluated on the second context only, with half the scale's problems per op. The base whose mixture is the
+scale's own is the shared one (`experiments/base.py`; 0% at cpu scale, 1% at minimal); the other three are pre-trained the same way with only the mixture changed, once each (a
 seed changes the RL prompts and sampling, not the base). The RL ops run from the base's too-easy band to the top of its
 edge band (`common.competence_bands`).
 """
@@ -15,20 +15,34 @@ edge band (`common.competence_bands`).
 from __future__ import annotations
 
 from experiments.base import ensure_base
-from experiments.common import SCALES, Claim, Evidence, cells, chosen, colors, competence_bands, error_bars, fmt, \
-    markdown_table, parse_args, per_op_summary, recorded_path, rl_pipeline, summary, write_results
+from experiments.common import SCALES, Claim, Evidence, block_config, cells, chosen, colors, competence_bands, \
+    error_bars, fmt, markdown_table, parse_args, per_op_summary, recorded_path, rl_pipeline, summary, write_results
 from experiments.common import check as check_results
+from jaxstages.data.pipeline import data_config
 
 SHARES = (0.0, 0.001, 0.01, 0.1)  # of pre-training problems in the second context, at the lowest op only
 
 
-def mixture(scale, share: float):
-  """The base's context mixture with the second context at `share` (only at the lowest op)."""
+def mixture(scale, share: float) -> tuple:
+  """The base's context mixture with the second context at `share` of the documents (only at the main context's
+  lowest op) and the main context's entries (their op ranges kept) sharing the rest in their proportions."""
   main, second = scale.contexts
-  lowest = scale.base["overrides"].get("data.task.op_range", (1, 4))[0]
-  if share == 0:
-    return ((main, 1.0),)
-  return ((main, round(1 - share, 6)), (second, share, (lowest, lowest)))
+  entries = [e for e in base_task(scale).mixture if e.context == main]
+  total = sum(e.weight for e in entries)
+  scaled = tuple((main, round((1 - share) * e.weight / total, 6), *([e.op_range] if e.op_range else []))
+                 for e in entries)
+  lowest = lowest_op(scale)
+  return scaled if share == 0 else (*scaled, (second, share, (lowest, lowest)))
+
+
+def base_task(scale):
+  """The shared base's task config (its mixture)."""
+  return data_config(block_config(scale, scale.base).data).task
+
+
+def lowest_op(scale) -> int:
+  """The main context's lowest pre-trained op: where the second context is seeded."""
+  return base_task(scale).op_range_of(scale.contexts[0])[0]
 
 
 def arm_name(share: float) -> str:
@@ -102,11 +116,11 @@ def main(argv=None) -> None:
     for key, label in (("before_rl", "before RL"), ("after_rl", "after RL")):
       rows.append([f"{name}, {label}", *[fmt(arm[key][str(op)]["pass@1"]) for op in ops],
                    *[fmt(arm[key][str(op)][f"pass@{kmax}"]) for op in ops]])
-  md = (f"Context {second} in pre-training only at op {mixture(scale, 0.01)[1][2][0]}; RL for {scale.rl_steps} steps "
+  md = (f"Context {second} in pre-training only at op {lowest_op(scale)}; RL for {scale.rl_steps} steps "
         f"on ops {rl_range[0]}-{rl_range[1]}, half {main_ctx}, half {second}. Strict pass@k (%) on context {second}, "
         f"{problems} problems x {scale.eval['n']} samples per op at temperature {scale.eval['temperature']}; after RL "
         f"mean ± spread over {args.seeds} seeds (before RL: the one base).\n\n" + markdown_table(header, rows))
-  lowest = mixture(scale, 0.01)[1][2][0]
+  lowest = lowest_op(scale)
   write_results(args, "context_seeding", results, md, plot=lambda p: plot(results, ops, ks, second, p),
                 evidence=evidence, claims=claims(tuple(op for op in ops if op > lowest), ks[-1], second), bands=bands)
   print(md)

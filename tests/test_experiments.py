@@ -164,10 +164,29 @@ def test_bands_follow_the_base_measured_competence():
   assert competence_bands(MINIMAL, evaluation)["reason"].startswith("the minimal scale's fixed ranges")
 
 
+def test_base_gate_holds_the_competent_base_figures():
+  cpu = SCALES["cpu"]
+  greedy = {"cells": [{"context": "p", "op": op, "pass@1": p1} for op, p1 in ((1, 0.95), (2, 0.85), (4, 0.62))]}
+  measured = {1: (0.8, 1.0), 4: (0.3, 0.9), 5: (0.05, 0.4), 8: (0.0, 0.01)}
+  evaluation = {"cells": [{"context": "p", "op": op, "pass@1": p1, "pass@64": p64} for op, (p1, p64) in
+                          measured.items()]}
+  assert base.check_gate(cpu, greedy, competence_bands(cpu, evaluation)) == []
+  greedy["cells"][1]["pass@1"] = 0.79  # op 2 below 80%
+  measured[5] = (0.12, 0.4)  # solved too often beyond the trained depth: no edge
+  evaluation["cells"][2]["pass@1"] = 0.12
+  assert base.check_gate(cpu, greedy, competence_bands(cpu, evaluation)) == [
+      "greedy pass@1 at p op 2 = 0.790, outside [0.8, 1.0]",
+      "no op in the edge band (op beyond the trained depth, pass@1 <= 10%, pass@K >= 30%) among ops 1, 4, 5, 8"]
+
+
 def test_context_seeding_reuses_the_shared_base_for_one_percent(workdir):
   results = run_experiment(context_seeding, workdir, "--arms", "1%")
   assert results["arms"]["1%"]["base_folder"] == str(base.ensure_base(MINIMAL, workdir).relative_to(workdir))
   assert context_seeding.mixture(MINIMAL, 0.0) == (("p", 1.0),)
+  # the cpu base's own mixture (no q) is its 0% arm; a seed of q keeps the rare tail of deeper p problems
+  cpu = SCALES["cpu"]
+  assert context_seeding.mixture(cpu, 0.0) == cpu.base["overrides"]["data.task.contexts"]
+  assert context_seeding.mixture(cpu, 0.01) == (("p", 0.98802, (1, 4)), ("p", 0.00198, (5, 6)), ("q", 0.01, (1, 1)))
   arm = results["arms"]["1%"]
   assert set(arm["after_rl"]) == set(arm["before_rl"]) == {"1", "2", "3"}  # the RL ops and one beyond
 
