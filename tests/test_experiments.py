@@ -16,7 +16,7 @@ import math
 
 from experiments import allocation, base, compute_allocation, context_seeding, distill_vs_rl, edge_of_competence, \
     online_vs_offline, process_reward, rl_efficiency, rl_scaling
-from experiments.common import SCALES, competence_bands
+from experiments.common import REPO, SCALES, cells, competence_bands
 from jaxstages.config import config_hash
 
 MINIMAL = SCALES["minimal"]
@@ -177,6 +177,25 @@ def test_base_gate_holds_the_competent_base_figures():
   assert base.check_gate(cpu, greedy, competence_bands(cpu, evaluation)) == [
       "greedy pass@1 at p op 2 = 0.790, outside [0.8, 1.0]",
       "no op in the edge band (op beyond the trained depth, pass@1 <= 10%, pass@K >= 30%) among ops 1, 4, 5, 8"]
+
+
+def test_readme_base_table_is_the_committed_base_evaluation():
+  """The README's table of the shared base is `experiments/results/base/results.json` (what `python -m
+  experiments.base` wrote for the committed artifact), and the committed base passes its gate there."""
+  results = json.loads((REPO / "experiments/results/base/results.json").read_text())
+  entry = results["bases"][results["base"]]
+  assert results["base"] == "experiments/artifacts/base-cpu" and entry["gate_failures"] == []
+  sampled, greedy = cells(entry["eval"]), cells(entry["greedy"])
+  readme = (REPO / "README.md").read_text()
+  table = readme[readme.index("### Learnability of the task world"):].split("\n\n")[2].splitlines()
+  rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table[2:]}
+  want = {"strict greedy pass@1": [greedy[("p", op)]["pass@1"] for op in range(1, 9)],
+          "strict pass@1 (temperature 1)": [sampled[("p", op)]["pass@1"] for op in range(1, 9)],
+          "strict pass@64": [sampled[("p", op)]["pass@64"] for op in range(1, 9)]}
+  for name, values in want.items():
+    assert [float(v.strip().rstrip("%")) for v in rows[name]] == [float(f"{100 * v:.1f}") for v in values], name
+  bands = results["bands"]["per_op"]
+  assert [c.strip().replace(" ", "-") for c in rows["band"]] == [bands[str(op)]["band"] for op in range(1, 9)]
 
 
 def test_context_seeding_reuses_the_shared_base_for_one_percent(workdir):
