@@ -148,5 +148,6 @@ def main(argv=None) -> None:
   if failed:
     raise SystemExit("the base misses its gate: " + "; ".join(failed))
 
+
 if __name__ == "__main__":
   main()

@@ -1,15 +1,16 @@
 """Does a skill learned in one context transfer to another, and how much of the new context must pre-training hold?
-Bases pre-trained with the second context q at 0%, 0.1%, 1% and 10% of the documents, q only at the lowest op (context
-p as in the shared base's mixture, sharing the rest), then RL on a 50/50 mix of p and q; strict pass@k on q across ops, before and after RL.
+Bases pre-trained with the second context q at 0%, 0.1%, 1% and 10% of the documents, q only at the lowest op
+(context p as in the shared base's mixture, sharing the rest), then RL on a 50/50 mix of p and q; strict pass@k on q
+across ops, before and after RL.
 
   python -m experiments.context_seeding [--seeds 3] [--scale cpu]
 
 The claim (Zhang, Neubig, Yue 2025): transfer to the new context needs a small seed of it in pre-training: with 0% or
 0.1% RL does not make the model solve the new context's harder problems, with ≥ 1% it does (up to +60 points
 pass@128). Evaluated on the second context only, with half the scale's problems per op. The base whose mixture is the
-scale's own is the shared one (`experiments/base.py`; 0% at cpu scale, 1% at minimal); the other three are pre-trained the same way with only the mixture changed, once each (a
-seed changes the RL prompts and sampling, not the base). The RL ops run from the base's too-easy band to the top of its
-edge band (`common.competence_bands`).
+scale's own is the shared one (`experiments/base.py`; 0% at cpu scale, 1% at minimal); the other three are
+pre-trained the same way with only the mixture changed, once each (a seed changes the RL prompts and sampling, not the
+base). The RL ops run from the base's too-easy band to the top of its edge band (`common.competence_bands`).
 """
 
 from __future__ import annotations
