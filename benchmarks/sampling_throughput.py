@@ -143,7 +143,8 @@ def decode_kernels(args) -> None:
   scfg = SamplingConfig(max_new_tokens=args.new, temperature=1.0, n=64, prompt_buckets=(args.prompt_len,))
   print(f"\nmodel {args.model} ({param_count(base):,} params), 64 prompts of {args.prompt_len} tokens x 64 samples, "
         f"{args.new} new tokens per row, temperature 1, float32\n")
-  print("| decode attention | seconds per call | generated tok/s | samples equal einsum's |\n| --- | ---: | ---: | --- |")
+  print("| decode attention | seconds per call | generated tok/s | samples equal einsum's |")
+  print("| --- | ---: | ---: | --- |")
   reference, first = None, None
   for impl in ("einsum", "decode"):
     model = create_model(base.replace(attention=impl), seed=0)
