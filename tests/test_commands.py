@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxstages.sharding import make_mesh
-from tests.stage_runs import ENV, REPO, SMALL
+from tests.stage_runs import ENV, REPO, SMALL, TOY_TOKENIZER
 
 JAXSTAGES = shutil.which("jaxstages")
 TINY = SMALL + ["data.seq_len=128"]
@@ -109,8 +109,6 @@ def test_plan_command(tmp_path):
   from jaxstages.flops import train_flops_per_token
   from jaxstages.model import param_count
   from jaxstages.model.config import stage_model_config
-  from tests.stage_runs import TOY_TOKENIZER
-
   out = _run("jaxstages", "plan", "--config", "configs/train.py:pretrain-toy",
              *[f"--config.{o}" for o in TINY + ["stage.steps=37"]])
   config = apply_overrides(load_config("configs/train.py:pretrain-toy"), TINY + ["stage.steps=37"])

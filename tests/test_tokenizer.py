@@ -16,6 +16,7 @@ import sentencepiece as spm
 from jaxstages.config import ConfigError
 from jaxstages.data import tasks
 from jaxstages.data import tokenizer as tk
+from tests.stage_runs import TOY_TOKENIZER
 
 N_TRAIN = 300
 SURFACES = {"symbolic": "pqr-uniform", "story": "story-uniform"}
@@ -287,8 +288,6 @@ def test_train_tokenizer_checks_and_determinism(toks):
 def test_the_committed_toy_tokenizer_is_the_one_a_symbolic_stage_trains():
   """A stage given no tokenizer trains `task_tokenizer` on its surface (2,000 problems); the committed toy base's
   tokenizer is that one byte for byte, so the stage tests read it instead (tests/stage_runs.TOY_TOKENIZER)."""
-  from tests.stage_runs import TOY_TOKENIZER
-
   trained = tk.task_tokenizer(tasks.TaskConfig(contexts="p-seed-q-1pct", op_range=(2, 6)))
   assert tk.load_tokenizer(TOY_TOKENIZER).model_proto == trained.model_proto
 

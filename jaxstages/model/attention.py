@@ -123,7 +123,8 @@ def _einsum(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 def _decode(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """The einsum's math with the contractions written as multiply-and-sum (float32), for a few queries per row."""
+  """The einsum's math with the contractions written as multiply-and-sum (float32), for a few queries per row:
+  q `[b, t, h, d]`, k and v `[b, kv, s, d]`, mask `[b, t, s]`; returns `[b, t, h, d]` in v's dtype."""
   b, t, h, d = q.shape
   kv = k.shape[1]
   g = h // kv

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from jaxstages.config import ConfigError, from_config, load_config
 
 ROPE_SCALING_TYPES = ("linear", "llama3")
-ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash", "blocked", "decode")  # jaxstages.model.attention
+# jaxstages.model.attention
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash", "blocked", "decode")
 REMAT_POLICIES = ("full", "dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
