@@ -210,7 +210,8 @@ def _outcome(run_dir: Path) -> list[dict]:
   return [{k: r[k] for k in ("stage", "kind", "steps", "tokens", "flops", "eval")} for r in report["stages"]]
 
 
-@pytest.mark.slow  # 2 x 2 stages and an evaluation, as 3 processes (~90 s); GRPO on 2 processes stays in the default run (above)
+# 2 x 2 stages and an evaluation, as 3 processes (~90 s); GRPO on 2 processes stays in the default run (above)
+@pytest.mark.slow
 def test_pipeline_and_eval_as_two_processes_report_what_one_process_does(tmp_path):
   """`jaxstages run` of pre-training -> GRPO as 2 processes ends with the report of 1 process (steps, tokens,
   FLOPs spent, evaluation cells); then `jaxstages eval` of its RL stage as 2 processes gives the cells of 1 (pass@k
