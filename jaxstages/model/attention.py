@@ -200,26 +200,42 @@ def _blocked_bwd(block, self_attention, residuals, d_out):
   b, kv, g, t, d = q.shape
   # D_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax backward's row term, without the probabilities
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  dk = jnp.zeros(k.shape, jnp.float32)
-  dv = jnp.zeros(v.shape, jnp.float32)
-  dqs = []
-  for qs, qe, ke in _query_blocks(t, k.shape[2], block, self_attention):
+  blocks = _query_blocks(t, k.shape[2], block, self_attention)
+  dqs, dk_parts, dv_parts = [], [], []
+  for qs, qe, ke in blocks:
     qb, kb, vb, dob = q[:, :, :, qs:qe], k[:, :, :ke], v[:, :, :ke], d_out[:, :, :, qs:qe]
     bq = qe - qs
     scores, mask = _block_scores(qb, kb, q_slots[:, qs:qe], q_segments[:, qs:qe], kv_slots[:, :ke],
                                  kv_segments[:, :ke])
     p = jnp.exp(scores - lse[:, :, :, qs:qe, None])  # [b, kv, g, bq, sk] float32
     fold = lambda x: x.reshape(b, kv, g * bq, x.shape[-1])
-    dv = dv.at[:, :, :ke].add(jnp.einsum("bkqs,bkqd->bksd", fold(p.astype(v.dtype)), fold(dob),
-                                         preferred_element_type=jnp.float32))
+    dv_parts.append(jnp.einsum("bkqs,bkqd->bksd", fold(p.astype(v.dtype)), fold(dob),
+                               preferred_element_type=jnp.float32))
     dp = jnp.einsum("bkqd,bksd->bkqs", fold(dob), vb, preferred_element_type=jnp.float32).reshape(p.shape)
     # masked scores get no gradient (as `jnp.where` gives the reference), even in rows that see no key at all
     ds = jnp.where(mask, p * (dp - delta[:, :, :, qs:qe]), 0.0) / math.sqrt(d)
     ds = fold(ds.astype(q.dtype))
     dqs.append(jnp.einsum("bkqs,bksd->bkqd", ds, kb, preferred_element_type=jnp.float32).reshape(b, kv, g, bq, d))
-    dk = dk.at[:, :, :ke].add(jnp.einsum("bkqs,bkqd->bksd", ds, fold(qb), preferred_element_type=jnp.float32))
+    dk_parts.append(jnp.einsum("bkqs,bkqd->bksd", ds, fold(qb), preferred_element_type=jnp.float32))
+  dk, dv = _sum_key_prefixes(dk_parts, blocks, k.shape), _sum_key_prefixes(dv_parts, blocks, v.shape)
   dq = jnp.concatenate(dqs, axis=3).astype(q.dtype)
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+def _sum_key_prefixes(parts: list[Array], blocks: list[tuple[int, int, int]], shape) -> Array:
+  """The keys' gradient `shape` (`[b, kv, s, d]`, float32) from each query block's over its visible prefix
+  (`parts[i]`: `[b, kv, ke_i, d]`): each run of keys between two prefix ends is summed over the blocks that see it and
+  the runs concatenated, so every key's gradient is written once (adding each block into a full-size buffer costs a
+  copy of the buffer per block on XLA:CPU)."""
+  ends = sorted({ke for _, _, ke in blocks})
+  runs, start = [], 0
+  for end in ends:
+    seen = [part[:, :, start:end] for part, (_, _, ke) in zip(parts, blocks) if ke >= end]
+    runs.append(functools.reduce(jnp.add, seen))
+    start = end
+  if start < shape[2]:  # keys no query block sees
+    runs.append(jnp.zeros((*shape[:2], shape[2] - start, shape[3]), jnp.float32))
+  return jnp.concatenate(runs, axis=2)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
