@@ -51,7 +51,7 @@ def rl_stage(scale: Scale, ops: tuple[int, int], seed: int, base, chat: bool = F
       **rl_prompt_len(scale, base, ops, chat=chat), **({"data.prompt": "chat"} if chat else {})})
 
 
-BASE = "base, half the problems"  # the base evaluated with the splits' protocol
+BASE = "base"  # the shared base, evaluated with the splits' protocol
 STAGES: dict[str, Callable[..., dict]] = {"midtrain": midtrain_stage, "sft": sft_stage, "rl": rl_stage}
 
 
@@ -116,20 +116,21 @@ def plot(results: dict, ops: list[int], ks: list[int], path) -> None:
 def allocate(args: argparse.Namespace, experiment: str, stages: Sequence[str], splits: Sequence[Sequence[float]],
              budget: float, band: str = "edge", claims: Callable[[list[str], int], list[Claim]] | None = None) -> dict:
   """Runs every split (`args.seeds` seeds each) from the shared base, evaluates each on the band's ops and the first
-  too-hard op (half the scale's problems per op), writes the results and returns them. `claims(arm names, k)`: the
+  too-hard op (the scale's problems per op), writes the results and returns them. `claims(arm names, k)`: the
   experiment's own claims (default: each split's gain over the base at pass@1 and the largest k)."""
   scale, evidence = SCALES[args.scale], Evidence(args, SCALES[args.scale])
   unknown = [s for s in stages if s not in STAGES]
   if unknown or len(set(stages)) != len(stages):
     raise SystemExit(f"--stages: {','.join(stages)} must name distinct stages among {','.join(STAGES)}")
   base = ensure_base(scale, args.workdir)
-  bands = competence_bands(scale, evidence.start("base", base))
+  base_eval = evidence.start(BASE, base)
+  bands = competence_bands(scale, base_eval)
   lo, hi = bands["ranges"][band]
   ops = sorted({*range(lo, hi + 1), bands["ranges"]["too-hard"][0]})
   ks = list(scale.eval["ks"])
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
-  problems = max(1, scale.eval["problems"] // 2)  # half the scale's problems per cell: many runs to evaluate
-  base_cells = cells(evidence.start(BASE, base, eval_ops=ops, problems=problems))
+  problems = scale.eval["problems"]
+  base_cells = cells(base_eval)
   results = {"stages": list(stages), "budget_flops": budget, "range": [lo, hi], "band": band,
              "base": {str(op): {m: summary([base_cells[("p", op)][m]]) for m in metrics} for op in ops}, "arms": {}}
   names = {arm_name(stages, s): s for s in splits}

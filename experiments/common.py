@@ -134,9 +134,10 @@ SCALES: dict[str, Scale] = {
         ranges={"too-easy": (1, 1), "in-distribution": (2, 4), "edge": (5, 6), "too-hard": (8, 8)},
         eval_ops=(1, 2, 3, 4, 5, 6, 7, 8),
         eval=dict(problems=256, n=64, ks=(1, 4, 16, 64), temperature=1.0),
-        # all-RL on the edge band (ops 5-6: 96-token prompts, 112 new tokens) spends ~2.05e11 FLOPs a step (an update of
-        # 256 x 208 tokens and the sampling; measured 1.42e11 on ops 2-4), so the budget gives all-RL >= 200 steps
-        budget_flops=4.2e13,
+        # all-RL on the edge band (ops 5-6: 96-token prompts, 112 new tokens) spends ~2.2e11 FLOPs a step (an update of
+        # 256 x 208 tokens and the sampling; edge_of_competence's edge runs spent 4.39-4.43e13 in 200 steps, its
+        # in-distribution ones 2.83e13), so the budget gives all-RL >= 200 steps
+        budget_flops=4.6e13,
         light_eval=dict(n=16, ks=(1, 4, 16)),
         sizes={"1 layer": dict(num_layers=1), "2 layers": dict(num_layers=2), "4 layers": dict(num_layers=4)},
         sft=dict(config="train.py:sft-toy", overrides=dict(_CPU_SFT, **_CPU_TASK)),

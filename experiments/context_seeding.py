@@ -7,7 +7,7 @@ across ops, before and after RL.
 
 The claim (Zhang, Neubig, Yue 2025): transfer to the new context needs a small seed of it in pre-training: with 0% or
 0.1% RL does not make the model solve the new context's harder problems, with ≥ 1% it does (up to +60 points
-pass@128). Evaluated on the second context only, with half the scale's problems per op. The base whose mixture is the
+pass@128). Evaluated on the second context only (the scale's problems per op). The base whose mixture is the
 scale's own is the shared one (`experiments/base.py`; 0% at cpu scale, 1% at minimal); the other three are
 pre-trained the same way with only the mixture changed, once each (a seed changes the RL prompts and sampling, not the
 base). The RL ops run from the base's too-easy band to the top of its edge band (`common.competence_bands`).
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
   ops = sorted({*range(rl_range[0], rl_range[1] + 1), hi + 1})
   ks = list(scale.eval["ks"])
   metrics = [f"pass@{k}" for k in ks] + ["answer@1"]
-  problems = max(1, scale.eval["problems"] // 2)  # half the scale's problems per cell: eight bases and runs to evaluate
+  problems = scale.eval["problems"]
   results = {"rl_range": rl_range, "rl_contexts": {main_ctx: 0.5, second: 0.5}, "arms": {}}
   names = {arm_name(s): s for s in SHARES}
   for name in chosen(list(names), args):

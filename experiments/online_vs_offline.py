@@ -30,7 +30,7 @@ ARMS = {"grpo": "GRPO (online)",
         "dpo-online": "DPO, pairs sampled from the policy (online)"}
 TRAIN_OPS = {"cpu": (1, 2), "minimal": (1, 1), "accelerator": (7, 10)}
 CHAT_PROMPT_LEN = {"cpu": 96, "minimal": 96, "accelerator": 1024}
-EVAL_PROBLEMS = {"cpu": 32, "minimal": 2, "accelerator": 128}
+EVAL_PROBLEMS = {"cpu": 256, "minimal": 2, "accelerator": 128}
 START = "SFT start"
 
 
