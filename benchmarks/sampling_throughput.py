@@ -4,7 +4,7 @@ prefill across a GRPO group saves against prefilling n copies of the prompt.
 
   python benchmarks/sampling_throughput.py [--model toy] [--batches 1,16,128] [--prompt-len 64] [--new 64]
   python benchmarks/sampling_throughput.py --reshard --host-devices 8   # + the cost of resharding params per call
-  python benchmarks/sampling_throughput.py --kernels --model toy           # decode attention: einsum vs decode
+  python benchmarks/sampling_throughput.py --kernels --model toy           # decode attention and token choice
 
 Every decoder generates exactly `--new` tokens per row greedily (no stop tokens), so all three do the same work.
 Compile time is reported apart from the timed (warm) calls. Prints Markdown for benchmarks/RESULTS.md.
@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxstages.model import create_model, model_config, param_count
 from jaxstages.model.hf import export_hf
+from jaxstages import sampling
 from jaxstages.sampling import SamplingConfig, greedy_uncached, sample, without_fsdp
 from jaxstages.sharding import MeshConfig, make_mesh
 from train_throughput import timed  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
@@ -136,26 +137,33 @@ def main() -> None:
 
 def decode_kernels(args) -> None:
   """The sampler with each attention kernel for one-token decoding on the same weights and seed: 64 prompts x 64
-  samples at temperature 1 (an evaluation's batch), `--new` tokens per row; the samples must be the same."""
+  samples at temperature 1 (an evaluation's batch), `--new` tokens per row; then the decode kernel with the token
+  choice done by `jax.random.categorical` in place of `jaxstages.sampling.categorical`. The samples must be the same."""
   base = model_config(args.model)
   params = nnx.state(create_model(base, seed=0), nnx.Param)
   prompts = np.random.default_rng(0).integers(1, base.vocab_size, (64, args.prompt_len)).tolist()
   scfg = SamplingConfig(max_new_tokens=args.new, temperature=1.0, n=64, prompt_buckets=(args.prompt_len,))
   print(f"\nmodel {args.model} ({param_count(base):,} params), 64 prompts of {args.prompt_len} tokens x 64 samples, "
         f"{args.new} new tokens per row, temperature 1, float32\n")
-  print("| decode attention | seconds per call | generated tok/s | samples equal einsum's |")
-  print("| --- | ---: | ---: | --- |")
-  reference, first = None, None
-  for impl in ("einsum", "decode"):
+  print("| decode attention | token choice | seconds per call | generated tok/s | samples equal the first row's |")
+  print("| --- | --- | ---: | ---: | --- |")
+  reference, times = None, []
+  ours = sampling.categorical
+  for impl, choice in (("einsum", ours), ("decode", ours), ("decode", jax.random.categorical)):
+    sampling.categorical = choice  # read when the sampler is traced: clear the compiled calls so it is re-traced
+    jax.clear_caches()
     model = create_model(base.replace(attention=impl), seed=0)
     nnx.update(model, params)
     run = lambda: jax.block_until_ready(sample(model, prompts, scfg, seed=1).tokens)
     tokens = np.asarray(run())
     reference = tokens if reference is None else reference
-    t = timed(run, args.repeats, warmup=0)
-    first = first or t
-    print(f"| {impl} | {t:.2f} | {64 * 64 * args.new / t:,.0f} | {np.array_equal(tokens, reference)} |")
-  print(f"\ndecode kernel: {first / t:.2f}x the einsum's speed")
+    times.append(timed(run, args.repeats, warmup=0))
+    name = "jaxstages.sampling.categorical" if choice is ours else "jax.random.categorical"
+    print(f"| {impl} | {name} | {times[-1]:.2f} | {64 * 64 * args.new / times[-1]:,.0f} | "
+          f"{np.array_equal(tokens, reference)} |")
+  sampling.categorical = ours
+  print(f"\ndecode kernel: {times[0] / times[1]:.2f}x the einsum's speed; the sampler's categorical: "
+        f"{times[2] / times[1]:.2f}x jax.random.categorical's")
 
 
 def reshard_cost(args) -> None:

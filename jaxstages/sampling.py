@@ -166,9 +166,19 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig,
     sampled_lp = jnp.zeros(tokens.shape, jnp.float32)
   else:
     x = truncate_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    tokens = jax.vmap(jax.random.categorical)(keys, x)
+    tokens = jax.vmap(categorical)(keys, x)
     sampled_lp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens[:, None], axis=-1)[:, 0]
   return tokens.astype(jnp.int32), sampled_lp, jnp.take_along_axis(model_lp, tokens[:, None], axis=-1)[:, 0]
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+  """`jax.random.categorical(key, logits)` for one row `logits [vocab]`, token for token (the same Gumbel noise, the
+  same first index of the maximum), with the argmax written as a max and a min over the indices that reach it: XLA:CPU
+  runs `jnp.argmax`'s variadic reduction ~2x slower, and with the noise fused alongside it a decode step's sampling
+  took ~1.8x as long (4,096 rows x 512)."""
+  y = jax.random.gumbel(key, logits.shape, logits.dtype) + logits
+  index = jax.lax.broadcasted_iota(jnp.int32, y.shape, 0)
+  return jnp.min(jnp.where(y == jnp.max(y), index, y.shape[0]))
 
 
 def truncate_logits(x: jax.Array, top_k: int, top_p: float) -> jax.Array:

@@ -1,13 +1,14 @@
 """The sampler against references computed another way: uncached argmax decoding, teacher-forced log-probs, the
 model's softmax (chi-square), and itself on another mesh."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxstages.model import create_model
-from jaxstages.sampling import (SamplingConfig, _generate, greedy_uncached, sample, sequence_log_probs,
-                                 without_fsdp)
+from jaxstages.sampling import (SamplingConfig, _generate, categorical, greedy_uncached, sample,
+                                 sequence_log_probs, without_fsdp)
 from jaxstages.sharding import MeshConfig, make_mesh
 
 PROMPTS = [[5, 9, 17], [3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 8, 100, 2, 64]]
@@ -29,6 +30,17 @@ def peaked_model(tiny_cfg):
 def uncached_greedy(model, prompt, steps):
   """The reference: a full forward over the whole sequence at every step, no cache (one compile per prompt length)."""
   return np.asarray(greedy_uncached(model, np.asarray([prompt]), steps))[0].tolist()
+
+
+def test_categorical_is_jax_random_categorical_token_for_token():
+  """The sampler's categorical (a max and a first index in place of argmax) against JAX's own, on flat, peaked and
+  truncated rows (-inf entries, as top-k / top-p / banned tokens leave them)."""
+  logits = jax.random.normal(jax.random.key(1), (3000, 97)) * jnp.array([[0.1], [1.0], [8.0]]).repeat(1000, 0)
+  logits = logits.at[::2, :40].set(-jnp.inf).at[1::7, 50:].set(-jnp.inf)
+  keys = jax.random.split(jax.random.key(0), logits.shape[0])
+  ours = jax.jit(jax.vmap(categorical))(keys, logits)
+  np.testing.assert_array_equal(ours, jax.vmap(jax.random.categorical)(keys, logits))
+  assert not np.isin(np.asarray(ours)[::2], np.arange(40)).any()
 
 
 def test_greedy_cached_decoding_equals_uncached_argmax(model):
