@@ -407,14 +407,15 @@ def evaluate_start(scale: Scale, source: str | Path, workdir: str | Path, eval_o
                    contexts: Sequence[str] | None = None, problems: int | None = None,
                    samples: Mapping | None = None, prompt: str = "document", cached: bool = True) -> dict:
   """The scale's evaluation of a start model (a stage or params folder) with document (or chat) prompts, cached in
-  `<workdir>/<scale>/evals/` by the folder's name and the evaluation's config hash (`cached=False`: evaluated again,
+  `<workdir>/<scale>/evals/` by the folder's name, the config hash of the model in it (`folder_hash`: a folder
+  re-filled with another model is evaluated again) and the evaluation's config hash (`cached=False`: evaluated again,
   the cache left as it is)."""
 
   source = Path(source)
   cfg = EvalConfig.from_config(dict(eval_protocol(scale, eval_ops, contexts, problems, samples), prompt=prompt))
   task = rl_data(scale).task  # the problems the runs after the start are evaluated on (e.g. operands on one chain)
   key = config_hash({"eval": dataclasses.asdict(cfg), "task": dataclasses.asdict(task)})
-  path = Path(workdir) / scale.name / "evals" / f"{source.name}-{key}.json"
+  path = Path(workdir) / scale.name / "evals" / f"{source.name}-{folder_hash(source)}-{key}.json"
   if cached and path.exists() and "correct" in json.loads(path.read_text())["cells"][0]:  # older: no per-problem
     return json.loads(path.read_text())
 

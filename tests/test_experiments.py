@@ -9,12 +9,11 @@ its provenance, claims with bootstrap intervals and the per-problem evaluations 
 runs a three-stage split (mid-training / SFT / RL) end to end."""
 
 import json
+import math
 
 import pytest
 
-import math
-
-from experiments import allocation, base, compute_allocation, context_seeding, distill_vs_rl, edge_of_competence, \
+from experiments import allocation, base, common, compute_allocation, context_seeding, distill_vs_rl, edge_of_competence, \
     online_vs_offline, process_reward, rl_efficiency, rl_scaling
 from experiments.common import REPO, SCALES, cells, competence_bands
 from jaxstages.config import config_hash
@@ -196,6 +195,24 @@ def test_readme_base_table_is_the_committed_base_evaluation():
     assert [float(v.strip().rstrip("%")) for v in rows[name]] == [float(f"{100 * v:.1f}") for v in values], name
   bands = results["bands"]["per_op"]
   assert [c.strip().replace(" ", "-") for c in rows["band"]] == [bands[str(op)]["band"] for op in range(1, 9)]
+
+
+def test_start_evaluation_cache_is_keyed_by_the_model_in_the_folder(tmp_path, monkeypatch):
+  """A start model's evaluation is cached by folder name and the config hash of the model in it: a folder of the same
+  name re-filled with another model (a re-made artifact) is evaluated again, not served the old numbers."""
+  made = []
+  monkeypatch.setattr(common, "load_model", lambda folder, mesh: folder)
+  monkeypatch.setattr(common, "load_tokenizer", lambda folder: None)
+  monkeypatch.setattr(common, "evaluate", lambda model, *a, **k: made.append(model) or {"cells": [{"correct": []}]})
+  folder = tmp_path / "base-cpu"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps({"stage": {"steps": 3000}}))
+  common.evaluate_start(MINIMAL, folder, tmp_path / "work")
+  common.evaluate_start(MINIMAL, folder, tmp_path / "work")
+  assert len(made) == 1
+  (folder / "config.json").write_text(json.dumps({"stage": {"steps": 16000}}))
+  common.evaluate_start(MINIMAL, folder, tmp_path / "work")
+  assert len(made) == 2
 
 
 def test_context_seeding_reuses_the_shared_base_for_one_percent(workdir):
