@@ -21,6 +21,7 @@ import platform
 import tempfile
 import time
 
+import jaxstages  # noqa: F401  (before jax: it sets the C allocator up for XLA:CPU, jaxstages/host.py)
 import jax
 import numpy as np
 

@@ -20,6 +20,7 @@ import time
 if "--single-core" in sys.argv:  # before jax sizes its thread pools: this process (JAX and PyTorch) on one core
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
+import jaxstages  # noqa: F401  (before jax: it sets the C allocator up for XLA:CPU, jaxstages/host.py)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -6,7 +6,7 @@ torch, transformers, tokenizers, matplotlib, tensorboardX), which load only when
 the table below and enforces it. Bottom to top:
 
   layer  name        modules
-  1      base        config, metrics, runfolder, sharding, state, optim, checkpoint
+  1      base        host, config, metrics, runfolder, sharding, state, optim, checkpoint
   2      data        data, data.tasks, data.tokenizer, data.pipeline, rewards
   3      model       model, model.config, model.attention, model.transformer, model.hf, model.io, flops, losses
   4      forwards    sampling, apply
@@ -17,9 +17,10 @@ the table below and enforces it. Bottom to top:
   8      drivers     schedule, smoke
   9      cli         cli
 
-- base: configs, metrics files and progress, run folders (one writer's lock, safe names, a failed start undone),
-  meshes and shardings, the train state, the optimizer, and checkpoints of train states (orbax; a stage's params
-  alone for the hand-off, `restore_params`, checked against their manifests).
+- base: the host's C allocator set up for XLA:CPU (`host`, run on import), configs, metrics files and progress, run
+  folders (one writer's lock, safe names, a failed start undone), meshes and shardings, the train state, the
+  optimizer, and checkpoints of train states (orbax; a stage's params alone for the hand-off, `restore_params`,
+  checked against their manifests).
 - data: the synthetic task world, tokenizers, grain pipelines, and the verifier's rewards.
 - model: the decoder, HF import / export, and loading any model folder (`model.io`: `load_model`, `load_stage`,
   `export_stage`); FLOP counts of a model; every loss building block and divergence (`losses`: token log-probs,
@@ -35,6 +36,10 @@ A package's `__init__` may import its own modules (the package re-exports them);
 """
 
 __version__ = "0.1.0"
+from jaxstages import host
+
+host.keep_freed_memory()  # before XLA's threads first allocate: see jaxstages/host.py
+
 from jaxstages.model.config import ModelConfig, model_config, param_count
 from jaxstages.model.transformer import KVCache, Transformer, create_model
 
