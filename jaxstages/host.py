@@ -8,8 +8,8 @@ PyTorch, which allocates on its own thread in smaller blocks, faults almost neve
 `keep_freed_memory` makes every thread allocate from the main heap and keeps what is freed there for the next call
 (`mallopt`: one arena, no mapped blocks, no trimming). The cost: the process keeps its peak memory until it exits.
 
-It must run before XLA's threads first allocate, so `jaxstages/__init__.py` calls it when the package is imported
-(before any computation, as long as nothing ran a JAX computation before `import jaxstages`). Set
+It must run before a second thread first allocates (glibc fixes its number of arenas then, and importing jax starts
+a thread), so `jaxstages/__init__.py` calls it when the package is imported: import jaxstages before jax. Set
 `JAXSTAGES_MALLOC=system` in the environment to leave the allocator as it is.
 """
 
