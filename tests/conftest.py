@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxs
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jaxstages  # noqa: E402,F401  (first: it sets the C allocator up before jax starts a thread, jaxstages/host.py)
+import jaxstages  # noqa: E402,F401  (before jax: the C allocator set-up, where no other thread has allocated yet; host.py)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
