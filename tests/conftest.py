@@ -17,7 +17,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxs
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jaxstages  # noqa: E402,F401  (before jax: the C allocator set-up, where no other thread has allocated yet; host.py)
+# before jax: the C allocator set-up (jaxstages/host.py) takes effect where no other thread has allocated yet
+import jaxstages  # noqa: E402,F401
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
