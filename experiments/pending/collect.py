@@ -1,0 +1,41 @@
+"""Copies an experiment's finished runs (without checkpoints) from runs/experiments/cpu/runs into
+experiments/pending/NAME, so a later session on a fresh machine can put them back instead of re-running them, and
+writes the table of each run's strict pass@1 / pass@64 per evaluated op into experiments/pending/NAME/README.md (below
+the line `<!-- runs -->`; the text above it is kept). Run from the repository root:
+
+  python experiments/pending/collect.py edge_of_competence
+
+To put the runs back on a fresh machine: copy each folder into runs/experiments/cpu/runs/ (a run with report.json is
+skipped by the experiment; it re-evaluates nothing it has)."""
+import json, shutil, sys
+from pathlib import Path
+
+name = sys.argv[1]
+src, dst = Path("runs/experiments/cpu/runs"), Path("experiments/pending") / name
+dst.mkdir(parents=True, exist_ok=True)
+rows = []
+for run in sorted(src.iterdir()):
+  cfg = json.loads((run / "config.json").read_text())
+  if not cfg["name"].startswith(name + "-") or not (run / "report.json").exists():
+    continue
+  out = dst / run.name
+  if out.exists():
+    shutil.rmtree(out)
+  shutil.copytree(run, out, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", ".jaxstages.lock"))
+  ev = json.loads((run / "report.json").read_text())["stages"][-1]["eval"]
+  cells = ev if isinstance(ev, list) else ev["cells"]
+  rows.append((cfg["name"].removeprefix(name + "-"), run.name, cells))
+rows.sort()
+ops = [c["op"] for c in rows[0][2]] if rows else []
+base = json.loads(Path("experiments/results/base/results.json").read_text())
+base_cells = {c["op"]: c for c in base["bases"][base["base"]]["eval"]["cells"]}
+pct = lambda c: f"{100 * c['pass@1']:.1f} / {100 * c['pass@64']:.1f}"
+table = ["| run (arm-seed) | folder | " + " | ".join(f"op {o}" for o in ops) + " |",
+         "| --- | --- | " + " | ".join("---:" for _ in ops) + " |",
+         "| base | `experiments/artifacts/base-cpu` | " + " | ".join(pct(base_cells[o]) for o in ops) + " |",
+         *(f"| {arm} | `{folder}` | " + " | ".join(pct(c) for c in cells) + " |" for arm, folder, cells in rows)]
+readme = dst / "README.md"
+head = readme.read_text().split("<!-- runs -->")[0] if readme.exists() else f"# {name}: finished runs\n\n"
+readme.write_text(head + "<!-- runs -->\n\nStrict pass@1 / pass@64 (%) per op; one seed per row (no intervals until the "
+                  "experiment's own results).\n\n" + "\n".join(table) + "\n")
+print(readme.read_text())
