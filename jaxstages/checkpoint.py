@@ -256,6 +256,12 @@ def _key(entry) -> str:
   return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
 
 
+def _params_metadata(step_dir: epath.Path):
+  """The array metadata (shapes, dtypes) of a step's `params` item, read by the item's handler: a `Checkpointer`
+  would look for step metadata inside the item folder and log that it is missing on every read."""
+  return ocp.StandardCheckpointHandler().metadata(step_dir / "params")
+
+
 def _tree_of(metadata):
   """The pytree of array metadata inside an orbax metadata object (its shape differs across orbax APIs)."""
   tree = getattr(metadata, "item_metadata", metadata)
@@ -287,8 +293,7 @@ def check_fits(directory: str | epath.Path, target_params: Any) -> None:
   steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit()), reverse=True) if path.exists() else []
   for step in steps:
     try:
-      with ocp.StandardCheckpointer() as reader:
-        metadata = reader.metadata(path / str(step) / "params")
+      metadata = _params_metadata(path / str(step))
     except Exception:  # noqa: BLE001 - a damaged step: the restore sets it aside
       continue
     try:
@@ -343,8 +348,7 @@ def restore_params(directory: str | epath.Path, target_params: Any, shardings: A
 
 
 def _restore_params_step(manager, path: epath.Path, step: int, target_params: Any, shardings: Any, directory):
-  with ocp.StandardCheckpointer() as reader:
-    metadata = reader.metadata(path / str(step) / "params")
+  metadata = _params_metadata(path / str(step))
   saved = _tree_of(metadata)
   wrapped = (isinstance(saved, Mapping) and POLICY in saved and len(saved) > 1
              and not (isinstance(target_params, Mapping) and POLICY in target_params))
