@@ -436,8 +436,9 @@ def cells(result: Mapping | Sequence[Mapping]) -> dict[tuple[str, int], dict]:
 
 
 def stage_metrics(run_dir: str | Path, stage_name: str, keys: Sequence[str]) -> list[dict]:
-  """Rows of a stage's `metrics.jsonl` (training rows only) holding `step` and `keys`."""
-  rows = [r for r in read_metrics(Path(run_dir) / stage_name / "metrics.jsonl") if keys[0] in r]
+  """Rows of a stage's `metrics.jsonl` (training rows only, one per step as the run went on: `read_metrics`)
+  holding `step` and `keys`."""
+  rows = [r for r in read_metrics(Path(run_dir) / stage_name / "metrics.jsonl", as_run=True) if keys[0] in r]
   return [{"step": r["step"], **{k: r.get(k) for k in keys}} for r in rows]
 
 

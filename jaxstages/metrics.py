@@ -116,15 +116,26 @@ def write_atomic(path: str | Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-  """The rows of a `metrics.jsonl`; a line that is not JSON fails naming the file and the line number."""
+def read_metrics(path: str | Path, as_run: bool = False) -> list[dict]:
+  """The rows of a `metrics.jsonl`; a line that is not JSON fails naming the file and the line number.
+
+  The file keeps every attempt's rows. `as_run=True` gives the run as it went on: when a resumed attempt logs a
+  step again (or one before a step already logged), the earlier attempt's rows from that step on are dropped, so
+  each step has the row of the attempt that continued (what TensorBoard shows too) and curves of resumed and
+  uninterrupted runs line up step for step."""
   rows = []
   for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
     if line.strip():
       try:
-        rows.append(json.loads(line))
+        row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {number}: not a JSON object ({e.msg}): {line[:80]!r}") from None
+      step = row.get("step")
+      if as_run and step is not None and any(
+          r.get("step") is not None and (r["step"] > step or (r["step"] == step and r.keys() == row.keys()))
+          for r in rows):
+        rows = [r for r in rows if r.get("step") is None or r["step"] < step]
+      rows.append(row)
   return rows
 
 

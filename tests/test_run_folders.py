@@ -373,6 +373,31 @@ def test_tensorboard_tags_are_grouped_constants_written_once_and_a_resume_purges
   assert sorted(points["train/lr"]) == [1, 3]  # once per attempt: the resumed writer's first value
 
 
+def test_metrics_as_the_run_went_keep_the_resumed_attempts_rows(tmp_path):
+  """metrics.jsonl keeps every attempt's rows; read as the run went on, a step logged again by a resumed attempt has
+  only the later row, and rows of another kind at the same step (an evaluation) stay."""
+  from jaxstages.metrics import MetricsWriter, read_metrics
+
+  first = MetricsWriter(tmp_path, tensorboard=False)
+  for step in (5, 10, 15, 20):
+    first.write(step, {"loss": 1.0, "attempt": 1})
+    if step == 10:
+      first.write(step, {"eval_loss": 2.0})
+  first.close()
+  again = MetricsWriter(tmp_path, tensorboard=False, resumed_from=10)  # killed after 20, resumed from step 10
+  for step in (15, 20, 25):
+    again.write(step, {"loss": 0.5, "attempt": 2})
+  again.close()
+  assert len(read_metrics(tmp_path / "metrics.jsonl")) == 8
+  run = [(r["step"], r.get("attempt", "eval")) for r in read_metrics(tmp_path / "metrics.jsonl", as_run=True)]
+  assert run == [(5, 1), (10, 1), (10, "eval"), (15, 2), (20, 2), (25, 2)]
+  third = MetricsWriter(tmp_path, tensorboard=False, resumed_from=20)  # killed after logging 25, resumed from 20
+  third.write(25, {"loss": 0.25, "attempt": 3})
+  third.close()
+  assert [r.get("attempt") for r in read_metrics(tmp_path / "metrics.jsonl", as_run=True)][-1] == 3
+  assert len(read_metrics(tmp_path / "metrics.jsonl", as_run=True)) == 6
+
+
 def test_the_tensorboard_writer_starts_without_loading_torch_and_leaves_it_importable(tmp_path):
   """tensorboardX imports PyTorch when it is installed (3 s of every run's start-up); the metrics writer keeps it
   out, writes its events all the same, and a later `import torch` still works."""
