@@ -5,18 +5,33 @@ the line `<!-- runs -->`; the text above it is kept). Run from the repository ro
 
   python experiments/pending/collect.py edge_of_competence
 
-To put the runs back on a fresh machine: copy each folder into runs/experiments/cpu/runs/ (a run with report.json is
-skipped by the experiment; it re-evaluates nothing it has)."""
+With --unfinished it also copies the runs still in progress, with their latest checkpoint only, into
+experiments/pending/NAME/unfinished/ (a session that stops mid-run commits them; the next resumes them exactly).
+
+To put the runs back on a fresh machine: copy each folder (and each unfinished one) into runs/experiments/cpu/runs/
+(a run with report.json is skipped by the experiment; an unfinished one resumes from its checkpoint)."""
 import json, shutil, sys
 from pathlib import Path
 
-name = sys.argv[1]
+name, unfinished = sys.argv[1], "--unfinished" in sys.argv[2:]
 src, dst = Path("runs/experiments/cpu/runs"), Path("experiments/pending") / name
 dst.mkdir(parents=True, exist_ok=True)
+if (dst / "unfinished").exists():
+  shutil.rmtree(dst / "unfinished")
 rows = []
 for run in sorted(src.iterdir()):
   cfg = json.loads((run / "config.json").read_text())
-  if not cfg["name"].startswith(name + "-") or not (run / "report.json").exists():
+  if not cfg["name"].startswith(name + "-"):
+    continue
+  if not (run / "report.json").exists():
+    if unfinished:  # every stage folder, each with its latest checkpoint step only
+      out = dst / "unfinished" / run.name
+      shutil.copytree(run, out, ignore=shutil.ignore_patterns("tensorboard", ".jaxstages.lock"))
+      for steps in out.glob("*/checkpoints"):
+        numbered = sorted((s for s in steps.iterdir() if s.name.isdigit()), key=lambda s: int(s.name))
+        for old in numbered[:-1]:
+          shutil.rmtree(old)
+      print(f"unfinished: {run.name} ({cfg['name']})")
     continue
   out = dst / run.name
   if out.exists():
