@@ -5,7 +5,8 @@ in-distribution, the edge of competence, too hard), then strict pass@k on every 
 
 The claim (Zhang, Neubig, Yue 2025): RL on the edge range raises pass@k at large k (new problems solved at all), RL on
 in-distribution problems raises pass@1 but not pass@k at large k (it sharpens what the base already does), RL on
-too-hard problems does nothing (no sample is ever rewarded). Every arm takes the same number of RL steps; a seed
+too-hard problems does nothing (no sample is ever rewarded), and RL on too-easy problems (already solved) does not
+reach the edge either. Every arm takes the same number of RL steps; a seed
 changes the RL prompts and sampling (the base is shared). Reward curves come from each run's `metrics.jsonl`. The
 op ranges are the bands of the base's measured competence (`common.competence_bands`), else the scale's fixed ones.
 """
@@ -28,6 +29,8 @@ def claims(scale, k: int) -> list[Claim]:
           Claim("in-distribution RL sharpens: pass@1 up", "in-distribution", "base", "in-distribution", "pass@1", +1),
           Claim("in-distribution RL sharpens: pass@k unchanged", "in-distribution", "base", "in-distribution",
                 f"pass@{k}", 0),
+          Claim("RL on too-easy problems leaves the edge unchanged", "too-easy", "base", "edge", f"pass@{k}", 0),
+          Claim("RL on the edge beats RL on too-easy problems there", "edge", "too-easy", "edge", f"pass@{k}", +1),
           Claim("RL on too-hard problems changes nothing", "too-hard", "base", tuple(scale.eval_ops), "pass@1", 0)]
 
 
