@@ -36,20 +36,28 @@ def claims(scale, k: int) -> list[Claim]:
 
 def plot(results: dict, ks: list[int], ops: list[int], path) -> None:
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(ops) + 1, figsize=(3.2 * (len(ops) + 1), 3.2))
+  panels = len(ops) + 1  # one per op and the reward curves, at most five to a row
+  ncols = min(panels, 5)
+  nrows = -(-panels // ncols)
+  fig, grid = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+  axes = list(grid.flat)
+  for ax in axes[panels:]:
+    ax.axis("off")
   color = colors(["base", *ARMS])
+  band = {op: arm for arm, (lo, hi) in results["ranges"].items() for op in range(lo, hi + 1)}
   for ax, op in zip(axes, ops):
     for arm in ["base", *results["arms"]]:
       ys, yerr = error_bars(results, arm, [(f"p/{op}", f"pass@{k}") for k in ks])
       ax.errorbar(ks, ys, yerr=yerr, marker="o", ms=3, capsize=2, label=arm, ls="--" if arm == "base" else "-",
                   color=color[arm])
     ax.set_xscale("log", base=2)
-    ax.set_title(f"op {op}")
+    ax.set_title(f"op {op} ({band[op]})" if op in band else f"op {op}")
     ax.set_xlabel("k (samples per problem)")
     ax.set_ylim(0, 1)
-  axes[0].set_ylabel("strict pass@k (95% bootstrap interval)")
+  for row in grid:
+    row[0].set_ylabel("strict pass@k (95% bootstrap interval)", fontsize=8)
   axes[0].legend(fontsize=7)
-  ax = axes[-1]
+  ax = axes[panels - 1]
   for arm, curves in results["reward_curves"].items():
     steps = [r["step"] for r in curves[0]]
     rates = [[c[i]["pass_rate"] for c in curves] for i in range(len(steps))]
