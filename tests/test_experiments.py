@@ -10,6 +10,7 @@ runs a three-stage split (mid-training / SFT / RL) end to end."""
 
 import json
 import math
+import re
 
 import pytest
 
@@ -195,6 +196,32 @@ def test_readme_base_table_is_the_committed_base_evaluation():
     assert [float(v.strip().rstrip("%")) for v in rows[name]] == [float(f"{100 * v:.1f}") for v in values], name
   bands = results["bands"]["per_op"]
   assert [c.strip().replace(" ", "-") for c in rows["band"]] == [bands[str(op)]["band"] for op in range(1, 9)]
+
+
+def test_readme_claim_verdicts_are_the_committed_results():
+  """Every verdict in a claims table of experiments/README.md is the one its section's committed results.json gives
+  (the results beside the section's figure), with the same interval: a verdict is never written by hand."""
+  readme = (REPO / "experiments/README.md").read_text()
+  checked = 0
+  for section in readme.split("\n## ")[1:]:
+    figure = re.search(r"!\[[^]]*\]\(([^)]+\.png)\)", section)
+    lines = section.splitlines()
+    header = [i for i, line in enumerate(lines) if line.startswith("| claim | difference |")]
+    if not header:
+      continue
+    assert figure, f"section {lines[0]!r} has a claims table but no figure naming its results"
+    results = json.loads(((REPO / "experiments" / figure.group(1)).parent / "results.json").read_text())
+    by_text = {c["text"]: c for c in results["claims"]}
+    for line in lines[header[0] + 2:]:
+      if not line.startswith("|"):
+        break
+      cols = [c.strip() for c in line.split("|")[1:-1]]
+      if cols[-1] not in ("supported", "contradicted", "inconclusive"):
+        continue  # an arm still running
+      claim = by_text[cols[0]]
+      assert (cols[-2], cols[-1]) == (common.interval_text(claim), claim["verdict"]), cols[0]
+      checked += 1
+  assert checked >= 6
 
 
 def test_start_evaluation_cache_is_keyed_by_the_model_in_the_folder(tmp_path, monkeypatch):
