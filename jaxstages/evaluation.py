@@ -143,9 +143,7 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   for context in contexts:
     for op in cfg.ops:
       problems = tasks.eval_set(task_cfg, op=op, context=context, n=cfg.problems, seed=cfg.seed)
-      # the gold solution of an `op`-step problem with slack, and room for the think tags and the answer after them
-      default_new = (16 * op + 16) * (2 if task_cfg.surface == "story" else 1) + (16 if think is not None else 0)
-      scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens or default_new,
+      scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens or default_max_new_tokens(task_cfg, op, think),
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n,
                             stop_tokens=stops, think_budget=cfg.think_budget,
                             think_open_id=_id(tokenizer.think_open_id), think_close_id=_id(tokenizer.think_close_id),
@@ -186,6 +184,12 @@ def evaluate(model: Transformer, tokenizer, task_cfg: tasks.TaskConfig, cfg: Eva
   if bar is not None:
     bar.close()
   return {"config": dataclasses.asdict(cfg), "cells": cells}
+
+
+def default_max_new_tokens(task_cfg: tasks.TaskConfig, op: int, think: bool | None = None) -> int:
+  """The evaluation's length budget for an `op`-step problem: its gold solution with slack, and room for the think
+  tags and the answer after them when `think` is set."""
+  return (16 * op + 16) * (2 if task_cfg.surface == "story" else 1) + (16 if think is not None else 0)
 
 
 def problem_id(problem: tasks.Problem) -> str:

@@ -1,6 +1,6 @@
 """The command line, run as a user runs it (the `jaxstages` console script and `tools/`, in processes): `smoke`,
-`plan`, `data show`, `tools/export_params.py`, a stage started from `init_from=hf:FOLDER`, and `eval` of a PPO
-checkpoint with a separate critic. Each result is checked against a value read another way. `smoke` and the PPO
+`plan`, `data show`, `tools/export_params.py`, a stage started from `init_from=hf:FOLDER`, `eval` of a PPO
+checkpoint with a separate critic and `tools/error_profile.py`. Each result is checked against a value read another way. `smoke` and the PPO
 evaluation are the slow ones (marked `slow`)."""
 
 import json
@@ -99,6 +99,22 @@ def test_init_from_hf_folder_starts_from_its_params(stage, tmp_path):
   for a, b in zip(_params(model), _params(load_model(stage, make_mesh())), strict=True):  # lr 0: the start itself
     np.testing.assert_array_equal(a, b)
   assert json.loads((workdir / "summary.json").read_text())["step"] == 1
+
+
+def test_error_profile_counts_the_samples_jaxstages_eval_draws(tmp_path):
+  """`tools/error_profile.py` on the committed base draws `jaxstages eval`'s own samples (same problems and seeds):
+  its share of strictly right samples per op is eval's pass@1 exactly, and its shares of steps written add up to 1."""
+  base = "experiments/artifacts/base-cpu"
+  _run("jaxstages", "eval", base, "--ops", "1,5", "--problems", "16", "--n", "4", "--out", str(tmp_path / "eval"))
+  _run("tools/error_profile.py", f"base={base}", "--ops", "1,5", "--problems", "16", "--n", "4", "--out",
+       str(tmp_path / "profile.md"))
+  cells = {c["op"]: c for c in json.loads((tmp_path / "eval" / "eval.json").read_text())["cells"]}
+  rows = [line.split("|")[1:-1] for line in (tmp_path / "profile.md").read_text().splitlines()[2:]]
+  assert [int(r[1]) for r in rows] == [1, 5]
+  for row in rows:
+    assert float(row[2]) == round(100 * cells[int(row[1])]["pass@1"], 1)
+    steps = [float(s.split(":")[1]) for s in row[-1].split(",")]
+    assert sum(steps) == pytest.approx(100, abs=0.1 * len(steps))
 
 
 def test_plan_command(tmp_path):
