@@ -15,12 +15,11 @@ error. "Steps written" counts the gold steps plus extra minus missing ones.
 
 from __future__ import annotations
 
-import jaxstages  # noqa: F401  (first: the host allocator set-up, see jaxstages/host.py)
-
 import argparse
 import collections
 from pathlib import Path
 
+import jaxstages  # noqa: F401  (before jax: it sets the C allocator up for XLA:CPU, jaxstages/host.py)
 from jaxstages.data import tasks
 from jaxstages.data.pipeline import data_config
 from jaxstages.evaluation import EvalConfig, default_max_new_tokens, eval_prompt, load_stage, prompt_for
