@@ -124,17 +124,23 @@ def read_metrics(path: str | Path, as_run: bool = False) -> list[dict]:
   each step has the row of the attempt that continued (what TensorBoard shows too) and curves of resumed and
   uninterrupted runs line up step for step."""
   rows = []
+  last, kinds_at_last = None, set()  # the latest step kept, and the key sets of its rows
   for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
     if line.strip():
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {number}: not a JSON object ({e.msg}): {line[:80]!r}") from None
-      step = row.get("step")
-      if as_run and step is not None and any(
-          r.get("step") is not None and (r["step"] > step or (r["step"] == step and r.keys() == row.keys()))
-          for r in rows):
+      step, kind = row.get("step"), frozenset(row)
+      if as_run and step is not None and last is not None and (
+          step < last or (step == last and kind in kinds_at_last)):  # a resumed attempt: drop what it re-does
         rows = [r for r in rows if r.get("step") is None or r["step"] < step]
+        last = max((r["step"] for r in rows if r.get("step") is not None), default=None)
+        kinds_at_last = {frozenset(r) for r in rows if r.get("step") == last}
+      if step is not None:
+        if last is None or step > last:
+          last, kinds_at_last = step, set()
+        kinds_at_last.add(kind)
       rows.append(row)
   return rows
 
