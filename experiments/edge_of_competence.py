@@ -21,7 +21,7 @@ from experiments.common import check as check_results
 ARMS = ("too-easy", "in-distribution", "edge", "too-hard")
 
 
-def claims(scale, k: int) -> list[Claim]:
+def claims(k: int) -> list[Claim]:
   """The differences the claim rests on (k: the largest evaluated k)."""
   return [Claim("RL on the edge solves new edge problems", "edge", "base", "edge", f"pass@{k}", +1),
           Claim("RL on the edge extends more than in-distribution RL", "edge", "in-distribution", "edge",
@@ -31,7 +31,10 @@ def claims(scale, k: int) -> list[Claim]:
                 f"pass@{k}", 0),
           Claim("RL on too-easy problems leaves the edge unchanged", "too-easy", "base", "edge", f"pass@{k}", 0),
           Claim("RL on the edge beats RL on too-easy problems there", "edge", "too-easy", "edge", f"pass@{k}", +1),
-          Claim("RL on too-hard problems changes nothing", "too-hard", "base", tuple(scale.eval_ops), "pass@1", 0)]
+          # "changes nothing" band by band: a mean over every op would let a gain on one op cancel a loss on another
+          Claim("RL on too-hard problems changes nothing there", "too-hard", "base", "too-hard", f"pass@{k}", 0),
+          Claim("RL on too-hard problems leaves in-distribution pass@1 unchanged", "too-hard", "base",
+                "in-distribution", "pass@1", 0)]
 
 
 def plot(results: dict, ks: list[int], ops: list[int], path) -> None:
@@ -112,7 +115,7 @@ def main(argv=None) -> None:
         + "\nStrict pass rate of the RL samples (%), first and last logged step:\n\n"
         + markdown_table(["RL on", "first", "last"], curve_rows))
   write_results(args, "edge_of_competence", results, md, plot=lambda p: plot(results, ks, ops, p), evidence=evidence,
-                claims=claims(scale, ks[-1]), bands=bands)
+                claims=claims(ks[-1]), bands=bands)
   print(md)
 
 
