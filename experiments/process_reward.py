@@ -51,11 +51,13 @@ def plot(results: dict, ops: list[int], path) -> None:
   axes[0].legend(fontsize=7)
   for arm, curves in results["curves"].items():
     steps = [r["step"] for r in curves[0]]
-    axes[2].plot(steps, [sum(c[i]["hack_rate"] for c in curves) / len(curves) for i in range(len(steps))], label=arm,
-                 color=color[arm])
-  axes[2].set_title("RL samples (seed mean)", fontsize=9)
+    rates = [[c[i]["hack_rate"] for c in curves] for i in range(len(steps))]
+    axes[2].plot(steps, [sum(r) / len(r) for r in rates], label=arm, color=color[arm])
+    axes[2].fill_between(steps, [min(r) for r in rates], [max(r) for r in rates], color=color[arm], alpha=0.2, lw=0)
+  axes[2].set_title("RL samples (seed mean; band: seeds' range)", fontsize=9)
   axes[2].set_xlabel("RL step")
   axes[2].set_ylabel("right answer, wrong steps")
+  axes[2].set_ylim(bottom=0)
   axes[2].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
