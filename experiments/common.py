@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,7 @@ from jaxstages.data.tokenizer import load_tokenizer
 from jaxstages.evaluation import EvalConfig, evaluate
 from jaxstages.metrics import read_metrics
 from jaxstages.model.config import ModelConfig, param_count
+from jaxstages.model.io import export_stage
 from jaxstages.schedule import run_pipeline
 from jaxstages.sharding import make_mesh
 from jaxstages.train import load_model, run_stage
@@ -693,6 +695,27 @@ def claims_markdown(claims: Sequence[Mapping]) -> str:
 
 # -- --check -----------------------------------------------------------------------------------------------------------
 
+def check_model_folder(out: Path, run: str) -> Path:
+  """Where `write_results` commits the `--check` target's final params: beside results.json, named by its run."""
+  return out / f"check-{Path(run).name}"
+
+
+def export_check_model(evidence: Evidence, target: Mapping, out: Path) -> None:
+  """Exports the `--check` target's final stage (a run's; a start model is committed already) as a params folder
+  beside results.json, so `--check` re-evaluates committed params from a clean clone. A run folder copied without its
+  checkpoints (re-making results from finished runs) keeps the folder exported before."""
+  source = evidence.evals[target["label"]][target["seed"]]["source"]
+  if "run" not in source:
+    return
+  stage_dir = found_path(source["run"], evidence.args.workdir) / source["stage"]
+  folder = check_model_folder(out, source["run"])
+  for old in out.glob("check-*"):
+    if old != folder:
+      shutil.rmtree(old)
+  if (stage_dir / "checkpoints").exists():
+    export_stage(stage_dir, folder)
+
+
 def check(args: argparse.Namespace, experiment: str) -> str:
   """`--check`: re-evaluates the model `results.json` names in `check` (a run's final stage in `--workdir`, or a
   start model) with the recorded protocol and compares every problem's samples (their hashes), counts and metrics
@@ -708,14 +731,22 @@ def check(args: argparse.Namespace, experiment: str) -> str:
   source = entry["source"]
   if "run" in source:
     stage_dir = found_path(source["run"], args.workdir) / source["stage"]
-    if not (stage_dir / "summary.json").exists():
-      raise SystemExit(f"--check: the run {source['run']} is not in --workdir {args.workdir}; re-run the experiment "
-                       f"there (it resumes by config hash) or point --workdir at its run folders")
+    committed = check_model_folder(path.parent, source["run"])
+    if (stage_dir / "checkpoints").exists():  # the run itself
+      model_dir, config, tokenizer_dir = stage_dir, json.loads((stage_dir / "config.json").read_text()), \
+          stage_dir.parent / "tokenizer"
+      what = f"{label} seed {seed} (run {source['run']}, stage {source['stage']})"
+    elif (committed / "source.json").exists():  # its params, committed beside results.json
+      model_dir, config, tokenizer_dir = committed, json.loads((committed / "source.json").read_text())["config"], \
+          committed / "tokenizer"
+      what = f"{label} seed {seed} ({committed.relative_to(path.parent.parent)}: run {source['run']}'s params)"
+    else:
+      raise SystemExit(f"--check: the run {source['run']} is not in --workdir {args.workdir} and {committed} is "
+                       f"missing; re-run the experiment there (it resumes by config hash) or point --workdir at its "
+                       f"run folders")
     mesh = make_mesh()
-    task = data_config(json.loads((stage_dir / "config.json").read_text())["data"]).task
-    result = evaluate(load_model(stage_dir, mesh), load_tokenizer(stage_dir.parent / "tokenizer"), task,
+    result = evaluate(load_model(model_dir, mesh), load_tokenizer(tokenizer_dir), data_config(config["data"]).task,
                       EvalConfig.from_config(source["eval"]), mesh=mesh, show_progress=False)
-    what = f"{label} seed {seed} (run {source['run']}, stage {source['stage']})"
   else:
     folder = found_path(source["start"], args.workdir)
     result = evaluate_start(SCALES[results["scale"]], folder, args.workdir, cached=False, **source["protocol"])
@@ -803,6 +834,7 @@ def write_results(args: argparse.Namespace, experiment: str, results: dict, mark
     results["intervals"] = evidence.intervals()
     results["check"] = evidence.check_target()
     results.update(evidence.record())
+    export_check_model(evidence, results["check"], out)
   (out / "results.json").write_text(json.dumps(dict(meta, **results), indent=2, default=str))
   (out / "results.md").write_text(
       f"# {experiment}\n\nMade by `{args.command}` ({args.scale} scale, {args.seeds} seed(s), {meta['date']}, "

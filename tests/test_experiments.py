@@ -11,13 +11,19 @@ runs a three-stage split (mid-training / SFT / RL) end to end."""
 import json
 import math
 import re
+import shutil
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import allocation, base, common, compute_allocation, context_seeding, distill_vs_rl, edge_of_competence, \
     online_vs_offline, process_reward, rl_efficiency, rl_scaling
 from experiments.common import REPO, SCALES, cells, competence_bands
 from jaxstages.config import config_hash
+from jaxstages.model.io import load_model
+from jaxstages.sharding import make_mesh
 
 MINIMAL = SCALES["minimal"]
 
@@ -140,8 +146,20 @@ def test_check_fails_in_one_line_when_a_number_differs(workdir, tmp_path):
   with pytest.raises(SystemExit, match=r"^--check failed: edge seed 0 .* pass@1 re-evaluated [\d.]+, results.json "
                                        r"says [\d.]+$"):
     edge_of_competence.main(["--scale", "minimal", "--workdir", str(workdir), "--out", str(tmp_path), "--check"])
+  # without the run folders (a clean clone): the params committed beside results.json (the run's final params,
+  # bit for bit), the same samples
+  source = target["source"]
+  committed = common.check_model_folder(out, source["run"])
+  mesh = make_mesh()
+  leaves = [jax.tree.leaves(nnx.state(load_model(folder, mesh)))
+            for folder in (committed, workdir / source["run"] / source["stage"])]
+  assert len(leaves[0]) == len(leaves[1]) and all(np.array_equal(a, b) for a, b in zip(*leaves))
+  empty = tmp_path / "empty"
+  message = edge_of_competence.main(["--scale", "minimal", "--workdir", str(empty), "--out", str(out), "--check"])
+  assert message.startswith("--check passed: edge seed 0 (edge_of_competence/check-")
+  shutil.rmtree(committed)
   with pytest.raises(SystemExit, match="is not in --workdir"):
-    edge_of_competence.main(["--scale", "minimal", "--workdir", str(tmp_path), "--out", str(out), "--check"])
+    edge_of_competence.main(["--scale", "minimal", "--workdir", str(empty), "--out", str(out), "--check"])
 
 
 def test_bands_follow_the_base_measured_competence():
