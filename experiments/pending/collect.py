@@ -41,14 +41,15 @@ for run in sorted(src.iterdir()):
   cells = ev if isinstance(ev, list) else ev["cells"]
   rows.append((cfg["name"].removeprefix(name + "-"), run.name, cells))
 rows.sort()
-ops = [c["op"] for c in rows[0][2]] if rows else []
+ops = sorted({c["op"] for _, _, cells in rows for c in cells})  # runs may evaluate different ops (rl_efficiency)
 base = json.loads(Path("experiments/results/base/results.json").read_text())
 base_cells = {c["op"]: c for c in base["bases"][base["base"]]["eval"]["cells"]}
 pct = lambda c: f"{100 * c['pass@1']:.1f} / {100 * c['pass@64']:.1f}"
 table = ["| run (arm-seed) | folder | " + " | ".join(f"op {o}" for o in ops) + " |",
          "| --- | --- | " + " | ".join("---:" for _ in ops) + " |",
          "| base | `experiments/artifacts/base-cpu` | " + " | ".join(pct(base_cells[o]) for o in ops) + " |",
-         *(f"| {arm} | `{folder}` | " + " | ".join(pct(c) for c in cells) + " |" for arm, folder, cells in rows)]
+         *(f"| {arm} | `{folder}` | " + " | ".join(pct(by_op[o]) if o in by_op else "" for o in ops) + " |"
+           for arm, folder, by_op in ((a, f, {c["op"]: c for c in cells}) for a, f, cells in rows))]
 readme = dst / "README.md"
 head = readme.read_text().split("<!-- runs -->")[0] if readme.exists() else f"# {name}: finished runs\n\n"
 readme.write_text(head + "<!-- runs -->\n\nStrict pass@1 / pass@64 (%) per op; one seed per row (no intervals until the "
