@@ -10,7 +10,8 @@ has zero reward variance (probability p^G + (1 − p)^G) and no gradient. SFT on
 
 The RL arms are edge_of_competence's runs (shared by config hash). The base's per-problem pass rates p_i come from
 its evaluation (n samples of each eval problem of the bucket's ops), so H(p) = mean_i H(p_i) in bits and the expected
-zero-variance fraction is mean_i (p_i^G + (1 − p_i)^G); the observed one is the RL run's own. The SFT arm trains on
+zero-variance fraction is mean_i (p_i^G + (1 − p_i)^G); the observed one is the RL run's own, in its first logged
+steps and over the whole run (the rest are the informative rollouts, the only ones with a non-zero advantage). The SFT arm trains on
 the gold solutions of the bucket's problems as documents (the pre-training format, loss on every token) at the
 mid-training lr, as many steps as RL, on the RL arm's own prompts (the same task, seed and problem indices,
 revisited over epochs). Gain = strict pass@1 after − before on the bucket's evaluated ops. The buckets are the bands
@@ -107,6 +108,8 @@ def plot(results: dict, path) -> None:
   axes[2].scatter(p, [results["buckets"][b]["base"]["zero_variance_expected"] for b in buckets], label="expected")
   axes[2].scatter(p, [results["buckets"][b]["rl"]["zero_variance_observed"]["mean"] for b in buckets], marker="x",
                   label="observed (RL, first steps)")
+  axes[2].scatter(p, [results["buckets"][b]["rl"]["zero_variance_run"]["mean"] for b in buckets], marker="+",
+                  label="observed (RL, whole run)")
   axes[2].set_xlabel("base pass rate")
   axes[2].set_ylabel("zero-variance groups")
   axes[2].legend(fontsize=7)
@@ -133,7 +136,7 @@ def main(argv=None) -> None:
     docs = scale.rl_steps * documents_per_step(scale, ranges, base, bucket)
     arm = {"ops": ops, "base": base_statistics(base_cells, ops, group), "sft_documents": docs}
     for kind in ("rl", "sft"):
-      gains, flops, zero_var = [], [], []
+      gains, flops, zero_var, zero_var_run = [], [], [], []
       for seed in range(args.seeds):
         config = (rl_pipeline(scale, f"edge_of_competence-{bucket}-{seed}", base, ranges[bucket], seed)
                   if kind == "rl" else sft_pipeline(scale, ranges, bucket, base, seed))
@@ -142,7 +145,9 @@ def main(argv=None) -> None:
         gains.append(mean_over_ops(after, ops) - before)
         flops.append(report["total_flops"])
         if kind == "rl":
-          zero_var.append(stage_metrics(run_dir, "rl", ["zero_variance_groups"])[0]["zero_variance_groups"])
+          logged = [r["zero_variance_groups"] for r in stage_metrics(run_dir, "rl", ["zero_variance_groups"])]
+          zero_var.append(logged[0])
+          zero_var_run.append(sum(logged) / len(logged))  # the rows are means over equal spans of steps
       seen = rollouts if kind == "rl" else docs
       gain = evidence.claim(Claim("gain", f"{kind.upper()} {bucket}", "base", tuple(ops)), ranges)
       arm[kind] = {"gain": summary(gains), "gain_per_1k": summary([100 * g / (seen / 1000) for g in gains]),
@@ -150,25 +155,36 @@ def main(argv=None) -> None:
                    "gain_per_pflop": summary([100 * g / (f / 1e15) for g, f in zip(gains, flops)]),
                    "flops": summary(flops)}
       if kind == "rl":
-        arm[kind]["zero_variance_observed"] = summary(zero_var)
+        # the rollouts in groups with reward variance over the whole run: the only ones GRPO learns from
+        # (undefined for a seed that had none)
+        informative = [rollouts * (1 - z) for z in zero_var_run]
+        per_informative = [100 * g / (n / 1000) for g, n in zip(gains, informative) if n > 0]
+        arm[kind].update(zero_variance_observed=summary(zero_var), zero_variance_run=summary(zero_var_run),
+                         informative_rollouts=summary(informative),
+                         gain_per_1k_informative=summary(per_informative) if per_informative else None)
     results["buckets"][bucket] = arm
 
   rows = []
   for bucket, a in results["buckets"].items():
     lo, hi = ranges[bucket]
+    per_informative = fmt(a["rl"]["gain_per_1k_informative"], 1, 2) if a["rl"]["gain_per_1k_informative"] else "–"
     rows.append([f"{bucket} ({lo}-{hi})", f"{100 * a['base']['pass_rate']:.1f}", f"{a['base']['entropy_bits']:.3f}",
                  f"{100 * a['base']['zero_variance_expected']:.0f}", fmt(a["rl"]["zero_variance_observed"], digits=0),
-                 fmt(a["rl"]["gain"]), fmt(a["rl"]["gain_per_1k"], 1, 2), fmt(a["sft"]["gain"]),
+                 fmt(a["rl"]["zero_variance_run"], digits=0), fmt(a["rl"]["gain"]),
+                 fmt(a["rl"]["gain_per_1k"], 1, 2), per_informative, fmt(a["sft"]["gain"]),
                  fmt(a["sft"]["gain_per_1k"], 1, 2), fmt(a["rl"]["gain_per_pflop"], 1, 1),
                  fmt(a["sft"]["gain_per_pflop"], 1, 1)])
   header = ["bucket (ops)", "base pass rate %", "mean H(p_i) bits", "zero-var. groups expected %",
-            "observed %", "RL gain (points)", "RL gain / 1k rollouts", "SFT gain (points)",
+            "observed, first steps %", "observed, whole run %", "RL gain (points)", "RL gain / 1k rollouts",
+            "RL gain / 1k informative rollouts", "SFT gain (points)",
             "SFT gain / 1k solutions", "RL gain / PFLOP", "SFT gain / PFLOP"]
   md = (f"Strict pass@1 gain on each bucket's evaluated ops ({scale.eval['problems']} problems x {scale.eval['n']} "
         f"samples per op at temperature {scale.eval['temperature']}) after {scale.rl_steps} steps of RL "
         f"({rollouts} rollouts, groups of {group}) or SFT on gold solutions (~{round(docs)} documents for the last "
         f"bucket); mean ± spread over {args.seeds} seeds. Base statistics from the base's evaluation of the same "
-        f"ops.\n\n" + markdown_table(header, rows))
+        f"ops; zero-variance groups observed in RL's first logged steps and over its whole run; informative "
+        f"rollouts: those in groups with reward variance over the run (GRPO's advantage is 0 in the others).\n\n"
+        + markdown_table(header, rows))
   write_results(args, "rl_efficiency", results, md, plot=lambda p: plot(results, p), evidence=evidence,
                 claims=CLAIMS, bands=bands)
   print(md)
