@@ -703,7 +703,8 @@ def check_model_folder(out: Path, run: str) -> Path:
 def export_check_model(evidence: Evidence, target: Mapping, out: Path) -> None:
   """Exports the `--check` target's final stage (a run's; a start model is committed already) as a params folder
   beside results.json, so `--check` re-evaluates committed params from a clean clone. A run folder copied without its
-  checkpoints (re-making results from finished runs) keeps the folder exported before."""
+  checkpoints (re-making results from finished runs) keeps the folder exported before, and so does a re-run whose
+  folder already holds that stage's final step (orbax names its chunks at random: a new export would churn git)."""
   source = evidence.evals[target["label"]][target["seed"]]["source"]
   if "run" not in source:
     return
@@ -712,8 +713,18 @@ def export_check_model(evidence: Evidence, target: Mapping, out: Path) -> None:
   for old in out.glob("check-*"):
     if old != folder:
       shutil.rmtree(old)
-  if (stage_dir / "checkpoints").exists():
+  if (stage_dir / "checkpoints").exists() and not exported_already(stage_dir, folder):
     export_stage(stage_dir, folder)
+
+
+def exported_already(stage_dir: Path, folder: Path) -> bool:
+  """Whether `folder` is `export_stage` of the stage's final step: the same config hash and step."""
+  if not (folder / "source.json").exists() or not (stage_dir / "summary.json").exists():
+    return False
+  source = json.loads((folder / "source.json").read_text())
+  return (source.get("param_dtype") == "as trained"
+          and source.get("step") == json.loads((stage_dir / "summary.json").read_text()).get("step")
+          and source.get("config_hash") == config_hash(json.loads((stage_dir / "config.json").read_text())))
 
 
 def check(args: argparse.Namespace, experiment: str) -> str:

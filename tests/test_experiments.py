@@ -154,6 +154,9 @@ def test_check_fails_in_one_line_when_a_number_differs(workdir, tmp_path):
   leaves = [jax.tree.leaves(nnx.state(load_model(folder, mesh)))
             for folder in (committed, workdir / source["run"] / source["stage"])]
   assert len(leaves[0]) == len(leaves[1]) and all(np.array_equal(a, b) for a, b in zip(*leaves))
+  manifest = (committed / "jaxstages_manifest.json").read_text()
+  run_experiment(edge_of_competence, workdir, "--arms", "edge")  # re-made from the finished runs
+  assert (committed / "jaxstages_manifest.json").read_text() == manifest  # the same export kept, not churned
   empty = tmp_path / "empty"
   message = edge_of_competence.main(["--scale", "minimal", "--workdir", str(empty), "--out", str(out), "--check"])
   assert message.startswith("--check passed: edge seed 0 (edge_of_competence/check-")
