@@ -111,7 +111,8 @@ def plot(results: dict, path) -> None:
   axes[2].scatter(p, [results["buckets"][b]["rl"]["zero_variance_run"]["mean"] for b in buckets], marker="+",
                   label="observed (RL, whole run)")
   axes[2].set_xlabel("base pass rate")
-  axes[2].set_ylabel("zero-variance groups")
+  axes[2].set_ylabel("share of zero-variance groups")
+  axes[2].set_ylim(0, 1.02)
   axes[2].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
