@@ -11,10 +11,10 @@ has zero reward variance (probability p^G + (1 − p)^G) and no gradient. SFT on
 The RL arms are edge_of_competence's runs (shared by config hash). The base's per-problem pass rates p_i come from
 its evaluation (n samples of each eval problem of the bucket's ops), so H(p) = mean_i H(p_i) in bits and the expected
 zero-variance fraction is mean_i (p_i^G + (1 − p_i)^G); the observed one is the RL run's own, in its first logged
-steps and over the whole run (the rest are the informative rollouts, the only ones with a non-zero advantage). The SFT arm trains on
-the gold solutions of the bucket's problems as documents (the pre-training format, loss on every token) at the
-mid-training lr, as many steps as RL, on the RL arm's own prompts (the same task, seed and problem indices,
-revisited over epochs). Gain = strict pass@1 after − before on the bucket's evaluated ops. The buckets are the bands
+steps and over the whole run (the rest are the informative rollouts, the only ones with a non-zero advantage). The
+SFT arm trains on the gold solutions of the bucket's problems as documents (the pre-training format, loss on every
+token) at the mid-training lr, as many steps as RL, on the RL arm's own prompts (the same task, seed and problem
+indices, revisited over epochs). Gain = strict pass@1 after − before on the bucket's evaluated ops. The buckets are the bands
 of the base's measured competence (`common.competence_bands`), else the scale's fixed ranges.
 """
 
