@@ -14,8 +14,8 @@ zero-variance fraction is mean_i (p_i^G + (1 − p_i)^G); the observed one is th
 steps and over the whole run (the rest are the informative rollouts, the only ones with a non-zero advantage). The
 SFT arm trains on the gold solutions of the bucket's problems as documents (the pre-training format, loss on every
 token) at the mid-training lr, as many steps as RL, on the RL arm's own prompts (the same task, seed and problem
-indices, revisited over epochs). Gain = strict pass@1 after − before on the bucket's evaluated ops. The buckets are the bands
-of the base's measured competence (`common.competence_bands`), else the scale's fixed ranges.
+indices, revisited over epochs). Gain = strict pass@1 after − before on the bucket's evaluated ops. The buckets are
+the bands of the base's measured competence (`common.competence_bands`), else the scale's fixed ranges.
 """
 
 from __future__ import annotations
