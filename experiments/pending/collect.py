@@ -8,14 +8,39 @@ the line `<!-- runs -->`; the text above it is kept). Run from the repository ro
 With --unfinished it also copies the runs still in progress, with their latest checkpoint only, into
 experiments/pending/NAME/unfinished/ (a session that stops mid-run commits them; the next resumes them exactly).
 
+Every call also copies the start models' cached evaluations (runs/experiments/cpu/evals/*.json) into
+experiments/pending/evals/ and, with --unfinished, the experiments' own bases (runs/experiments/cpu/base-<hash>, e.g.
+context_seeding's seeded ones) with their latest checkpoint into experiments/pending/bases/.
+
 To put the runs back on a fresh machine: copy each folder (and each unfinished one) into runs/experiments/cpu/runs/
-(a run with report.json is skipped by the experiment; an unfinished one resumes from its checkpoint)."""
+(a run with report.json is skipped by the experiment; an unfinished one resumes from its checkpoint), the evals into
+runs/experiments/cpu/evals/ and each base folder into runs/experiments/cpu/ (at that path: a run's config hash holds
+its start folder's absolute path)."""
 import json, shutil, sys
 from pathlib import Path
+
+
+
+def keep_latest_checkpoint(folder: Path) -> None:
+  """Removes every numbered checkpoint step but the latest under each `checkpoints/` below `folder`."""
+  for steps in folder.glob("**/checkpoints"):
+    numbered = sorted((s for s in steps.iterdir() if s.name.isdigit()), key=lambda s: int(s.name))
+    for old in numbered[:-1]:
+      shutil.rmtree(old)
+
 
 name, unfinished = sys.argv[1], "--unfinished" in sys.argv[2:]
 src, dst = Path("runs/experiments/cpu/runs"), Path("experiments/pending") / name
 dst.mkdir(parents=True, exist_ok=True)
+if (src.parent / "evals").exists():
+  shutil.copytree(src.parent / "evals", Path("experiments/pending/evals"), dirs_exist_ok=True)
+for base in sorted(src.parent.glob("base-*")) if unfinished else []:
+  out = Path("experiments/pending/bases") / base.name
+  if out.exists():
+    shutil.rmtree(out)
+  shutil.copytree(base, out, ignore=shutil.ignore_patterns("tensorboard", ".jaxstages.lock"))
+  keep_latest_checkpoint(out)
+  print(f"base: {base.name}")
 if (dst / "unfinished").exists():
   shutil.rmtree(dst / "unfinished")
 rows = []
@@ -27,10 +52,7 @@ for run in sorted(src.iterdir()):
     if unfinished:  # every stage folder, each with its latest checkpoint step only
       out = dst / "unfinished" / run.name
       shutil.copytree(run, out, ignore=shutil.ignore_patterns("tensorboard", ".jaxstages.lock"))
-      for steps in out.glob("*/checkpoints"):
-        numbered = sorted((s for s in steps.iterdir() if s.name.isdigit()), key=lambda s: int(s.name))
-        for old in numbered[:-1]:
-          shutil.rmtree(old)
+      keep_latest_checkpoint(out)
       print(f"unfinished: {run.name} ({cfg['name']})")
     continue
   out = dst / run.name
