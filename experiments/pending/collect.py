@@ -20,7 +20,6 @@ import json, shutil, sys
 from pathlib import Path
 
 
-
 def keep_latest_checkpoint(folder: Path) -> None:
   """Removes every numbered checkpoint step but the latest under each `checkpoints/` below `folder`."""
   for steps in folder.glob("**/checkpoints"):
