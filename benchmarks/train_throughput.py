@@ -155,8 +155,8 @@ def main() -> None:
   device = jax.devices()[0]
   print(f"\nmachine: {device.platform} / {device.device_kind}, {os.cpu_count()} cores, {platform.machine()}; "
         f"measured {args.dtype} matmul peak {peak / 1e9:,.1f} GFLOP/s; batch {args.batch} x seq {args.seq}\n")
-  print("| model | attention | params | jaxstages train tok/s | train MFU | PyTorch train tok/s | jax / torch (train) | "
-        "jaxstages fwd tok/s | PyTorch fwd tok/s | jax / torch (fwd) | compile s |")
+  print("| model | attention | params | jaxstages train tok/s | train MFU | PyTorch train tok/s "
+        "| jax / torch (train) | jaxstages fwd tok/s | PyTorch fwd tok/s | jax / torch (fwd) | compile s |")
   print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for name in args.models.split(","):
     for r in bench(name, args.batch, args.seq, args.dtype, args.repeats, not args.no_torch,

@@ -47,7 +47,8 @@ def sft_stage(scale: Scale, ops: tuple[int, int], seed: int, **kw) -> dict:
 
 def rl_stage(scale: Scale, ops: tuple[int, int], seed: int, base, chat: bool = False, **kw) -> dict:
   return stage(scale.rl, "rl", **kw, **{
-      "data.task.op_range": ops, "data.seed": 100 + seed, "grpo.rollout.max_new_tokens": rl_max_new_tokens(scale, ops[1]),
+      "data.task.op_range": ops, "data.seed": 100 + seed,
+      "grpo.rollout.max_new_tokens": rl_max_new_tokens(scale, ops[1]),
       **rl_prompt_len(scale, base, ops, chat=chat), **({"data.prompt": "chat"} if chat else {})})
 
 

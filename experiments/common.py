@@ -502,8 +502,9 @@ def competence_bands(scale: Scale, base_eval: Mapping, context: str = "p") -> di
 
 def bands_markdown(bands: Mapping) -> str:
   ranges = ", ".join(f"{b} {lo}-{hi}" for b, (lo, hi) in bands["ranges"].items())
-  return (f"Op ranges ({bands['source']}: {bands['reason']}): {ranges}. Rules: "
-          + "; ".join(f"{b}: {r}" for b, r in bands["rules"].items()) + f"; trained depth {bands['trained_depth']}.\n\n")
+  rules = "; ".join(f"{b}: {r}" for b, r in bands["rules"].items())
+  return (f"Op ranges ({bands['source']}: {bands['reason']}): {ranges}. Rules: {rules}; "
+          f"trained depth {bands['trained_depth']}.\n\n")
 
 
 # -- evidence: every evaluation per problem, every run, the claims' intervals ------------------------------------------

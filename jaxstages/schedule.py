@@ -333,8 +333,9 @@ def _report_row(entry, cfg, summary, wall: float, result: dict, pipeline: Mappin
 def report_markdown(report: dict) -> str:
   """The report card: the stages' compute, then the evaluation table after each stage (pass@1 by op and
   context)."""
-  lines = [f"# {report['name']}", "", "| stage | kind | steps | tokens | FLOPs (planned) | FLOPs (spent) | wall s | MFU "
-           "| cost |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = [f"# {report['name']}", "",
+           "| stage | kind | steps | tokens | FLOPs (planned) | FLOPs (spent) | wall s | MFU | cost |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in report["stages"]:
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "—"
     lines.append(f"| {r['stage']} | {r['kind']} | {r['steps']:,} | {r['tokens']:,} | {r['planned_flops']:.3g} | "

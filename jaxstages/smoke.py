@@ -83,7 +83,8 @@ def main(steps: int = 150, out_dir: str = "runs/smoke", batch_size: int = 16, se
 
   starts = rng.integers(0, cfg.vocab_size, size=(8,))
   prompt = jnp.asarray((starts[:, None] + np.arange(4)) % cfg.vocab_size, jnp.int32)
-  cached = np.asarray(sample(model, np.asarray(prompt).tolist(), SamplingConfig(max_new_tokens=12, temperature=0.0)).tokens)
+  greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
+  cached = np.asarray(sample(model, np.asarray(prompt).tolist(), greedy).tokens)
   uncached = np.asarray(greedy_uncached(model, prompt, 12))
   expected = (starts[:, None] + 4 + np.arange(12)) % cfg.vocab_size
   rule_accuracy = float((cached == expected).mean())

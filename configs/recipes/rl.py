@@ -4,8 +4,8 @@ interplay study's RL setup with the recipe's algorithm) or `...:dapo-toy` (the s
 
 A recipe sets the algorithm: advantages, loss aggregation, clipping, KL, sampling and the optimizer as published. The
 `-toy` variants keep every algorithmic choice and change only the scale (model, data and start point, prompts per
-step, group size, lengths, at most 4 minibatches) and the learning rate (a 1M-parameter model needs a far larger one than a 100M-7B model). Sources are cited
-per recipe; settings not stated there keep the interplay study's.
+step, group size, lengths, at most 4 minibatches) and the learning rate (a 1M-parameter model needs a far larger one
+than a 100M-7B model). Sources are cited per recipe; settings not stated there keep the interplay study's.
 """
 
 from jaxstages.config import load_config

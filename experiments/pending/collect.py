@@ -73,6 +73,6 @@ table = ["| run (arm-seed) | folder | " + " | ".join(f"op {o}" for o in ops) + "
            for arm, folder, by_op in ((a, f, {c["op"]: c for c in cells}) for a, f, cells in rows))]
 readme = dst / "README.md"
 head = readme.read_text().split("<!-- runs -->")[0] if readme.exists() else f"# {name}: finished runs\n\n"
-readme.write_text(head + "<!-- runs -->\n\nStrict pass@1 / pass@64 (%) per op; one seed per row (no intervals until the "
-                  "experiment's own results).\n\n" + "\n".join(table) + "\n")
+readme.write_text(head + "<!-- runs -->\n\nStrict pass@1 / pass@64 (%) per op; one seed per row (no intervals until "
+                  "the experiment's own results).\n\n" + "\n".join(table) + "\n")
 print(readme.read_text())

@@ -5,9 +5,10 @@ holds depends on the pipeline's `kind`:
 
 - `pretrain`, `midtrain`, `sft`: **packed rows**, each `[batch, seq_len]`: `tokens`, `targets` (int32), `loss_mask`
   (float32), `segment_ids`, `positions` (int32). Documents are packed first-fit into rows; segment ids count 1, 2,
-  3, ... per document within a row and 0 marks padding; positions restart at 0 for each document. `targets[i]` is the document's next token and `loss_mask[i]`
-  says whether it is trained on: 0 at the last token of every document (its successor belongs to another document),
-  on padding, and (SFT with `loss_on="assistant"`) wherever the target is not an assistant token.
+  3, ... per document within a row and 0 marks padding; positions restart at 0 for each document. `targets[i]` is the
+  document's next token and `loss_mask[i]` says whether it is trained on: 0 at the last token of every document (its
+  successor belongs to another document), on padding, and (SFT with `loss_on="assistant"`) wherever the target is not
+  an assistant token.
 - `preference`: per pair `prompt_tokens`/`prompt_mask` `[batch, prompt_len]` (left-padded), `chosen_tokens`,
   `chosen_mask`, `chosen_segment_ids` and the same for `rejected`, each `[batch, seq_len]` (right-padded; the masks
   are 1 on the response tokens, segment ids 1 on every real token), and `op`, `context`, `index`, `valid` `[batch]`.
@@ -706,5 +707,5 @@ def show(data_cfg: DataConfig | Mapping | ml_collections.ConfigDict | str, token
 
 
 __all__ = ["CONTEXTS", "ConcatRowsIterDataset", "DataConfig", "MixIterDataset", "MixtureSchedule", "SourceConfig",
-           "data_config", "eval_cells", "format_example", "lm_document", "make_dataset", "make_pipeline", "pack_documents",
-           "preference_example", "rl_example", "sft_document", "show"]
+           "data_config", "eval_cells", "format_example", "lm_document", "make_dataset", "make_pipeline",
+           "pack_documents", "preference_example", "rl_example", "sft_document", "show"]

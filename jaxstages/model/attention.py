@@ -17,11 +17,11 @@ key at all (padding, segment 0) are finite but unspecified; nothing downstream r
   segment ids, one MQA kernel per KV head (the heads of a group share its keys). Self-attention without a cache only:
   with a cache `attend` uses `blocked` instead.
 - `blocked`: a flash-style attention in plain JAX with its own backward pass: queries in blocks (`query_block`: an
-  eighth of the sequence, at most `attention_block`), each block's softmax over the keys it can see (without a cache, only the causal prefix, so the
-  work above the diagonal is skipped), and the backward recomputing each block's probabilities from the saved
-  log-sum-exp instead of storing them. Memory is `O(block x kv_len)` per head instead of `O(seq x kv_len)`; runs
-  everywhere; the fastest kernel on XLA:CPU, and what the CPU plans of accelerator presets measure in place of the
-  fused kernels.
+  eighth of the sequence, at most `attention_block`), each block's softmax over the keys it can see (without a cache,
+  only the causal prefix, so the work above the diagonal is skipped), and the backward recomputing each block's
+  probabilities from the saved log-sum-exp instead of storing them. Memory is `O(block x kv_len)` per head instead of
+  `O(seq x kv_len)`; runs everywhere; the fastest kernel on XLA:CPU, and what the CPU plans of accelerator presets
+  measure in place of the fused kernels.
 - `decode`: the einsum's math as broadcast multiplies and sums over `head_dim` and the keys instead of batched
   matmuls. For one query per row (KV-cache decoding) XLA:CPU runs the einsum as one tiny matmul per row and head;
   this is ~4x faster there (4,096 rows x 160 keys: 0.045 s against 0.18 s a layer). Memory grows as

@@ -55,7 +55,8 @@ class KVCache:
     dtype = dtype or cfg.compute_dtype
     shape = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
     layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return cls(k=layers(), v=layers(), segment_ids=jnp.zeros((batch, cache_len), jnp.int32), index=jnp.zeros((batch,), jnp.int32))
+    return cls(k=layers(), v=layers(), segment_ids=jnp.zeros((batch, cache_len), jnp.int32),
+               index=jnp.zeros((batch,), jnp.int32))
 
   @staticmethod
   def logical_axes(cfg: ModelConfig) -> "KVCache":

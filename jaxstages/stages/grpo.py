@@ -57,7 +57,8 @@ def grpo_advantages(rewards: jax.Array, valid: jax.Array, scale_std: bool = True
 
 def rloo_advantages(rewards: jax.Array, valid: jax.Array, scale_std: bool = False, eps: float = 1e-6) -> jax.Array:
   """RLOO: each sample's baseline is the mean reward of the *other* samples of its group,
-  `r_i - (sum_j r_j - r_i) / (G - 1)` (= G/(G-1) times the group-centred reward); optionally divided by the group std."""
+  `r_i - (sum_j r_j - r_i) / (G - 1)` (= G/(G-1) times the group-centred reward); optionally divided by the group
+  std."""
   chex.assert_rank(rewards, 2)
   g = rewards.shape[1]
   if g < 2:

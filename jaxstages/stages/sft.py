@@ -3,8 +3,8 @@
 The mask is the data's business (`jaxstages.data.pipeline`, `loss_on="assistant"`: the assistant turns and their
 closing `<|im_end|>`; `"all"`: every token), so SFT adds only the choice of normalisation:
 
-- `sft` (per token, as TRL and nanochat do; the same loss as pre-training, `lm.lm_loss`): sum of the NLL over every trained token of the global batch / their count.
-  Long answers weigh more.
+- `sft` (per token, as TRL and nanochat do; the same loss as pre-training, `lm.lm_loss`): sum of the NLL over every
+  trained token of the global batch / their count. Long answers weigh more.
 - `sft-per-sequence`: each conversation's mean NLL, summed over conversations / the number of conversations in the
   global batch. Every conversation weighs the same, whatever its length (what a per-example mean over an unpacked
   batch gives).
