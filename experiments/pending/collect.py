@@ -12,12 +12,18 @@ Every call also copies the start models' cached evaluations (runs/experiments/cp
 experiments/pending/evals/ and, with --unfinished, the experiments' own bases (runs/experiments/cpu/base-<hash>, e.g.
 context_seeding's seeded ones) with their latest checkpoint into experiments/pending/bases/.
 
-To put the runs back on a fresh machine: copy each folder (and each unfinished one) into runs/experiments/cpu/runs/
-(a run with report.json is skipped by the experiment; an unfinished one resumes from its checkpoint), the evals into
-runs/experiments/cpu/evals/ and each base folder into runs/experiments/cpu/ (at that path: a run's config hash holds
-its start folder's absolute path)."""
+To put the runs back on a fresh machine (at the same checkout path: a run's config hash holds its start folder's
+absolute path):
+
+  python experiments/pending/collect.py --restore
+
+copies each kept run (and each unfinished one) into runs/experiments/cpu/runs/ (a run with report.json is skipped by
+the experiment; an unfinished one resumes from its checkpoint), the evals into runs/experiments/cpu/evals/ and each
+base folder into runs/experiments/cpu/; what is already there is left as it is (it may be further along)."""
 import json, shutil, sys
 from pathlib import Path
+
+PENDING, WORK = Path("experiments/pending"), Path("runs/experiments/cpu")
 
 
 def keep_latest_checkpoint(folder: Path) -> None:
@@ -28,13 +34,31 @@ def keep_latest_checkpoint(folder: Path) -> None:
       shutil.rmtree(old)
 
 
+def restore() -> None:
+  """Puts every kept run, evaluation and base back under runs/experiments/cpu/, leaving what is there alone."""
+  experiments = [e for e in sorted(PENDING.iterdir()) if e.is_dir() and e.name not in ("bases", "evals")]
+  kept = [run for e in experiments for run in [*e.iterdir(), *(e / "unfinished").glob("*")]
+          if (run / "config.json").exists()]
+  for src, dst in [*((run, WORK / "runs" / run.name) for run in kept),
+                   *((base, WORK / base.name) for base in sorted((PENDING / "bases").glob("base-*"))),
+                   *((ev, WORK / "evals" / ev.name) for ev in sorted((PENDING / "evals").glob("*.json")))]:
+    if dst.exists():
+      continue
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    print(f"restored: {dst}")
+
+
+if sys.argv[1:] == ["--restore"]:
+  restore()
+  sys.exit(0)
 name, unfinished = sys.argv[1], "--unfinished" in sys.argv[2:]
-src, dst = Path("runs/experiments/cpu/runs"), Path("experiments/pending") / name
+src, dst = WORK / "runs", PENDING / name
 dst.mkdir(parents=True, exist_ok=True)
-if (src.parent / "evals").exists():
-  shutil.copytree(src.parent / "evals", Path("experiments/pending/evals"), dirs_exist_ok=True)
-for base in sorted(src.parent.glob("base-*")) if unfinished else []:
-  out = Path("experiments/pending/bases") / base.name
+if (WORK / "evals").exists():
+  shutil.copytree(WORK / "evals", PENDING / "evals", dirs_exist_ok=True)
+for base in sorted(WORK.glob("base-*")) if unfinished else []:
+  out = PENDING / "bases" / base.name
   if out.exists():
     shutil.rmtree(out)
   shutil.copytree(base, out, ignore=shutil.ignore_patterns("tensorboard", ".jaxstages.lock"))
