@@ -91,8 +91,8 @@ def test_sequence_beyond_max_position_embeddings_names_both(tmp_path):
 def test_rl_prompt_and_completion_beyond_max_position_embeddings_names_all_three(tmp_path):
   # the committed toy SFT model has 1024 positions
   config = apply_overrides(load_config("configs/train.py:grpo-toy"), ["grpo.rollout.max_new_tokens=1000"]).to_dict()
-  with pytest.raises(ConfigError, match=r"data\.prompt_len=48 \+ grpo\.rollout\.max_new_tokens=1000 = 1048 tokens exceed "
-                                        r"the model's max_position_embeddings=1024"):
+  with pytest.raises(ConfigError, match=r"data\.prompt_len=48 \+ grpo\.rollout\.max_new_tokens=1000 = 1048 tokens "
+                                        r"exceed the model's max_position_embeddings=1024"):
     build_stage(config, tmp_path)
 
 

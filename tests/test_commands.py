@@ -1,7 +1,7 @@
 """The command line, run as a user runs it (the `jaxstages` console script and `tools/`, in processes): `smoke`,
 `plan`, `data show`, `tools/export_params.py`, a stage started from `init_from=hf:FOLDER`, `eval` of a PPO
-checkpoint with a separate critic and `tools/error_profile.py`. Each result is checked against a value read another way. `smoke` and the PPO
-evaluation are the slow ones (marked `slow`)."""
+checkpoint with a separate critic and `tools/error_profile.py`. Each result is checked against a value read another
+way. `smoke` and the PPO evaluation are the slow ones (marked `slow`)."""
 
 import json
 import re

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import allocation, base, common, compute_allocation, context_seeding, distill_vs_rl, edge_of_competence, \
-    online_vs_offline, process_reward, rl_efficiency, rl_scaling
+from experiments import allocation, base, common, compute_allocation, context_seeding, distill_vs_rl, \
+    edge_of_competence, online_vs_offline, process_reward, rl_efficiency, rl_scaling
 from experiments.common import REPO, SCALES, cells, competence_bands
 from jaxstages.config import config_hash
 from jaxstages.model.io import load_model

@@ -50,7 +50,8 @@ PUBLISHED = [
 
     ("dr-grpo", "grpo", "advantage.estimator", "grpo", ALGO, f"{DR}: GRPO's group baseline"),
     ("dr-grpo", "grpo", "advantage.scale_rewards", False, ALGO, f"{DR}: no division by the group std"),
-    ("dr-grpo", "grpo", "policy_loss.loss_agg", "seq-mean-token-sum-norm", ALGO, f"{DR}: no 1/|o_i|, a constant instead"),
+    ("dr-grpo", "grpo", "policy_loss.loss_agg", "seq-mean-token-sum-norm", ALGO,
+     f"{DR}: no 1/|o_i|, a constant instead"),
     ("dr-grpo", "grpo", "kl.coef", 0.0, ALGO, f"{DR}: no KL term"),
 
     ("justrl", "grpo", "rollout.group_size", 8, SCALE, f"{JUSTRL}: 256 prompts x 8 rollouts"),

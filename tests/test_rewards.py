@@ -23,8 +23,8 @@ def test_gold_accepted_and_perturbed_rejected(surface, contexts, solution_format
 
 
 def test_inline_and_lookup_step_lines_parse_to_the_same_steps():
-  """The inline line `y = a va op b vb = r` and the lookup line `y = a op b ; a = va ; b = vb ; y = r` are read as the expanded `y = a op b = va op vb = r` (hand-written lines,
-  story names with spaces included)."""
+  """The inline line `y = a va op b vb = r` and the lookup line `y = a op b ; a = va ; b = vb ; y = r` are read as
+  the expanded `y = a op b = va op vb = r` (hand-written lines, story names with spaces included)."""
   from jaxstages.data.tasks import Step
   p = generate(TaskConfig(op_range=(2, 2)), 0, "train", 0)
   assert parse_steps(p, "p3 = p1 4 * p2 5 = 20\np9 = p3 20 - p0 1 = 19") == [
@@ -33,8 +33,9 @@ def test_inline_and_lookup_step_lines_parse_to_the_same_steps():
       parse_steps(p, "p3 = p1 * p2 ; p1 = 4 ; p2 = 5 ; p3 = 20")
   assert parse_steps(p, "p3 = p1 * p2 ; p1 = 4 ; p5 = 5 ; p3 = 20") == []  # a restated name must repeat the first
   story = generate(TaskConfig(surface="story", contexts="zoo", op_range=(1, 1)), 0, "train", 0)
-  assert parse_steps(story, "adult owls in Oakridge Zoo = baby owls in Oakridge Zoo 3 + old deer in Hamilton Farm 4 = 7.") \
-      == [Step("adult owls in Oakridge Zoo", "+", "baby owls in Oakridge Zoo", "old deer in Hamilton Farm", 3, 4, 7)]
+  line = "adult owls in Oakridge Zoo = baby owls in Oakridge Zoo 3 + old deer in Hamilton Farm 4 = 7."
+  assert parse_steps(story, line) == [Step("adult owls in Oakridge Zoo", "+", "baby owls in Oakridge Zoo",
+                                            "old deer in Hamilton Farm", 3, 4, 7)]
 
 
 def test_solution_format_is_hash_neutral_at_its_default():

@@ -285,7 +285,8 @@ def test_a_named_model_size_replaces_the_model_block():
 # 6. plan
 
 
-@pytest.mark.slow  # four stages compiled at the quickstart's sizes (~40 s of CPU); every kind's plan is in the default run
+# four stages compiled at the quickstart's sizes (~40 s of CPU); every kind's plan is in the default run
+@pytest.mark.slow
 def test_plan_of_a_pipeline_sizes_each_stage_and_says_its_memory_is_a_cpu_compile():
   """`jaxstages plan --config configs/pipelines/quickstart.py` (the example of its own --help): every stage, GRPO
   included, sized as the run would configure it, each with the note that CPU-compiled memory is no accelerator's."""
@@ -402,7 +403,8 @@ def test_the_tensorboard_writer_starts_without_loading_torch_and_leaves_it_impor
   """tensorboardX imports PyTorch when it is installed (3 s of every run's start-up); the metrics writer keeps it
   out, writes its events all the same, and a later `import torch` still works."""
   code = ("import sys; from jaxstages.metrics import MetricsWriter; w = MetricsWriter(sys.argv[1]); "
-          "w.write(1, {'loss': 2.5}); w.close(); print('torch' in sys.modules); import torch; print(torch.ones(1).sum().item())")
+          "w.write(1, {'loss': 2.5}); w.close(); print('torch' in sys.modules); "
+          "import torch; print(torch.ones(1).sum().item())")
   done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -125,7 +125,8 @@ def test_a_stage_checkpoint_loads_into_the_other_layout(tiny_cfg, tmp_path, devi
   from jaxstages.state import init_train_state
 
   cfg = tiny_cfg.replace(vocab_size=768)  # at least the committed tokenizer's vocabulary (748)
-  shutil.copytree(Path(__file__).resolve().parents[1] / "experiments/artifacts/toy-sft/tokenizer", tmp_path / "tokenizer")
+  committed = Path(__file__).resolve().parents[1] / "experiments/artifacts/toy-sft/tokenizer"
+  shutil.copytree(committed, tmp_path / "tokenizer")
   mesh = make_mesh(MeshConfig(8, 1, 1))
   tokens = np.arange(12, dtype=np.int32)[None] % cfg.vocab_size
   for saved_scanned in (False, True):
